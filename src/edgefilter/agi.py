@@ -1,0 +1,361 @@
+"""FastAGI protocol adapter: our own connection loop, because every byte Asterisk sends is hostile.
+
+panoramisk's FastAGI reader spins forever when a peer closes mid env block, crashes on non-UTF-8
+and mis-orders replies after an inline HANGUP (DESIGN.md), so this module owns the socket:
+it reads the env block with a size limit and a timeout, checks its shape (a caller can plant
+lines through ``%0A`` in the SIP From user part), sends one command at a time (Asterisk stalls
+on pipelined commands) and closes at once, because Asterisk sends the SIP response only after the
+close. Only values from a strict character set are ever written back into the command stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+from urllib.parse import parse_qsl
+
+from .errors import ProtocolError
+from .model import Call
+
+log = logging.getLogger("edgefilter.agi")
+
+#: Keys a real Asterisk always sends, in the order it sends them (22.x; same since 1.8 but for
+#: agi_network and agi_enhanced placement). The block is complete only when all have arrived.
+ENV_KEYS = (
+    "agi_network",
+    "agi_network_script",
+    "agi_request",
+    "agi_channel",
+    "agi_language",
+    "agi_type",
+    "agi_uniqueid",
+    "agi_version",
+    "agi_callerid",
+    "agi_calleridname",
+    "agi_callingpres",
+    "agi_callingani2",
+    "agi_callington",
+    "agi_callingtns",
+    "agi_dnid",
+    "agi_rdnis",
+    "agi_context",
+    "agi_extension",
+    "agi_priority",
+    "agi_enhanced",
+    "agi_accountcode",
+    "agi_threadid",
+)
+_ORDER = {k: i for i, k in enumerate(ENV_KEYS)}
+_REQUIRED = frozenset(ENV_KEYS)
+_ENV_LINE = re.compile(rb"^(agi_[a-z0-9_]{1,40}): (.*)\n\Z", re.S)
+_ARG_KEY = re.compile(r"^agi_arg_([1-9][0-9]{0,2})$")
+_REPLY = re.compile(rb"^(\d{3})([ -])(.*)\n\Z", re.S)
+_RESULT = re.compile(rb"^result=(-?\d+)(?: \((.*)\))?(?: (.*))?$", re.S)
+#: Characters allowed in any value we write into an AGI command. No quote, backslash, comma,
+#: '$', parentheses or control byte: nothing can end the argument, split MSet or expand.
+_SAFE_VALUE = re.compile(r"[^A-Za-z0-9_ .:+\-\[\]?!#/@*]")
+_SAFE_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
+MAX_LINE = 8192
+
+
+@dataclass
+class EnvBlock:
+    """The FastAGI env block as received: decoded values plus the verdict on its shape."""
+
+    values: dict[str, str] = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)
+    forged: list[str] = field(default_factory=list)
+    size: int = 0
+
+    @property
+    def script(self) -> str:
+        return self.values.get("agi_network_script", "")
+
+
+def _decode(value: bytes) -> str:
+    return value.decode("utf-8", errors="replace")
+
+
+async def read_env(reader: asyncio.StreamReader, *, max_bytes: int, timeout: float) -> EnvBlock:
+    """Read one env block; raise ProtocolError on EOF, timeout, oversize or garbage.
+
+    A blank line before every always-sent key has arrived, a line that is not ``agi_key: value``,
+    a duplicate or an out-of-order key mean the block was forged through a caller-controlled
+    value: the block is read on to its real end (so later replies stay in step) and marked.
+    """
+    env = EnvBlock()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    highest = -1
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise ProtocolError(f"env block not complete within {timeout:g}s ({env.size} bytes received)")
+        try:
+            line = await asyncio.wait_for(reader.readuntil(b"\n"), remaining)
+        except asyncio.TimeoutError:
+            raise ProtocolError(f"env block not complete within {timeout:g}s ({env.size} bytes received)") from None
+        except asyncio.IncompleteReadError as e:
+            raise ProtocolError(f"connection closed inside the env block ({env.size + len(e.partial)} bytes received)") from None
+        except asyncio.LimitOverrunError:
+            raise ProtocolError(f"env line longer than {MAX_LINE} bytes") from None
+        env.size += len(line)
+        if env.size > max_bytes:
+            raise ProtocolError(f"env block larger than {max_bytes} bytes")
+        if line == b"\n":
+            if _REQUIRED.issubset(env.values):
+                return env
+            if not env.values:
+                raise ProtocolError("blank line before any env key: not a FastAGI client")
+            env.forged.append(f"blank line after {len(env.values)} keys, before the end of the env block")
+            continue
+        m = _ENV_LINE.match(line)
+        if m is None:
+            if not env.values:
+                raise ProtocolError("garbage instead of an env block")
+            env.forged.append("a line that is not 'agi_key: value' inside the env block")
+            continue
+        key, value = m.group(1).decode("ascii"), _decode(m.group(2))
+        if key in env.values:
+            env.forged.append(f"duplicate {key}")
+        order = _ORDER.get(key)
+        if order is not None:
+            if order < highest:
+                env.forged.append(f"{key} out of order")
+            highest = max(highest, order)
+        arg = _ARG_KEY.match(key)
+        if arg is not None:
+            if "agi_threadid" not in env.values:
+                env.forged.append(f"{key} before agi_threadid")
+            env.args.append(value)
+        env.values[key] = value
+
+
+def build_call(env: EnvBlock) -> Call:
+    """Turn an env block into the domain Call (route, params and positional args split out)."""
+    v = env.values
+    script = env.script
+    route, _, query = script.partition("?")
+    params: dict[str, str] = {}
+    for k, val in parse_qsl(query, keep_blank_values=True):
+        params.setdefault(k.lower()[:32], val[:256])
+    args: list[str] = []
+    for a in env.args:
+        k, eq, val = a.partition("=")
+        if eq and re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,31}", k):
+            params[k.lower()] = val[:256]
+        else:
+            args.append(a[:256])
+    if args and "exten" not in params and args[0]:
+        params["exten"] = args[0]
+    try:
+        pres = int(v.get("agi_callingpres", "0"))
+    except ValueError:
+        pres = 0
+    return Call(
+        callerid=v.get("agi_callerid", ""),
+        calleridname=v.get("agi_calleridname", ""),
+        dnid=v.get("agi_dnid", ""),
+        extension=v.get("agi_extension", ""),
+        context=v.get("agi_context", ""),
+        uniqueid=v.get("agi_uniqueid", ""),
+        channel=v.get("agi_channel", ""),
+        callingpres=pres,
+        args=tuple(args),
+        params=params,
+        forged="; ".join(dict.fromkeys(env.forged)),
+        route=route.strip("/").lower(),
+    )
+
+
+def safe_value(text: str, limit: int = 200) -> str:
+    """Strip every character that could break out of an AGI argument or split MSet."""
+    return _SAFE_VALUE.sub("", text)[:limit]
+
+
+def mset_command(variables: dict[str, str]) -> str:
+    """``EXEC MSet "A=1,B=x y"``: several variables in one round trip, values made safe."""
+    pairs = []
+    for name, value in variables.items():
+        if not _SAFE_NAME.match(name):
+            raise ValueError(f"unsafe channel variable name {name!r}")
+        pairs.append(f"{name}={safe_value(value)}")
+    return f'EXEC MSet "{",".join(pairs)}"'
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    result: int | None = None
+    data: str = ""
+    hangup: bool = False  # an unsolicited HANGUP line arrived before this reply
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 200
+
+
+class AgiSession:
+    """One FastAGI connection after its env block: send commands one at a time, read replies."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, env: EnvBlock, call: Call, timeout: float) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.env = env
+        self.call = call
+        self.timeout = timeout
+        self.hungup = False
+        self.commands: list[str] = []
+
+    async def command(self, line: str) -> Reply:
+        """Send one command line and wait for its reply (never pipelined)."""
+        if "\n" in line or "\r" in line or "\0" in line:
+            raise ValueError("AGI command must be a single line")
+        self.commands.append(line)
+        self.writer.write(line.encode("utf-8") + b"\n")
+        await self.writer.drain()
+        return await self._read_reply()
+
+    async def _read_reply(self) -> Reply:
+        hangup = False
+        while True:
+            line = await asyncio.wait_for(self.reader.readuntil(b"\n"), self.timeout)
+            if line == b"HANGUP\n":
+                hangup = self.hungup = True
+                continue
+            m = _REPLY.match(line)
+            if m is None:
+                raise ProtocolError(f"reply out of step: {line[:80]!r}")
+            code, sep, rest = int(m.group(1)), m.group(2), m.group(3)
+            if sep == b"-":  # multi-line 520 usage: read to its last line
+                while not (await asyncio.wait_for(self.reader.readuntil(b"\n"), self.timeout)).startswith(b"%d " % code):
+                    pass
+                return Reply(code, hangup=hangup)
+            if code == 511:
+                self.hungup = True
+            r = _RESULT.match(rest)
+            if r is None:
+                return Reply(code, data=_decode(rest), hangup=hangup)
+            return Reply(code, int(r.group(1)), _decode(r.group(2) or b""), hangup=hangup)
+
+    async def set_variables(self, variables: dict[str, str]) -> Reply:
+        """Set every variable in one round trip with ``EXEC MSet``; fall back to SET VARIABLE."""
+        reply = await self.command(mset_command(variables))
+        if reply.code == 200 and reply.result == -2:  # MSet missing (very old Asterisk)
+            for name, value in variables.items():
+                reply = await self.command(f'SET VARIABLE {name} "{safe_value(value)}"')
+        return reply
+
+
+Handler = Callable[[AgiSession], Awaitable[None]]
+
+
+class AgiServer:
+    """The FastAGI listener: accepts, guards and dispatches connections to route handlers.
+
+    One broken connection never affects another: each runs in its own task and every error is
+    caught and logged at the connection boundary.
+    """
+
+    def __init__(
+        self,
+        routes: dict[str, Handler],
+        *,
+        host: str = "127.0.0.1",
+        port: int = 4573,
+        read_timeout: float = 2.0,
+        max_env_bytes: int = 16384,
+        max_sessions: int = 1000,
+        allow_peers: tuple = (),
+    ) -> None:
+        self.routes = routes
+        self.host, self.port = host, port
+        self.read_timeout = read_timeout
+        self.max_env_bytes = max_env_bytes
+        self.max_sessions = max_sessions
+        self.allow_peers = allow_peers
+        self.active = 0
+        self.refused = 0
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, self.host, self.port, limit=MAX_LINE, backlog=1024)
+        sock = self.server.sockets[0].getsockname()
+        self.port = sock[1]
+        log.info("FastAGI listening on %s:%d", sock[0], sock[1])
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    def _peer_allowed(self, peer) -> bool:
+        if not self.allow_peers:
+            return True
+        import ipaddress
+
+        try:
+            addr = ipaddress.ip_address(peer[0])
+        except (ValueError, TypeError, IndexError):
+            return False
+        if addr.version == 6 and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr.version == n.version and addr in n for n in self.allow_peers)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        if not self._peer_allowed(peer):
+            log.warning("FastAGI connection from %s refused: not in [agi] allow_peers", peer[0])
+            writer.close()
+            return
+        if self.active >= self.max_sessions:
+            self.refused += 1
+            log.warning("FastAGI connection from %s closed: %d sessions already open ([agi] max_sessions)", peer[0], self.active)
+            writer.close()
+            return
+        self.active += 1
+        try:
+            await self._session(reader, writer, peer)
+        except Exception:
+            log.exception("FastAGI session from %s failed", peer[0])
+        finally:
+            self.active -= 1
+            writer.close()
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer) -> None:
+        try:
+            env = await read_env(reader, max_bytes=self.max_env_bytes, timeout=self.read_timeout)
+        except ProtocolError as e:
+            log.warning("FastAGI connection from %s closed: %s", peer[0], e)
+            return
+        call = build_call(env)
+        if call.forged:
+            log.warning(
+                "forged FastAGI env block from %s uniqueid=%s: %s", peer[0], safe_value(call.uniqueid, 40), call.forged
+            )
+        handler = self.routes.get(call.route)
+        if handler is None:
+            log.warning("FastAGI request for unknown route %r from %s: closed (dial plan fails open)", safe_value(call.route, 40), peer[0])
+            return
+        session = AgiSession(reader, writer, env, call, self.read_timeout)
+        try:
+            await handler(session)
+        except (ProtocolError, asyncio.TimeoutError, ConnectionError, asyncio.IncompleteReadError) as e:
+            log.warning("FastAGI session %s from %s ended early: %s", safe_value(call.uniqueid, 40), peer[0], e or type(e).__name__)
+
+
+async def close_writer(writer: asyncio.StreamWriter) -> None:
+    """Close now; Asterisk sends the SIP response only after our close."""
+    writer.close()
+    try:
+        await asyncio.wait_for(writer.wait_closed(), 0.5)
+    except (asyncio.TimeoutError, ConnectionError, OSError):
+        pass
+
+
+def monotonic_ms() -> float:
+    return time.perf_counter() * 1000.0

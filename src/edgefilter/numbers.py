@@ -1,0 +1,130 @@
+"""Caller-ID normalisation: whatever the trunk presents -> a Number with a stable E.164 key.
+
+Trunks present the same caller as ``+8613800138000``, ``008613800138000``, ``8613800138000``,
+``013800138000`` or ``13800138000``; lists and history must see one key. Caller IDs are
+attacker-controlled, so ``normalize`` never raises: anything it cannot read becomes a Number of
+kind GARBAGE with a reason. Withheld forms (``anonymous``, ``Restricted``...) are classified
+before parsing because phonenumbers raises on them (see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+import phonenumbers
+from phonenumbers import shortnumberinfo
+
+from .model import Number, NumberKind
+
+WITHHELD_WORDS = frozenset(
+    {
+        "",
+        "anonymous",
+        "restricted",
+        "unknown",
+        "unavailable",
+        "private",
+        "withheld",
+        "<unknown>",
+        "null",
+        "none",
+        "asterisk",
+    }
+)
+#: Separators trunks and people put inside numbers; removed before parsing.
+_VISUAL = re.compile(r"[\s\-.()/]")
+_DIALABLE = re.compile(r"^\+?[0-9]+$")
+MAX_DIGITS = 20  # E.164 allows 15; leave room for 00 + country code + national trunk oddities
+
+
+@lru_cache(maxsize=64)
+def _country_code(region: str) -> int:
+    return phonenumbers.country_code_for_region(region)
+
+
+def strip_visual(text: str) -> str:
+    """Remove visual separators (``+86-21-6123-4567``) and a ``tel:``/``sip:`` scheme."""
+    t = text.strip()
+    low = t[:4].lower()
+    if low in ("tel:", "sip:"):
+        t = t[4:]
+        t = t.split("@", 1)[0].split(";", 1)[0]
+    return _VISUAL.sub("", t)
+
+
+def normalize(raw: str, region: str, *, area_code: str = "") -> Number:
+    """Classify and normalise one caller ID; never raises.
+
+    ``region`` is the ISO region for national forms; ``area_code`` (optional, national digits
+    without the trunk prefix) lets a local number without its area code reach a valid E.164.
+    """
+    try:
+        return _normalize(raw, region, area_code)
+    except Exception as exc:  # phonenumbers may raise on pathological input; the call path must not
+        return Number(raw=raw, kind=NumberKind.GARBAGE, reason=f"unparseable ({type(exc).__name__})")
+
+
+def _normalize(raw: str, region: str, area_code: str) -> Number:
+    text = raw if isinstance(raw, str) else str(raw)
+    if text.strip().lower() in WITHHELD_WORDS:
+        return Number(raw=text, kind=NumberKind.WITHHELD, reason="no caller ID presented")
+    compact = strip_visual(text)
+    if not _DIALABLE.match(compact):
+        return Number(raw=text, kind=NumberKind.GARBAGE, reason="not a phone number (characters other than digits and '+')")
+    digits = compact.lstrip("+")
+    if len(digits) > MAX_DIGITS:
+        return Number(raw=text, kind=NumberKind.GARBAGE, reason=f"{len(digits)} digits, longer than any phone number")
+    if not digits:
+        return Number(raw=text, kind=NumberKind.GARBAGE, reason="no digits")
+
+    if not compact.startswith("+") and not compact.startswith("00"):
+        # Short and service numbers (95588, 10086, 110) have no E.164 form: key on the digits.
+        if len(digits) <= 6 and _is_short(digits, region):
+            return Number(raw=text, kind=NumberKind.SHORT, e164=digits, region=region, reason="short/service number")
+
+    try:
+        parsed = phonenumbers.parse(compact, region)
+    except phonenumbers.NumberParseException as exc:
+        return Number(raw=text, kind=NumberKind.INVALID, reason=f"cannot parse: {exc._msg}")
+    e164 = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+    num_region = phonenumbers.region_code_for_number(parsed)
+    if phonenumbers.is_valid_number(parsed):
+        return Number(raw=text, kind=NumberKind.VALID, e164=e164, region=num_region)
+    if area_code and not compact.startswith("+") and not compact.startswith("0"):
+        local = phonenumbers.parse(f"+{_country_code(region)}{area_code}{digits}", None)
+        if phonenumbers.is_valid_number(local):
+            return Number(
+                raw=text,
+                kind=NumberKind.VALID,
+                e164=phonenumbers.format_number(local, phonenumbers.PhoneNumberFormat.E164),
+                region=region,
+                reason=f"local number, area code {area_code} added",
+            )
+    return Number(raw=text, kind=NumberKind.INVALID, e164=e164, region=num_region, reason="not a valid number for its region")
+
+
+@lru_cache(maxsize=4096)
+def _is_short(digits: str, region: str) -> bool:
+    try:
+        return shortnumberinfo.is_valid_short_number_for_region(phonenumbers.parse(digits, region), region)
+    except phonenumbers.NumberParseException:
+        return False
+
+
+def country_digits(region: str) -> str:
+    """Country calling code of ``region`` as digits (``CN`` -> ``86``)."""
+    return str(_country_code(region))
+
+
+def national_prefix(region: str) -> str:
+    """The trunk prefix dialled before national numbers in ``region`` (``0`` in CN, ``1`` in US)."""
+    meta = phonenumbers.PhoneMetadata.metadata_for_region(region)
+    return (meta.national_prefix or "") if meta else ""
+
+
+def warm_up(region: str) -> None:
+    """Load phonenumbers' metadata for ``region`` now, so the first call is not the slow one."""
+    normalize("+8613800138000", region)
+    normalize("013800138000", region)
+    normalize("95588", region)
