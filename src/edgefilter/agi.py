@@ -51,6 +51,8 @@ ENV_KEYS = (
 )
 _ORDER = {k: i for i, k in enumerate(ENV_KEYS)}
 _REQUIRED = frozenset(ENV_KEYS)
+#: A classic (stdin) AGI gets no agi_network / agi_network_script lines.
+REQUIRED_CLASSIC = _REQUIRED - {"agi_network", "agi_network_script"}
 _ENV_LINE = re.compile(rb"^(agi_[a-z0-9_]{1,40}): (.*)\n\Z", re.S)
 _ARG_KEY = re.compile(r"^agi_arg_([1-9][0-9]{0,2})$")
 _REPLY = re.compile(rb"^(\d{3})([ -])(.*)\n\Z", re.S)
@@ -80,7 +82,9 @@ def _decode(value: bytes) -> str:
     return value.decode("utf-8", errors="replace")
 
 
-async def read_env(reader: asyncio.StreamReader, *, max_bytes: int, timeout: float) -> EnvBlock:
+async def read_env(
+    reader: asyncio.StreamReader, *, max_bytes: int, timeout: float, required: frozenset[str] = _REQUIRED
+) -> EnvBlock:
     """Read one env block; raise ProtocolError on EOF, timeout, oversize or garbage.
 
     A blank line before every always-sent key has arrived, a line that is not ``agi_key: value``,
@@ -107,7 +111,7 @@ async def read_env(reader: asyncio.StreamReader, *, max_bytes: int, timeout: flo
         if env.size > max_bytes:
             raise ProtocolError(f"env block larger than {max_bytes} bytes")
         if line == b"\n":
-            if _REQUIRED.issubset(env.values):
+            if required.issubset(env.values):
                 return env
             if not env.values:
                 raise ProtocolError("blank line before any env key: not a FastAGI client")

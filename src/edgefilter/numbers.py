@@ -33,7 +33,7 @@ WITHHELD_WORDS = frozenset(
     }
 )
 #: Separators trunks and people put inside numbers; removed before parsing.
-_VISUAL = re.compile(r"[\s\-.()/]")
+_VISUAL = re.compile(r"[ \-.()/]")
 _DIALABLE = re.compile(r"^\+?[0-9]+$")
 MAX_DIGITS = 20  # E.164 allows 15; leave room for 00 + country code + national trunk oddities
 
