@@ -17,7 +17,9 @@ from .policy import Effective
 
 #: Bits of Asterisk's callingpres: 0x20 = presentation prohibited, 0x40 = unavailable.
 PRES_MASK = 0x60
-NAME_LIMIT = 256  # longest caller name handed to name patterns (Asterisk cuts at 79 bytes anyway)
+NAME_LIMIT = 256
+#: Only numbers that could really exist may be allowed by a list or a never-block set.
+ALLOWABLE_KINDS = frozenset({NumberKind.VALID, NumberKind.SHORT})  # longest caller name handed to name patterns (Asterisk cuts at 79 bytes anyway)
 
 
 def evaluate(
@@ -54,6 +56,10 @@ def evaluate(
         fire("CLI_SHORT", number.reason)
 
     allowed = False
+    trusted = number.kind in ALLOWABLE_KINDS
+    if match is not None and match.entry.list == "allow" and not trusted:
+        # An invalid caller ID never buys an allow (a prefix like +86138* must not admit "138").
+        match = Match(match.shadowed) if match.shadowed is not None and match.shadowed.list == "block" else None
     if match is not None:
         e = match.entry
         shadow = f"; beats {match.shadowed.list} {match.shadowed.pattern.text}" if match.shadowed else ""
@@ -71,7 +77,7 @@ def evaluate(
                 fire("LIST_CATEGORY", f"{e.pattern.text} category={cat.name}{note} ({e.source}){shadow}",
                      add=weight, force=cat.force if active else None, category=cat.name)
 
-    if eff.never_block is not None and number.digits:
+    if eff.never_block is not None and number.digits and trusted:
         nb = eff.never_block.lookup(number.digits)
         if nb is not None:
             allowed = True
