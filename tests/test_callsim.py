@@ -34,6 +34,7 @@ HERE = Path(__file__).resolve()
 def _find_fixtures() -> Path | None:
     candidates = [
         os.environ.get("EDGEFILTER_ASTERISK_FIXTURES"),
+        os.environ.get("EDGEFILTER_FIXTURES"),  # the name tests/conftest.py uses
         HERE.parent / "fixtures" / "asterisk",
         HERE.parents[2] / "shared" / "fixtures" / "asterisk",  # ../shared next to the repo
         "/work/shared/fixtures/asterisk",
@@ -490,12 +491,12 @@ async def test_silent_close_is_success_without_variables():
 async def test_overall_timeout_when_server_never_closes():
     async def handler(reader, writer):
         await read_env(reader)
-        await asyncio.sleep(5)
+        await reader.read()  # never answers; returns when the simulator gives up
+        writer.close()
 
     server, port = await serve(handler)
     async with server:
         result = await place_call("127.0.0.1", port, timeout=0.2)
-        server.close()
     assert result.timed_out and not result.closed_by_server
 
 

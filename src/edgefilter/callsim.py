@@ -235,9 +235,11 @@ class CallResult:
     one entry per ``ast_agi_send`` (a 520 usage reply is three entries), and
     includes the unsolicited ``HANGUP\\n`` lines and the final one written after
     the server closed (which a real server never reads).
-    ``pipelined`` counts command lines that were already followed by more
-    server bytes when read, i.e. the server did not wait for a reply; a correct
-    server keeps it at 0.  ``agistatus`` is what the dial plan sees next.
+    ``pipelined`` counts command lines that, when read, already had more server
+    bytes waiting behind them (the server sent before getting the reply); a
+    correct server keeps it at 0.  Those commands also stall, as on Asterisk.
+    ``agistatus`` is what the dial plan sees next; ``elapsed`` runs from the
+    env block's first byte to the server's close (or to the timeout).
     """
 
     variables: dict[str, str] = field(default_factory=dict)
@@ -556,7 +558,9 @@ class _AgiSession(asyncio.Protocol):
     readable again, which is exactly why pipelined commands stall.
     """
 
-    def __init__(self, spec: CallSpec, result: CallResult, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, spec: CallSpec, result: CallResult, loop: asyncio.AbstractEventLoop, truncate: bool = True
+    ) -> None:
         self.spec = spec
         self.result = result
         self.loop = loop
@@ -570,9 +574,8 @@ class _AgiSession(asyncio.Protocol):
         self.t0 = 0.0
         self.eof_at: float | None = None  # perf_counter() when the server's close was seen
         # channel state
-        number = _normalize_number(_b(spec.callerid), True)
-        self.cid_num = number
-        self.cid_name = _normalize_name(_b(spec.calleridname), True)
+        self.cid_num = _normalize_number(_b(spec.callerid), truncate)
+        self.cid_name = _normalize_name(_b(spec.calleridname), truncate)
         self.state = STATE_RING
         self.hungup = False  # the channel has hung up (soft hangup pending or gone)
         self.dead = False  # res_agi switched to dead mode (HANGUP already written)
@@ -1349,7 +1352,7 @@ async def place_call(
     )
     result.env = b"".join(env_lines)
     loop = asyncio.get_running_loop()
-    session = _AgiSession(spec, result, loop)
+    session = _AgiSession(spec, result, loop, truncate)
     deadline = loop.time() + timeout
 
     try:
