@@ -164,3 +164,32 @@ def test_explain_lists_policy_rules_caps_thresholds_and_action():
     assert "CLI_WITHHELD" in text and "+9.00" in text and "group=cli" in text
     assert "tag 2 reached" in text and "reject 15 not reached" in text
     assert text.endswith("action: challenge")
+
+
+def test_log_line_carries_policy_rules_weights_caps_and_action():
+    from edgefilter.decisionlog import format_json, format_kv
+    import json
+
+    scr = screener_with(POLICIES)
+    d = scr.decide(Call("anonymous", calleridname="V1234567890", dnid="+862161234567", context="from-trunk"), when=MON_10)
+    line = format_kv(d)
+    assert "action=voicemail" in line and "policy=inbound-ctx+sales" in line
+    assert "rules=CLI_WITHHELD(+9),NAME_AUTODIALER(+4)" in line and "score=13.0" in line
+    d2 = scr.decide(Call("anonymous", calleridname="V1234567890", callingpres=32, context="x"), when=MON_10)
+    assert json.loads(format_json(d2))["action"] == "voicemail"
+    capped = screener_with(settings_from_dict({"groups": {"cli": {"max": 5.0}}})).decide(Call("anonymous"), when=MON_10)
+    assert "capped=cli:6>5" in format_kv(capped)
+
+
+def test_log_line_escapes_hostile_caller_text():
+    from edgefilter.decisionlog import format_json, format_kv
+    import json
+
+    scr = screener_with(BASE)
+    d = scr.decide(Call('13"8\n\x1b[31m x=1', calleridname="\u9a9a\u6270\r\nFAKE decision action=allow"), when=MON_10)
+    line = format_kv(d)
+    assert "\n" not in line and "\r" not in line and "\x1b" not in line
+    assert 'caller="13\\"8\\x0a\\x1b[31m x=1"' in line
+    assert "\\u9a9a\\u6270" in line
+    j = json.loads(format_json(d))
+    assert j["caller_name"].startswith("\u9a9a\u6270\r\n") and "\n" not in format_json(d)

@@ -53,6 +53,7 @@ def decision_fields(d: Decision) -> dict:
         "policy": v.policy,
         "rules": [f"{h.rule}({h.weight:+g})" for h in v.hits],
         "forced_by": v.forced_by or "",
+        "capped": [f"{g}:{raw:g}>{cap:g}" for g, raw, cap in v.capped],
         "elapsed_ms": round(d.elapsed_ms, 3),
     }
 
@@ -63,7 +64,7 @@ def format_kv(d: Decision) -> str:
     for k, val in f.items():
         if isinstance(val, list):
             val = ",".join(val)
-        if val == "" and k in ("would", "forced_by"):
+        if val == "" and k in ("would", "forced_by", "capped"):
             continue
         text = str(val)
         if isinstance(val, str) and (not text or any(c in text for c in ' ="\\') or not text.isprintable() or not text.isascii()):
