@@ -92,17 +92,18 @@ async def read_env(
     value: the block is read on to its real end (so later replies stay in step) and marked.
     """
     env = EnvBlock()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    try:
+        async with asyncio.timeout(timeout):  # one deadline for the whole block: a dribbler cannot extend it
+            return await _read_env_lines(reader, env, max_bytes, required)
+    except TimeoutError:
+        raise ProtocolError(f"env block not complete within {timeout:g}s ({env.size} bytes received)") from None
+
+
+async def _read_env_lines(reader: asyncio.StreamReader, env: EnvBlock, max_bytes: int, required: frozenset[str]) -> EnvBlock:
     highest = -1
     while True:
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            raise ProtocolError(f"env block not complete within {timeout:g}s ({env.size} bytes received)")
         try:
-            line = await asyncio.wait_for(reader.readuntil(b"\n"), remaining)
-        except asyncio.TimeoutError:
-            raise ProtocolError(f"env block not complete within {timeout:g}s ({env.size} bytes received)") from None
+            line = await reader.readuntil(b"\n")
         except asyncio.IncompleteReadError as e:
             raise ProtocolError(f"connection closed inside the env block ({env.size + len(e.partial)} bytes received)") from None
         except asyncio.LimitOverrunError:
@@ -225,9 +226,13 @@ class AgiSession:
         return await self._read_reply()
 
     async def _read_reply(self) -> Reply:
+        async with asyncio.timeout(self.timeout):
+            return await self._read_reply_lines()
+
+    async def _read_reply_lines(self) -> Reply:
         hangup = False
         while True:
-            line = await asyncio.wait_for(self.reader.readuntil(b"\n"), self.timeout)
+            line = await self.reader.readuntil(b"\n")
             if line == b"HANGUP\n":
                 hangup = self.hungup = True
                 continue
@@ -236,7 +241,7 @@ class AgiSession:
                 raise ProtocolError(f"reply out of step: {line[:80]!r}")
             code, sep, rest = int(m.group(1)), m.group(2), m.group(3)
             if sep == b"-":  # multi-line 520 usage: read to its last line
-                while not (await asyncio.wait_for(self.reader.readuntil(b"\n"), self.timeout)).startswith(b"%d " % code):
+                while not (await self.reader.readuntil(b"\n")).startswith(b"%d " % code):
                     pass
                 return Reply(code, hangup=hangup)
             if code == 511:
@@ -352,13 +357,10 @@ class AgiServer:
             log.warning("FastAGI session %s from %s ended early: %s", safe_value(call.uniqueid, 40), peer[0], e or type(e).__name__)
 
 
-async def close_writer(writer: asyncio.StreamWriter) -> None:
-    """Close now; Asterisk sends the SIP response only after our close."""
+def close_writer(writer: asyncio.StreamWriter) -> None:
+    """Close now (the transport flushes what is buffered, then closes): Asterisk sends the SIP
+    response only after our close, so nothing may wait between the last reply and this."""
     writer.close()
-    try:
-        await asyncio.wait_for(writer.wait_closed(), 0.5)
-    except (asyncio.TimeoutError, ConnectionError, OSError):
-        pass
 
 
 def monotonic_ms() -> float:

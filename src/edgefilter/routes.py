@@ -37,7 +37,7 @@ def screen_route(screener: Screener, observers: list[DecisionObserver]):
             session.writer.write(mset_command(pairs).encode() + b"\n")
             await session.writer.drain()
         finally:
-            await close_writer(session.writer)
+            close_writer(session.writer)
         for observe in observers:
             try:
                 observe(decision)
