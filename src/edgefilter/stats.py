@@ -1,0 +1,204 @@
+"""What happened over a period, computed from call-log rows: pure, no I/O.
+
+`edgefilter stats` and the HTML report both read a ``Stats``. The rows come from the ``calls``
+table (``Store.recent_calls``); anything with the same attributes works, so tests feed a known
+call log straight in.
+
+Definitions (also in docs/observability.md):
+- *blocked* = the call did not ring through to the callee directly: the action answered was
+  ``challenge``, ``voicemail`` or ``reject``. ``tag`` still rings (with a label), so it is not
+  blocked. In log-only mode every call is answered ``allow``; the action it *would* have had is
+  counted separately (``would_by_action``, ``would_blocked``).
+- latency = ``elapsed_ms``, the time the service took to decide (not the FastAGI round trip);
+  percentiles by the nearest-rank method.
+- calls per hour by action, in the configured time zone; periods longer than 72 h are shown
+  per day instead so that a chart stays readable.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, tzinfo
+from typing import Iterable, Protocol
+
+ACTIONS = ("allow", "tag", "challenge", "voicemail", "reject")
+BLOCKED = ("challenge", "voicemail", "reject")
+HOURLY_UP_TO = 72 * 3600.0
+PERCENTILES = (50, 90, 99)
+
+
+class CallRow(Protocol):
+    """The call-log columns stats reads (``store.CallRecord`` has them)."""
+
+    ts: float
+    caller: str
+    caller_e164: str | None
+    called: str
+    action: str
+    would: str | None
+    score: float
+    rules: str
+    policy: str
+    elapsed_ms: float
+
+
+@dataclass(frozen=True)
+class Bucket:
+    start: datetime  # local (configured zone) start of the hour or day
+    counts: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+@dataclass(frozen=True)
+class BlockedCaller:
+    caller: str  # E.164 when known, else the raw caller ID (caller-controlled: escape on output)
+    calls: int
+    last_ts: float
+    last_action: str
+
+
+@dataclass(frozen=True)
+class Stats:
+    since: float
+    until: float
+    total: int
+    by_action: dict[str, int]
+    would_by_action: dict[str, int]
+    blocked: int
+    would_blocked: int
+    top_blocked_callers: list[BlockedCaller]
+    top_rules: list[tuple[str, int]]
+    latency_ms: dict[str, float]  # p50, p90, p99, max (empty when there were no calls)
+    bucket_seconds: int  # 3600 or 86400
+    buckets: list[Bucket] = field(default_factory=list)
+
+    @property
+    def blocked_share(self) -> float:
+        return self.blocked / self.total if self.total else 0.0
+
+    @property
+    def log_only(self) -> int:
+        return sum(self.would_by_action.values())
+
+    def share(self, n: int) -> float:
+        return n / self.total if self.total else 0.0
+
+    def as_dict(self) -> dict:
+        """Plain values for ``--json``."""
+        return {
+            "since": self.since,
+            "until": self.until,
+            "total": self.total,
+            "by_action": self.by_action,
+            "blocked": self.blocked,
+            "blocked_share": round(self.blocked_share, 4),
+            "would_by_action": self.would_by_action,
+            "would_blocked": self.would_blocked,
+            "top_blocked_callers": [
+                {"caller": c.caller, "calls": c.calls, "last_ts": c.last_ts, "last_action": c.last_action}
+                for c in self.top_blocked_callers
+            ],
+            "top_rules": [{"rule": r, "calls": n} for r, n in self.top_rules],
+            "latency_ms": self.latency_ms,
+            "bucket_seconds": self.bucket_seconds,
+            "buckets": [{"start": b.start.isoformat(), **b.counts} for b in self.buckets],
+        }
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    """Nearest-rank percentile of an ascending list (the smallest value with >= p% at or below)."""
+    if not sorted_values:
+        raise ValueError("no values")
+    k = max(0, min(len(sorted_values) - 1, math.ceil(p / 100.0 * len(sorted_values)) - 1))
+    return sorted_values[k]
+
+
+def caller_key(row: CallRow) -> str:
+    """Who called: the E.164 number when it normalised, else the raw caller ID as sent."""
+    if row.caller_e164:
+        return row.caller_e164
+    return row.caller if row.caller else "(no caller ID)"
+
+
+def bucket_starts(since: float, until: float, tz: tzinfo | None, seconds: int) -> list[datetime]:
+    """Local hour (or day) starts covering [since, until), aligned to the clock of ``tz``."""
+    cur = datetime.fromtimestamp(since, tz).replace(minute=0, second=0, microsecond=0)
+    if seconds >= 86400:
+        cur = cur.replace(hour=0)
+    out: list[datetime] = []
+    while cur.timestamp() < until:
+        out.append(cur)
+        if seconds >= 86400:
+            cur = (cur + timedelta(days=1)).replace(hour=0)  # wall-clock day, DST-safe
+        else:
+            cur = datetime.fromtimestamp(cur.timestamp() + 3600, tz).replace(minute=0, second=0, microsecond=0)
+        if len(out) > 100000:  # absurd periods: stop rather than eat memory
+            break
+    return out
+
+
+def compute(
+    rows: Iterable[CallRow],
+    *,
+    since: float,
+    until: float,
+    tz: tzinfo | None = None,
+    top: int = 10,
+) -> Stats:
+    """Everything the `stats` command and the report show, for rows with since <= ts < until."""
+    by_action = Counter({a: 0 for a in ACTIONS})
+    would = Counter()
+    rules: Counter[str] = Counter()
+    blocked_callers: dict[str, list] = {}
+    latencies: list[float] = []
+    seconds = 3600 if until - since <= HOURLY_UP_TO else 86400
+    starts = bucket_starts(since, until, tz, seconds)
+    edges = [s.timestamp() for s in starts]
+    bucket_counts = [Counter() for _ in starts]
+    total = 0
+    for r in rows:
+        if not (since <= r.ts < until):
+            continue
+        total += 1
+        by_action[r.action] += 1
+        if r.would:
+            would[r.would] += 1
+        rules.update(set(r.rules.split()))
+        latencies.append(float(r.elapsed_ms))
+        if r.action in BLOCKED:
+            key = caller_key(r)
+            entry = blocked_callers.setdefault(key, [0, 0.0, ""])
+            entry[0] += 1
+            if r.ts >= entry[1]:
+                entry[1], entry[2] = r.ts, r.action
+        i = bisect_right(edges, r.ts) - 1
+        if 0 <= i < len(bucket_counts):
+            bucket_counts[i][r.action] += 1
+    latencies.sort()
+    latency = {}
+    if latencies:
+        latency = {f"p{p}": percentile(latencies, p) for p in PERCENTILES}
+        latency["max"] = latencies[-1]
+    ranked = sorted(blocked_callers.items(), key=lambda kv: (-kv[1][0], -kv[1][1], kv[0]))[:top]
+    extra_actions = sorted(set(by_action) - set(ACTIONS))  # unknown words in an old/foreign log
+    order = list(ACTIONS) + extra_actions
+    return Stats(
+        since=since,
+        until=until,
+        total=total,
+        by_action={a: by_action[a] for a in order},
+        would_by_action={a: would[a] for a in order if would[a]},
+        blocked=sum(by_action[a] for a in BLOCKED),
+        would_blocked=sum(would[a] for a in BLOCKED),
+        top_blocked_callers=[BlockedCaller(k, v[0], v[1], v[2]) for k, v in ranked],
+        top_rules=sorted(rules.items(), key=lambda kv: (-kv[1], kv[0]))[:top],
+        latency_ms=latency,
+        bucket_seconds=seconds,
+        buckets=[Bucket(s, {a: c[a] for a in order}) for s, c in zip(starts, bucket_counts)],
+    )
