@@ -326,7 +326,7 @@ def test_statsd_lines_of_a_log_only_decision_count_the_would_action():
     assert re.fullmatch(r"ef\.screen\.latency:\d+\.\d{3}\|ms", lines[3])
 
 
-@hsettings(max_examples=200, deadline=None)
+@hsettings(max_examples=100, deadline=None)
 @given(st.text(max_size=300), st.text(max_size=300))
 def test_any_caller_text_gives_one_wellformed_bounded_syslog_message(number, name):
     d = decision(callerid=number, name=name)
@@ -411,3 +411,51 @@ def test_log_formats_bound_overlong_caller_text():
     d = decision(callerid="1" * 5000, name="\u4e2d" * 5000)
     assert len(format_kv(d)) < 2000
     assert len(format_json(d)) < 2000
+
+
+# --------------------------------------------------------------------------- deployment
+def test_systemd_unit_is_hardened_and_reloads_with_sighup(tmp_path):
+    from pathlib import Path
+    import shutil
+    import subprocess
+
+    unit = Path(__file__).resolve().parents[1] / "asterisk-conf" / "edgefilter.service"
+    directives: dict[str, list[str]] = {}
+    for line in unit.read_text().splitlines():
+        if line and not line.startswith(("#", "[")):
+            k, _, v = line.partition("=")
+            directives.setdefault(k, []).append(v)
+    want = {
+        "ExecReload": "/bin/kill -HUP $MAINPID",
+        "Restart": "on-failure",
+        "ProtectSystem": "strict",
+        "StateDirectory": "edgefilter",
+        "WorkingDirectory": "/var/lib/edgefilter",
+        "NoNewPrivileges": "yes",
+        "PrivateTmp": "yes",
+        "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
+        "User": "edgefilter",
+    }
+    for k, v in want.items():
+        assert directives.get(k) == [v], k
+    assert directives["ExecStart"][0].split()[1:] == ["serve", "--config", "/etc/edgefilter/edgefilter.toml"]
+    if shutil.which("systemd-analyze"):
+        test_unit = tmp_path / "edgefilter.service"
+        test_unit.write_text(unit.read_text().replace("/usr/local/bin/edgefilter", "/bin/true"))
+        r = subprocess.run(["systemd-analyze", "verify", str(test_unit)], capture_output=True, text=True, timeout=30)
+        problems = [ln for ln in (r.stdout + r.stderr).splitlines() if "edgefilter.service" in ln]
+        assert not problems, problems
+
+
+def test_list_counts_for_gauges_stay_in_step_with_the_index():
+    from edgefilter.lists import Entry, parse_pattern
+
+    idx = ListIndex()
+    e = lambda lst, p, note="": Entry(lst, parse_pattern(p, "CN"), note=note, created_at=0)  # noqa: E731
+    idx.extend([e("block", "+86170*"), e("block", "+8613800138000"), e("allow", "+8613800138000"), e("block", "+4121560####")])
+    assert idx.counts() == {"block": 3, "allow": 1}
+    idx.put(e("block", "+86170*", note="replaced"))  # same list and pattern: replaced, not added
+    assert idx.counts() == {"block": 3, "allow": 1}
+    assert idx.remove("block", parse_pattern("+8613800138000", "CN"))
+    assert not idx.remove("block", parse_pattern("+8613800138000", "CN"))
+    assert idx.counts() == {"block": 2, "allow": 1} == {k: sum(1 for x in idx if x.list == k) for k in ("block", "allow")}

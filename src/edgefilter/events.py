@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import socket
 import time
@@ -143,7 +144,11 @@ class UdpSender:
             first = tuple(self._carry) if self._carry else await self.queue.get()
             self._carry = []
             for datagram in self._datagrams(first):
-                await self._send(datagram)
+                try:
+                    await self._send(datagram)
+                except Exception:  # never let the sender die: the queue would only fill and drop
+                    self.errors += 1
+                    log.exception("%s: unexpected send failure", self.label)
                 # queue.get() and a drained send never suspend: yield so a burst of events
                 # cannot hold the event loop while calls wait.
                 await asyncio.sleep(0)
@@ -380,7 +385,7 @@ def syslog_message(
         f"{_header_token(str(procid), 128)} decision "
     )
     who = d.number.e164 or _ascii_text(d.call.callerid, 40) or "(no caller ID)"
-    msg = f"{v.action.value} {who} -> {_ascii_text(d.call.called, 40)} score={v.score:g} rules={','.join(v.rules[:MAX_RULES]) or '-'} elapsed_ms={d.elapsed_ms:.1f}"
+    msg = f"{v.action.value} {who} -> {_ascii_text(d.call.called, 40)} score={v.score:g} rules={','.join(v.rules[:MAX_RULES]) or '-'} elapsed_ms={d.elapsed_ms:.3f}"
     out = (header + sd + " " + msg).encode("utf-8", "backslashreplace")
     if len(out) > SYSLOG_MAX_MESSAGE:  # only with absurd rule lists: keep the SD whole, cut the MSG
         out = (header + sd).encode("utf-8", "backslashreplace")[:SYSLOG_MAX_MESSAGE]
@@ -394,8 +399,6 @@ class SyslogOutput:
 
     def __init__(self, settings: OutputsSettings, *, hostname: str | None = None, procid: int | None = None) -> None:
         assert settings.syslog is not None
-        import os
-
         self.facility = SYSLOG_FACILITIES[settings.syslog_facility]
         self.app_name = settings.syslog_app_name
         self.hostname = hostname if hostname is not None else socket.gethostname()  # no DNS lookup

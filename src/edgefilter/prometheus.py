@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 from typing import Callable, Iterable
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.exposition import ThreadingWSGIServer, _get_best_family  # noqa: PLC2701
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from .config import OutputsSettings
 from .events import DecisionLike
@@ -121,8 +122,10 @@ class PrometheusOutput:
         class Server(ThreadingWSGIServer):
             pass
 
-        Server.address_family, addr = _get_best_family(host, port)
-        return make_server(addr, port, make_wsgi_app(self.registry), Server, handler_class=_QuietHandler)
+        # IPv4 or IPv6 as the address says (the first getaddrinfo answer, as prometheus_client does)
+        family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        Server.address_family = family
+        return make_server(sockaddr[0], port, make_wsgi_app(self.registry), Server, handler_class=_QuietHandler)
 
     def __call__(self, d: DecisionLike) -> None:
         v = d.verdict

@@ -174,10 +174,10 @@ body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Noto Sans",sans-s
 h1{font-size:22px;margin:0 0 4px}h2{font-size:16px;margin:28px 0 8px;border-bottom:1px solid #e0e0e0;padding-bottom:4px}
 .period{color:#616161;margin:0 0 16px}
 .tiles{display:flex;gap:12px;flex-wrap:wrap}.tile{flex:1;min-width:150px;border:1px solid #e0e0e0;border-radius:8px;padding:10px 14px}
-.tile .v{font-size:26px;font-weight:600}.tile .k{color:#616161}
+.tile .v{font-size:24px;font-weight:600;white-space:nowrap}.tile .k{color:#616161}
 table{border-collapse:collapse;min-width:420px}td,th{padding:3px 12px 3px 0;text-align:left}td.n,th.n{text-align:right}
 tr+tr td{border-top:1px solid #f0f0f0}.swatch{display:inline-block;width:10px;height:10px;margin-right:6px;border-radius:2px}
-svg .grid{stroke:#eeeeee}svg .axis{font-size:11px;fill:#757575}svg .label{font-size:12px;fill:#212121}
+svg{max-width:100%;height:auto}svg .grid{stroke:#eeeeee}svg .axis{font-size:11px;fill:#757575}svg .label{font-size:12px;fill:#212121}
 .note{color:#757575;font-size:12px;margin-top:24px}code{font-size:12px}
 """
 
@@ -191,7 +191,7 @@ def render_html(s: Stats, *, tz: tzinfo | None = None, title: str = "edgefilter 
         ("calls", str(s.total), "tile-total"),
         ("blocked", f"{s.blocked} ({_pct(s.blocked_share)})", "tile-blocked"),
         ("rejected", str(s.by_action.get("reject", 0)), "tile-reject"),
-        ("latency p50 / p99", f"{_ms(lat.get('p50'))} / {_ms(lat.get('p99'))} ms", "tile-latency"),
+        ("latency p50 / p99 (ms)", f"{_ms(lat.get('p50'))} / {_ms(lat.get('p99'))}", "tile-latency"),
     ]
     out = [
         "<!DOCTYPE html>",
