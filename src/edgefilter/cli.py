@@ -170,7 +170,7 @@ async def cmd_stats(args, settings: Settings) -> int:
     import json
 
     from .report import render_html, render_text
-    from .stats import compute
+    from .stats import StatsBuilder
 
     try:
         span = parse_duration(args.since)
@@ -178,13 +178,17 @@ async def cmd_stats(args, settings: Settings) -> int:
         raise EdgefilterError(f"--since: {e}") from None
     if span <= 0:
         raise EdgefilterError("--since must be longer than 0s")
+    if args.top < 1:
+        raise EdgefilterError("--top must be at least 1")
     until = time.time()
     since = until - span
-    rows = []
+    builder = StatsBuilder(since=since, until=until, tz=settings.tz, top=args.top)
     if Path(settings.store.path).exists():
         async with Store.open(settings.store.path, create=False) as store:
-            rows = await store.recent_calls(since)
-    st = compute(rows, since=since, until=until, tz=settings.tz, top=args.top)
+            async for batch in store.iter_calls(since, until):
+                for row in batch:
+                    builder.add(row)
+    st = builder.result()
     if args.json:
         print(json.dumps(st.as_dict(), indent=2, ensure_ascii=True))
     else:
@@ -209,6 +213,12 @@ def cmd_config(args, settings: Settings) -> int:
         print(f"  {rules} rules, {len(settings.categories)} categories, {len(settings.policies)} policies, {len(settings.schedules)} schedules")
         thr = ", ".join(f"{a.value} {t:g}" for a, t in settings.thresholds.items())
         print(f"  thresholds: {thr}; mode {settings.screen.mode}; on_error {settings.screen.on_error.value}")
+        o = settings.outputs
+
+        def where(a: tuple[str, int] | None) -> str:
+            return "off" if a is None else (f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}")
+
+        print(f"  outputs: statsd {where(o.statsd)}, syslog {where(o.syslog)}, prometheus {where(o.prometheus)}")
     return 0
 
 

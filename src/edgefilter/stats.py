@@ -143,6 +143,66 @@ def bucket_starts(since: float, until: float, tz: tzinfo | None, seconds: int) -
     return out
 
 
+class StatsBuilder:
+    """Accumulates call-log rows one at a time (the CLI streams them from the database), so
+    memory grows with distinct blocked callers and one float per call, not with whole rows."""
+
+    def __init__(self, *, since: float, until: float, tz: tzinfo | None = None, top: int = 10) -> None:
+        self.since, self.until, self.tz, self.top = since, until, tz, top
+        self.by_action: Counter[str] = Counter({a: 0 for a in ACTIONS})
+        self.would: Counter[str] = Counter()
+        self.rules: Counter[str] = Counter()
+        self.blocked_callers: dict[str, list] = {}
+        self.latencies: list[float] = []
+        self.seconds = 3600 if until - since <= HOURLY_UP_TO else 86400
+        self.starts = bucket_starts(since, until, tz, self.seconds)
+        self.edges = [b.timestamp() for b in self.starts]
+        self.bucket_counts: list[Counter[str]] = [Counter() for _ in self.starts]
+        self.total = 0
+
+    def add(self, r: CallRow) -> None:
+        if not (self.since <= r.ts < self.until):
+            return
+        self.total += 1
+        self.by_action[r.action] += 1
+        if r.would:
+            self.would[r.would] += 1
+        if r.rules:
+            self.rules.update(set(r.rules.split()))
+        self.latencies.append(float(r.elapsed_ms))
+        if r.action in BLOCKED:
+            entry = self.blocked_callers.setdefault(caller_key(r), [0, 0.0, ""])
+            entry[0] += 1
+            if r.ts >= entry[1]:
+                entry[1], entry[2] = r.ts, r.action
+        i = bisect_right(self.edges, r.ts) - 1
+        if 0 <= i < len(self.bucket_counts):
+            self.bucket_counts[i][r.action] += 1
+
+    def result(self) -> Stats:
+        lat = sorted(self.latencies)
+        latency: dict[str, float] = {}
+        if lat:
+            latency = {f"p{p}": percentile(lat, p) for p in PERCENTILES}
+            latency["max"] = lat[-1]
+        ranked = sorted(self.blocked_callers.items(), key=lambda kv: (-kv[1][0], -kv[1][1], kv[0]))[: self.top]
+        order = list(ACTIONS) + sorted(set(self.by_action) - set(ACTIONS))  # unknown words from a foreign log
+        return Stats(
+            since=self.since,
+            until=self.until,
+            total=self.total,
+            by_action={a: self.by_action[a] for a in order},
+            would_by_action={a: self.would[a] for a in order if self.would[a]},
+            blocked=sum(self.by_action[a] for a in BLOCKED),
+            would_blocked=sum(self.would[a] for a in BLOCKED),
+            top_blocked_callers=[BlockedCaller(k, v[0], v[1], v[2]) for k, v in ranked],
+            top_rules=sorted(self.rules.items(), key=lambda kv: (-kv[1], kv[0]))[: self.top],
+            latency_ms=latency,
+            bucket_seconds=self.seconds,
+            buckets=[Bucket(b, {a: c[a] for a in order}) for b, c in zip(self.starts, self.bucket_counts)],
+        )
+
+
 def compute(
     rows: Iterable[CallRow],
     *,
@@ -152,53 +212,7 @@ def compute(
     top: int = 10,
 ) -> Stats:
     """Everything the `stats` command and the report show, for rows with since <= ts < until."""
-    by_action = Counter({a: 0 for a in ACTIONS})
-    would = Counter()
-    rules: Counter[str] = Counter()
-    blocked_callers: dict[str, list] = {}
-    latencies: list[float] = []
-    seconds = 3600 if until - since <= HOURLY_UP_TO else 86400
-    starts = bucket_starts(since, until, tz, seconds)
-    edges = [s.timestamp() for s in starts]
-    bucket_counts = [Counter() for _ in starts]
-    total = 0
+    builder = StatsBuilder(since=since, until=until, tz=tz, top=top)
     for r in rows:
-        if not (since <= r.ts < until):
-            continue
-        total += 1
-        by_action[r.action] += 1
-        if r.would:
-            would[r.would] += 1
-        rules.update(set(r.rules.split()))
-        latencies.append(float(r.elapsed_ms))
-        if r.action in BLOCKED:
-            key = caller_key(r)
-            entry = blocked_callers.setdefault(key, [0, 0.0, ""])
-            entry[0] += 1
-            if r.ts >= entry[1]:
-                entry[1], entry[2] = r.ts, r.action
-        i = bisect_right(edges, r.ts) - 1
-        if 0 <= i < len(bucket_counts):
-            bucket_counts[i][r.action] += 1
-    latencies.sort()
-    latency = {}
-    if latencies:
-        latency = {f"p{p}": percentile(latencies, p) for p in PERCENTILES}
-        latency["max"] = latencies[-1]
-    ranked = sorted(blocked_callers.items(), key=lambda kv: (-kv[1][0], -kv[1][1], kv[0]))[:top]
-    extra_actions = sorted(set(by_action) - set(ACTIONS))  # unknown words in an old/foreign log
-    order = list(ACTIONS) + extra_actions
-    return Stats(
-        since=since,
-        until=until,
-        total=total,
-        by_action={a: by_action[a] for a in order},
-        would_by_action={a: would[a] for a in order if would[a]},
-        blocked=sum(by_action[a] for a in BLOCKED),
-        would_blocked=sum(would[a] for a in BLOCKED),
-        top_blocked_callers=[BlockedCaller(k, v[0], v[1], v[2]) for k, v in ranked],
-        top_rules=sorted(rules.items(), key=lambda kv: (-kv[1], kv[0]))[:top],
-        latency_ms=latency,
-        bucket_seconds=seconds,
-        buckets=[Bucket(s, {a: c[a] for a in order}) for s, c in zip(starts, bucket_counts)],
-    )
+        builder.add(r)
+    return builder.result()
