@@ -186,9 +186,11 @@ async def test_absent_collector_does_not_change_call_latency_and_stays_bounded(m
         # a burst far larger than the queue: all answered, queue never above its bound
         results = await asyncio.gather(*(call(svc, f"+86137{i:08d}") for i in range(200)))
         assert all(r.variables["EDGEFILTER_ACTION"] == "allow" for r in results)
-        for out in svc.outputs:
-            assert out.sender.queue.qsize() <= 50
         await asyncio.sleep(0.1)
+        for out in svc.outputs:
+            assert out.sender.queue.maxsize == 50
+            # the kernel's errors are consumed as they come, never piling up
+            assert out.sender._stream._excq.qsize() <= 1
         stats = svc.output_stats()
     finally:
         await svc.stop()
@@ -224,6 +226,25 @@ async def test_slow_collector_never_blocks_and_the_queue_drops_and_counts():
     finally:
         await sender.close()
         slow.close()
+
+
+async def test_a_collector_that_talks_back_cannot_grow_our_memory():
+    col = await listener()
+    sender = UdpSender("syslog", col.sockname[:2], queue_size=10)
+    sender.start()
+    try:
+        sender.offer((b"<134>1 - - edgefilter - decision - hello",))
+        _, peer = (await asyncio.wait_for(col.recv(), 3))
+        for _ in range(500):
+            await col.send(b"x" * 1000, peer)  # a hostile or confused collector floods us
+        await asyncio.sleep(0.1)
+        assert sender._stream._recvq.qsize() == 0  # not read: the kernel's buffer bounds it
+        sender.offer((b"<134>1 - - edgefilter - decision - again",))
+        data, _ = await asyncio.wait_for(col.recv(), 3)
+        assert data.endswith(b"again") and sender.errors == 0
+    finally:
+        await sender.close()
+        col.close()
 
 
 async def test_statsd_batches_many_metrics_per_datagram_within_the_mtu():
@@ -312,6 +333,16 @@ async def test_sighup_reload_turns_statsd_on_without_a_restart(make_settings, tm
         await call(svc, "anonymous")
         grams = await receive(col, lambda got: any(n.endswith("calls.challenge") for n, _, _ in metrics_of(got)))
         assert ("edgefilter.rules.CLI_WITHHELD", 1.0, "c") in metrics_of(grams)
+        # two quick reloads (new prefix, then a syslog too): one of each output, not two
+        cfg.write_text(cfg.read_text() + 'statsd_prefix = "pbx2"\n')
+        assert svc.reload()
+        cfg.write_text(cfg.read_text() + f'syslog = "{addr(col)}"\n')
+        assert svc.reload()
+        await asyncio.gather(*[t for t in svc.tasks if not t.done() and "restart" in repr(t.get_coro())])
+        assert sorted(o.name for o in svc.outputs) == ["statsd", "syslog"]
+        assert sum(1 for o in svc.observers if getattr(o, "name", "") == "statsd") == 1
+        await call(svc, "anonymous")
+        grams = await receive(col, lambda got: any(n == "pbx2.calls.challenge" for g in got if not g.startswith(b"<") for n, _, _ in parse_statsd(g)))
     finally:
         await svc.stop()
         col.close()

@@ -158,6 +158,7 @@ class Service:
         self.follower: ListFollower | None = None
         self.calllog: CallLogWriter | None = None
         self.outputs: list = []  # StatsD / syslog / Prometheus outputs ([outputs]); also observers
+        self._outputs_lock = asyncio.Lock()
 
     @property
     def port(self) -> int:
@@ -201,12 +202,13 @@ class Service:
 
             outputs.append(PrometheusOutput(s.outputs, rules=s.rules, outputs_stats=self.output_stats))
         for out in outputs:
+            self.outputs.append(out)  # before start: a stop() during start still closes it
             try:
                 await out.start()
             except OSError as e:
                 log.error("[outputs] %s not started: %s", out.name, e)
+                self.outputs.remove(out)
                 continue
-            self.outputs.append(out)
             self.observers.append(out)
         await self._gauges()
 
@@ -222,8 +224,9 @@ class Service:
                 log.exception("[outputs] %s did not close cleanly", out.name)
 
     async def _restart_outputs(self) -> None:
-        await self._stop_outputs()
-        await self._start_outputs(self.settings)
+        async with self._outputs_lock:  # two quick SIGHUPs must not start the outputs twice
+            await self._stop_outputs()
+            await self._start_outputs(self.settings)
         log.info("[outputs] restarted: %s", ", ".join(o.name for o in self.outputs) or "none")
 
     def output_stats(self) -> dict[str, dict[str, int]]:
