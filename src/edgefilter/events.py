@@ -55,6 +55,22 @@ class DecisionLike(Protocol):
     elapsed_ms: float
 
 
+class Output(Protocol):
+    """What the service runs: a decision observer with a lifecycle (StatsD, syslog, Prometheus)."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    def __call__(self, d: DecisionLike) -> None: ...  # must never block or raise
+
+    def gauges(self, lists: dict[str, int], outputs: dict[str, dict[str, int]]) -> None: ...
+
+    def stats(self) -> dict[str, int]: ...
+
+    async def close(self) -> None: ...
+
+
 # --------------------------------------------------------------------------- the UDP sender
 class UdpSender:
     """A bounded queue of payloads and the one task that sends them as datagrams to host:port.
@@ -498,9 +514,9 @@ def parse_statsd(data: bytes) -> list[tuple[str, float, str]]:
     return out
 
 
-def build_udp_outputs(settings: OutputsSettings) -> list[StatsdOutput | SyslogOutput]:
+def build_udp_outputs(settings: OutputsSettings) -> list[Output]:
     """The UDP outputs the config turns on (none by default)."""
-    outs: list[StatsdOutput | SyslogOutput] = []
+    outs: list[Output] = []
     if settings.statsd is not None:
         outs.append(StatsdOutput(settings))
     if settings.syslog is not None:
@@ -510,6 +526,7 @@ def build_udp_outputs(settings: OutputsSettings) -> list[StatsdOutput | SyslogOu
 
 __all__: Sequence[str] = (
     "DecisionLike",
+    "Output",
     "UdpSender",
     "StatsdOutput",
     "SyslogOutput",

@@ -20,7 +20,7 @@ from .agi import AgiServer
 from .config import Settings, load_settings
 from .decisionlog import DecisionLogger, setup_logging
 from .errors import ConfigError, StoreError
-from .events import build_udp_outputs
+from .events import Output, build_udp_outputs
 from .lists import ListIndex, Pattern
 from .numbers import warm_up
 from .routes import DecisionObserver, screen_route
@@ -157,7 +157,7 @@ class Service:
         self._stopped = asyncio.Event()
         self.follower: ListFollower | None = None
         self.calllog: CallLogWriter | None = None
-        self.outputs: list = []  # StatsD / syslog / Prometheus outputs ([outputs]); also observers
+        self.outputs: list[Output] = []  # StatsD / syslog / Prometheus outputs ([outputs]); also observers
         self._outputs_lock = asyncio.Lock()
 
     @property
@@ -196,7 +196,7 @@ class Service:
     async def _start_outputs(self, s: Settings) -> None:
         """Start the configured outputs and observe decisions with them; a failing output is
         logged and left out: observability must never keep the filter from screening."""
-        outputs: list = list(build_udp_outputs(s.outputs))
+        outputs: list[Output] = build_udp_outputs(s.outputs)
         if s.outputs.prometheus is not None:
             from .prometheus import PrometheusOutput  # prometheus_client is loaded only when used
 
