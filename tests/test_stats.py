@@ -22,9 +22,9 @@ SH = ZoneInfo("Asia/Shanghai")
 HOSTILE = '<script>alert("x")</script>\x1b[2J'
 
 
-def rec(ts, action, caller="+8613800138000", rules="", elapsed=1.0, would=None, e164=True):
+def rec(ts, action, caller="+8613800138000", rules="", elapsed=1.0, would=None, e164=True, kind="valid"):
     return CallRecord(
-        ts=ts, uniqueid="", caller=caller, caller_e164=caller if e164 else None, caller_kind="valid",
+        ts=ts, uniqueid="", caller=caller, caller_e164=caller if e164 else None, caller_kind=kind,
         caller_name="", called="1000", extension="1000", context="from-trunk", action=action,
         would=would, score=0.0, rules=rules, policy="default", elapsed_ms=elapsed,
     )
@@ -44,9 +44,10 @@ def known_log(now: float) -> list[CallRecord]:
             caller = "+8617000000001" if i < 60 + 10 + 8 + 7 + 9 else "+8617000000002"  # 9 and 6
             rows.append(rec(ts, action, caller, "LIST_BLOCKED", elapsed=i + 1))
         elif action == "voicemail":
-            rows.append(rec(ts, action, HOSTILE, "CLI_GARBAGE", elapsed=i + 1, e164=False))
-        elif action == "challenge":
-            rows.append(rec(ts, action, "anonymous", "CLI_WITHHELD", elapsed=i + 1, e164=False))
+            rows.append(rec(ts, action, HOSTILE, "CLI_GARBAGE", elapsed=i + 1, e164=False, kind="garbage"))
+        elif action == "challenge":  # withheld callers, however they are spelt, count as one
+            withheld = ("anonymous", "Restricted", "")[i % 3]
+            rows.append(rec(ts, action, withheld, "CLI_WITHHELD", elapsed=i + 1, e164=False, kind="withheld"))
         elif action == "tag":
             rows.append(rec(ts, action, "+8613900139000", "NAME_DIGITS_ONLY CLI_FILTERED", elapsed=i + 1))
         else:
@@ -62,7 +63,7 @@ def check_known(s: dict) -> None:
     assert s["latency_ms"] == {"p50": 50.0, "p90": 90.0, "p99": 99.0, "max": 100.0}
     assert [(c["caller"], c["calls"], c["last_action"]) for c in s["top_blocked_callers"]] == [
         ("+8617000000001", 9, "reject"),
-        ("anonymous", 8, "challenge"),
+        ("(withheld)", 8, "challenge"),
         (HOSTILE, 7, "voicemail"),
         ("+8617000000002", 6, "reject"),
     ]

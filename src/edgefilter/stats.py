@@ -119,11 +119,17 @@ def percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[k]
 
 
+WITHHELD = "(withheld)"
+
+
 def caller_key(row: CallRow) -> str:
-    """Who called: the E.164 number when it normalised, else the raw caller ID as sent."""
+    """Who called: the E.164 number when it normalised; all withheld callers (anonymous,
+    Restricted, empty...) as one "(withheld)"; else the raw caller ID as sent."""
     if row.caller_e164:
         return row.caller_e164
-    return row.caller if row.caller else "(no caller ID)"
+    if getattr(row, "caller_kind", "") == "withheld" or not row.caller:
+        return WITHHELD
+    return row.caller
 
 
 def bucket_starts(since: float, until: float, tz: tzinfo | None, seconds: int) -> list[datetime]:
