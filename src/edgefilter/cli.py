@@ -166,6 +166,44 @@ async def cmd_try_call(args, settings: Settings) -> int:
     return 0 if not result.timed_out else 1
 
 
+async def cmd_stats(args, settings: Settings) -> int:
+    import json
+
+    from .report import render_html, render_text
+    from .stats import StatsBuilder
+
+    try:
+        span = parse_duration(args.since)
+    except ValueError as e:
+        raise EdgefilterError(f"--since: {e}") from None
+    if span <= 0:
+        raise EdgefilterError("--since must be longer than 0s")
+    if args.top < 1:
+        raise EdgefilterError("--top must be at least 1")
+    until = time.time()
+    since = until - span
+    builder = StatsBuilder(since=since, until=until, tz=settings.tz, top=args.top)
+    if Path(settings.store.path).exists():
+        async with Store.open(settings.store.path, create=False) as store:
+            async for batch in store.iter_calls(since, until):
+                for row in batch:
+                    builder.add(row)
+    st = builder.result()
+    if args.json:
+        print(json.dumps(st.as_dict(), indent=2, ensure_ascii=True))
+    else:
+        print(render_text(st, settings.tz))
+    if args.html:
+        out = Path(args.html)
+        try:
+            out.write_text(render_html(st, tz=settings.tz), encoding="utf-8")
+        except OSError as e:
+            raise EdgefilterError(f"--html {args.html}: cannot write: {e.strerror}") from None
+        if not args.json:
+            print(f"report written to {out}")
+    return 0
+
+
 def cmd_config(args, settings: Settings) -> int:
     if args.action == "dump":
         print(dump(settings))
@@ -175,6 +213,12 @@ def cmd_config(args, settings: Settings) -> int:
         print(f"  {rules} rules, {len(settings.categories)} categories, {len(settings.policies)} policies, {len(settings.schedules)} schedules")
         thr = ", ".join(f"{a.value} {t:g}" for a, t in settings.thresholds.items())
         print(f"  thresholds: {thr}; mode {settings.screen.mode}; on_error {settings.screen.on_error.value}")
+        o = settings.outputs
+
+        def where(a: tuple[str, int] | None) -> str:
+            return "off" if a is None else (f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}")
+
+        print(f"  outputs: statsd {where(o.statsd)}, syslog {where(o.syslog)}, prometheus {where(o.prometheus)}")
     return 0
 
 
@@ -229,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arg", action="append", help="extra AGI argument (repeatable), e.g. cidfiltered=1")
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=cmd_try_call)
+
+    p = sub.add_parser("stats", parents=[common], help="what happened: calls per action, share blocked, top rules and callers, latency")
+    p.add_argument("--since", default="24h", metavar="DURATION", help="period ending now (default 24h; e.g. 1h, 7d)")
+    p.add_argument("--html", metavar="FILE", help="also write a one-page HTML report with charts to FILE")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON instead of text")
+    p.add_argument("--top", type=int, default=10, metavar="N", help="rules and callers listed (default 10)")
+    p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("config", parents=[common], help="check or dump the merged configuration")
     p.add_argument("action", choices=("check", "dump"))

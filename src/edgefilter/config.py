@@ -127,6 +127,43 @@ def _hostport(v: Any) -> tuple[str, int]:
     return host, int(port)
 
 
+def _address(*, listen: bool) -> Callable[[Any], tuple[str, int] | None]:
+    """An optional "host:port": "" turns the output off; port 0 only where we listen (tests)."""
+
+    def check(v: Any) -> tuple[str, int] | None:
+        if _str(v).strip() == "":
+            return None
+        host, port = _hostport(v.strip())
+        if port == 0 and not listen:
+            raise _Invalid(f"{v!r}: port 0 is not a destination; use the collector's port, or \"\" to turn this off")
+        if not host or re.search(r"[\s/\\]", host):
+            raise _Invalid(f"{v!r}: expected \"host:port\" (IPv6 as \"[::1]:8125\")")
+        return host, port
+
+    return check
+
+
+SYSLOG_FACILITIES = {
+    "kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6, "news": 7,
+    "uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11,
+    **{f"local{i}": 16 + i for i in range(8)},
+}
+
+
+def _metric_prefix(v: Any) -> str:
+    s = _str(v)
+    if not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", s) or len(s) > 64:
+        raise _Invalid(f"{s!r}: dot-separated words of letters, digits, '_' and '-' (e.g. \"edgefilter\" or \"pbx1.edgefilter\")")
+    return s
+
+
+def _app_name(v: Any) -> str:
+    s = _str(v)
+    if not re.fullmatch(r"[\x21-\x7e]{1,48}", s):
+        raise _Invalid(f"{s!r}: 1 to 48 printable ASCII characters without spaces (RFC 5424 APP-NAME)")
+    return s
+
+
 def _list_of(item: Callable[[Any], Any]) -> Callable[[Any], tuple]:
     def check(v: Any) -> tuple:
         if isinstance(v, str):
@@ -273,6 +310,16 @@ SCHEMA: dict[str, Any] = {
         "format": _choice("kv", "json"),
     },
     "thresholds": {a.value: _float for a in THRESHOLD_ACTIONS},
+    "outputs": {
+        "statsd": _address(listen=False),
+        "statsd_prefix": _metric_prefix,
+        "syslog": _address(listen=False),
+        "syslog_facility": _choice(*SYSLOG_FACILITIES),
+        "syslog_app_name": _app_name,
+        "prometheus": _address(listen=True),
+        "gauge_interval": _duration,
+        "queue_size": _int(10, 1_000_000),
+    },
     "rules": _Table(
         {
             "weight": _float,
@@ -334,6 +381,20 @@ class ScreenSettings:
     timezone: str
     tag_text: str
     allowlist_only_action: Action
+
+
+@dataclass(frozen=True)
+class OutputsSettings:
+    """Where decisions and metrics go besides the log line; None = that output is off."""
+
+    statsd: tuple[str, int] | None = None
+    statsd_prefix: str = "edgefilter"
+    syslog: tuple[str, int] | None = None
+    syslog_facility: str = "local0"
+    syslog_app_name: str = "edgefilter"
+    prometheus: tuple[str, int] | None = None
+    gauge_interval: float = 10.0
+    queue_size: int = 10000
 
 
 @dataclass(frozen=True)
@@ -420,6 +481,7 @@ class Settings:
     policies: tuple[Policy, ...]
     sources: tuple[str, ...] = ()  # files merged, in order (for `config check` and logs)
     raw: dict = field(default_factory=dict, repr=False)  # merged plain values, for `config dump`
+    outputs: OutputsSettings = OutputsSettings()
 
     @property
     def tz(self) -> ZoneInfo | None:
@@ -661,7 +723,25 @@ def _build(m: dict, origins: dict, sources: tuple[str, ...]) -> Settings:
         policies=tuple(policies),
         sources=sources,
         raw=m,
+        outputs=_build_outputs(m.get("outputs", {}), fail),
     )
+
+
+def _build_outputs(o: dict, fail: Callable[[str, str], ConfigError]) -> OutputsSettings:
+    d = OutputsSettings()
+    out = OutputsSettings(
+        statsd=_address(listen=False)(o.get("statsd", "")),
+        statsd_prefix=_metric_prefix(o.get("statsd_prefix", d.statsd_prefix)),
+        syslog=_address(listen=False)(o.get("syslog", "")),
+        syslog_facility=o.get("syslog_facility", d.syslog_facility),
+        syslog_app_name=_app_name(o.get("syslog_app_name", d.syslog_app_name)),
+        prometheus=_address(listen=True)(o.get("prometheus", "")),
+        gauge_interval=_duration(o.get("gauge_interval", "10s")),
+        queue_size=o.get("queue_size", d.queue_size),
+    )
+    if out.gauge_interval < 1.0:
+        raise fail("outputs.gauge_interval", "at least \"1s\" (list sizes change slowly; this is not per call)")
+    return out
 
 
 _SHIPPED_RULES: frozenset[str] | None = None
@@ -724,6 +804,8 @@ def _to_toml(m: dict) -> str:
 
 __all__ = [
     "Settings",
+    "OutputsSettings",
+    "SYSLOG_FACILITIES",
     "Policy",
     "Schedule",
     "RuleSettings",

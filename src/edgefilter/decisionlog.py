@@ -67,7 +67,9 @@ def format_kv(d: Decision) -> str:
         if val == "" and k in ("would", "forced_by", "capped"):
             continue
         text = str(val)
-        if isinstance(val, str) and (not text or any(c in text for c in ' ="\\') or not text.isprintable() or not text.isascii()):
+        if isinstance(val, str) and (
+            not text or len(text) > _MAX_TEXT or any(c in text for c in ' ="\\') or not text.isprintable() or not text.isascii()
+        ):
             text = f'"{escape_text(val)}"'
         parts.append(f"{k}={text}")
     return " ".join(parts)

@@ -135,6 +135,7 @@ class ListIndex:
         self._mask: dict[tuple[str, int], list[Entry]] = {}
         self._mask_heads: set[int] = set()
         self.size = 0
+        self._counts = {name: 0 for name in LISTS}  # kept in step so counts() is O(1) (gauges)
 
     # -- mutation -------------------------------------------------------------------------
     def _bucket(self, p: Pattern) -> tuple[dict, object]:
@@ -155,6 +156,7 @@ class ListIndex:
                 return
         bucket.append(entry)
         self.size += 1
+        self._counts[entry.list] = self._counts.get(entry.list, 0) + 1
         if entry.pattern.kind == "prefix" and len(key) not in self._prefix_lengths:
             self._prefix_lengths.append(len(key))
             self._prefix_lengths.sort(reverse=True)
@@ -172,6 +174,7 @@ class ListIndex:
                 if not bucket:
                     del table[key]
                 self.size -= 1
+                self._counts[list_name] -= 1
                 return True
         return False
 
@@ -224,10 +227,8 @@ class ListIndex:
         return Match((allow or block)[1])
 
     def counts(self) -> dict[str, int]:
-        out = {name: 0 for name in LISTS}
-        for e in self:
-            out[e.list] += 1
-        return out
+        """Entries per list (including expired ones not yet purged); O(1), for periodic gauges."""
+        return dict(self._counts)
 
 
 def _mask_matches(mask: str, digits: str) -> bool:

@@ -20,6 +20,7 @@ from .agi import AgiServer
 from .config import Settings, load_settings
 from .decisionlog import DecisionLogger, setup_logging
 from .errors import ConfigError, StoreError
+from .events import Output, build_udp_outputs
 from .lists import ListIndex, Pattern
 from .numbers import warm_up
 from .routes import DecisionObserver, screen_route
@@ -156,6 +157,8 @@ class Service:
         self._stopped = asyncio.Event()
         self.follower: ListFollower | None = None
         self.calllog: CallLogWriter | None = None
+        self.outputs: list[Output] = []  # StatsD / syslog / Prometheus outputs ([outputs]); also observers
+        self._outputs_lock = asyncio.Lock()
 
     @property
     def port(self) -> int:
@@ -171,6 +174,7 @@ class Service:
         await self.follower.load()
         self.calllog = CallLogWriter(self.store)
         self.observers.extend([DecisionLogger(s.log_format), self.calllog])
+        await self._start_outputs(s)
         host, port = s.agi.listen
         self.server = AgiServer(
             {"screen": screen_route(self.screener, self.observers)},
@@ -186,7 +190,57 @@ class Service:
             asyncio.create_task(self._every(lambda: self.settings.store.poll_interval, self.follower.poll, "list follower")),
             asyncio.create_task(self.calllog.run()),
             asyncio.create_task(self._every(lambda: 600.0, self._maintenance, "maintenance")),
+            asyncio.create_task(self._every(lambda: self.settings.outputs.gauge_interval, self._gauges, "gauges")),
         ]
+
+    async def _start_outputs(self, s: Settings) -> None:
+        """Start the configured outputs and observe decisions with them; a failing output is
+        logged and left out: observability must never keep the filter from screening."""
+        outputs: list[Output] = build_udp_outputs(s.outputs)
+        if s.outputs.prometheus is not None:
+            from .prometheus import PrometheusOutput  # prometheus_client is loaded only when used
+
+            outputs.append(PrometheusOutput(s.outputs, rules=s.rules, outputs_stats=self.output_stats))
+        for out in outputs:
+            self.outputs.append(out)  # before start: a stop() during start still closes it
+            try:
+                await out.start()
+            except OSError as e:
+                log.error("[outputs] %s not started: %s", out.name, e)
+                self.outputs.remove(out)
+                continue
+            self.observers.append(out)
+        await self._gauges()
+
+    async def _stop_outputs(self) -> None:
+        outputs, self.outputs = self.outputs, []
+        for out in outputs:
+            with contextlib.suppress(ValueError):
+                self.observers.remove(out)
+        for out in outputs:
+            try:
+                await out.close()
+            except Exception:
+                log.exception("[outputs] %s did not close cleanly", out.name)
+
+    async def _restart_outputs(self) -> None:
+        async with self._outputs_lock:  # two quick SIGHUPs must not start the outputs twice
+            await self._stop_outputs()
+            await self._start_outputs(self.settings)
+        log.info("[outputs] restarted: %s", ", ".join(o.name for o in self.outputs) or "none")
+
+    def output_stats(self) -> dict[str, dict[str, int]]:
+        """Each output's running counters (sent, dropped, refused...), for gauges and /metrics."""
+        return {o.name: st for o in self.outputs if (st := o.stats())}
+
+    async def _gauges(self) -> None:
+        """List sizes (O(1) from the in-memory index) to every output; periodic, never per call."""
+        if not self.outputs:
+            return
+        counts = self.screener.index.counts()
+        stats = self.output_stats()
+        for out in self.outputs:
+            out.gauges(counts, stats)
 
     async def _every(self, interval: Callable[[], float], job, name: str) -> None:
         failing = False
@@ -223,7 +277,14 @@ class Service:
             return False
         if new.agi.listen != self.settings.agi.listen or new.store.path != self.settings.store.path:
             log.warning("[agi] listen and [store] path changes take effect only after a restart")
+        outputs_changed = new.outputs != self.settings.outputs
         self.settings = new
+        if outputs_changed:
+            try:
+                task = asyncio.get_running_loop().create_task(self._restart_outputs())
+                self.tasks.append(task)
+            except RuntimeError:
+                log.warning("[outputs] changes take effect after a restart")
         self.screener.reload(new)
         for obs in self.observers:
             if isinstance(obs, DecisionLogger):
@@ -240,6 +301,7 @@ class Service:
         for t in self.tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        await self._stop_outputs()
         if self.calllog is not None:
             await self.calllog.flush()
         if self._store_cm is not None:

@@ -327,6 +327,20 @@ class Store:
         )
         return [CallRecord(*r) for r in await cur.fetchall()]
 
+    async def iter_calls(self, since: float, until: float | None = None, batch: int = 10000) -> AsyncIterator[list[CallRecord]]:
+        """Call records with since <= ts (< until), oldest first, in batches (`edgefilter stats`)."""
+        sql = f"SELECT {CALL_COLUMNS} FROM calls WHERE ts >= ?"
+        args: list[float] = [since]
+        if until is not None:
+            sql += " AND ts < ?"
+            args.append(until)
+        cur = await self.db.execute(sql + " ORDER BY ts", args)
+        while True:
+            rows = await cur.fetchmany(batch)
+            if not rows:
+                break
+            yield [CallRecord(*r) for r in rows]
+
     async def purge_calls(self, before: float) -> int:
         async with self.transaction():
             cur = await self.db.execute("DELETE FROM calls WHERE ts < ?", (before,))
