@@ -17,12 +17,13 @@ import time
 from typing import Callable
 
 from .agi import AgiServer
+from .challenge import RESULT_ROUTE, ChallengeBook, ChallengeFailures, ChallengeRecorder
 from .config import Settings, load_settings
 from .decisionlog import DecisionLogger, setup_logging
 from .errors import ConfigError, StoreError
 from .lists import ListIndex, Pattern
 from .numbers import warm_up
-from .routes import DecisionObserver, screen_route
+from .routes import DecisionObserver, challenge_result_route, screen_route
 from .screen import Decision, Screener
 from .store import CallRecord, Store, describe_sqlite_error
 
@@ -156,6 +157,10 @@ class Service:
         self._stopped = asyncio.Event()
         self.follower: ListFollower | None = None
         self.calllog: CallLogWriter | None = None
+        self.challenges = ChallengeBook(lambda: self.settings)
+        self.challenge_failures = ChallengeFailures(lambda: self.settings)
+        self.screener.sources.append(self.challenge_failures)
+        self.challenge_recorder: ChallengeRecorder | None = None
 
     @property
     def port(self) -> int:
@@ -171,9 +176,16 @@ class Service:
         await self.follower.load()
         self.calllog = CallLogWriter(self.store)
         self.observers.extend([DecisionLogger(s.log_format), self.calllog])
+        self.challenge_failures.load(await self.store.challenge_failures_since(time.time() - s.challenge.fail_window))
+        self.challenge_recorder = ChallengeRecorder(
+            lambda: self.settings, lambda: self.screener.index, self.challenge_failures, self.store
+        )
         host, port = s.agi.listen
         self.server = AgiServer(
-            {"screen": screen_route(self.screener, self.observers)},
+            {
+                "screen": screen_route(self.screener, self.observers, self.challenges),
+                RESULT_ROUTE: challenge_result_route(self.challenges, self.challenge_recorder),
+            },
             host=host,
             port=self.port_override if self.port_override is not None else port,
             read_timeout=s.agi.read_timeout,
@@ -186,6 +198,8 @@ class Service:
             asyncio.create_task(self._every(lambda: self.settings.store.poll_interval, self.follower.poll, "list follower")),
             asyncio.create_task(self.calllog.run()),
             asyncio.create_task(self._every(lambda: 600.0, self._maintenance, "maintenance")),
+            asyncio.create_task(self.challenge_recorder.run()),
+            asyncio.create_task(self._every(lambda: 30.0, self._sweep_challenges, "challenge sweep")),
         ]
 
     async def _every(self, interval: Callable[[], float], job, name: str) -> None:
@@ -204,6 +218,9 @@ class Service:
                     log.warning("%s failed (%s); screening continues from memory", name, _store_reason(self.store, e))
                 failing = True
 
+    async def _sweep_challenges(self) -> None:
+        self.challenges.sweep()
+
     async def _maintenance(self) -> None:
         assert self.store is not None
         purged = await self.store.purge_expired()
@@ -213,6 +230,7 @@ class Service:
         old = await self.store.purge_calls(time.time() - self.settings.store.history_retention)
         if old:
             log.info("purged %d call records older than the retention", old)
+        await self.store.purge_challenges(time.time() - self.settings.challenge.fail_window)
 
     def reload(self) -> bool:
         """Re-read the config; keep the old one if the new one is invalid."""
@@ -242,6 +260,8 @@ class Service:
                 await t
         if self.calllog is not None:
             await self.calllog.flush()
+        if self.challenge_recorder is not None:
+            await self.challenge_recorder.flush()
         if self._store_cm is not None:
             await self._store_cm.__aexit__(None, None, None)
             self._store_cm = None

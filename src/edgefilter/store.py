@@ -23,7 +23,7 @@ import aiosqlite
 from .errors import StoreError
 from .lists import Entry, Pattern
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 5
 MIGRATIONS: dict[int, str] = {
     1: """
     CREATE TABLE IF NOT EXISTS entries (
@@ -68,6 +68,18 @@ MIGRATIONS: dict[int, str] = {
     CREATE INDEX IF NOT EXISTS calls_ts ON calls (ts);
     CREATE INDEX IF NOT EXISTS calls_caller ON calls (caller_e164, ts);
     CREATE INDEX IF NOT EXISTS calls_uniqueid ON calls (uniqueid);
+    """,
+    # 5: outcomes of the press-a-digit challenge (failures feed rule CHALLENGE_FAILED after a restart)
+    5: """
+    CREATE TABLE IF NOT EXISTS challenge_outcomes (
+        id          INTEGER PRIMARY KEY,
+        ts          REAL NOT NULL,
+        uniqueid    TEXT NOT NULL DEFAULT '',
+        caller_e164 TEXT NOT NULL,
+        outcome     TEXT NOT NULL CHECK (outcome IN ('pass', 'fail', 'hangup'))
+    );
+    CREATE INDEX IF NOT EXISTS challenge_outcomes_caller ON challenge_outcomes (caller_e164, ts);
+    CREATE INDEX IF NOT EXISTS challenge_outcomes_ts ON challenge_outcomes (ts);
     """,
 }
 
@@ -179,6 +191,8 @@ class Store:
                 f"{self.path}: database schema v{version} is newer than this edgefilter (v{SCHEMA_VERSION}); upgrade edgefilter"
             )
         for v in range(version + 1, SCHEMA_VERSION + 1):
+            if v not in MIGRATIONS:  # a version reserved for a change on another branch
+                continue
             await self.db.executescript("BEGIN IMMEDIATE;\n" + MIGRATIONS[v] + f"\nPRAGMA user_version = {v};\nCOMMIT;")
         return SCHEMA_VERSION
 
@@ -326,6 +340,30 @@ class Store:
             f"SELECT {CALL_COLUMNS} FROM calls WHERE ts >= ? ORDER BY ts LIMIT ?", (since, limit)
         )
         return [CallRecord(*r) for r in await cur.fetchall()]
+
+    # -- challenge outcomes ---------------------------------------------------------------
+    async def record_challenges(self, records: Iterable) -> int:
+        """Store challenge outcomes (objects with ts, uniqueid, caller_e164, outcome)."""
+        rows = [(r.ts, r.uniqueid, r.caller_e164, r.outcome) for r in records]
+        if not rows:
+            return 0
+        async with self.transaction():
+            await self.db.executemany(
+                "INSERT INTO challenge_outcomes (ts, uniqueid, caller_e164, outcome) VALUES (?, ?, ?, ?)", rows
+            )
+        return len(rows)
+
+    async def challenge_failures_since(self, since: float) -> list[tuple[str, float]]:
+        """(E.164 digits without '+', ts) of every failed challenge since ``since``, oldest first."""
+        cur = await self.db.execute(
+            "SELECT caller_e164, ts FROM challenge_outcomes WHERE outcome = 'fail' AND ts > ? ORDER BY ts", (since,)
+        )
+        return [(e164.lstrip("+"), ts) for e164, ts in await cur.fetchall()]
+
+    async def purge_challenges(self, before: float) -> int:
+        async with self.transaction():
+            cur = await self.db.execute("DELETE FROM challenge_outcomes WHERE ts < ?", (before,))
+        return cur.rowcount
 
     async def purge_calls(self, before: float) -> int:
         async with self.transaction():
