@@ -22,6 +22,7 @@ from .config import Settings, load_settings
 from .decisionlog import DecisionLogger, setup_logging
 from .errors import ConfigError, StoreError
 from .lists import ListIndex, Pattern
+from .mirror import AmiClient, BlockMirror
 from .numbers import warm_up
 from .routes import DecisionObserver, challenge_result_route, screen_route
 from .screen import Decision, Screener
@@ -40,6 +41,10 @@ class ListFollower:
         self.screener = screener
         self.rev = 0
         self.applied = 0
+        #: called with (list, pattern text, entry or None) after each change is applied
+        self.on_change: list[Callable[[str, str, object], None]] = []
+        #: called after a full (re)load of the index
+        self.on_load: list[Callable[[], None]] = []
 
     async def load(self) -> int:
         t0 = time.perf_counter()
@@ -50,6 +55,8 @@ class ListFollower:
         self.screener.index = index
         self.rev = rev
         log.info("loaded %d list entries in %.0f ms (rev %d)", index.size, (time.perf_counter() - t0) * 1000, rev)
+        for hook in self.on_load:
+            hook()
         return index.size
 
     async def poll(self) -> int:
@@ -71,6 +78,11 @@ class ListFollower:
             else:
                 index.remove(list_name, Pattern.from_text(pattern_text))
             self.rev = rev
+            for hook in self.on_change:
+                try:
+                    hook(list_name, pattern_text, entry)
+                except Exception:
+                    log.exception("list change listener failed")
         self.applied += len(changes)
         return len(changes)
 
@@ -144,8 +156,13 @@ def _store_reason(store: Store, e: BaseException) -> str:
 class Service:
     """The running daemon. ``start`` then ``run_forever`` (or ``stop`` from tests)."""
 
-    def __init__(self, settings: Settings, *, config_path: str | None = None, port: int | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, config_path: str | None = None, port: int | None = None, ami: AmiClient | None = None
+    ) -> None:
         self.settings = settings
+        #: the AMI client (anything with ``async send_action(dict) -> dict``); enables the mirror
+        self.ami = ami
+        self.mirror: BlockMirror | None = None
         self.config_path = config_path
         self.port_override = port
         self.screener = Screener(settings)
@@ -173,6 +190,10 @@ class Service:
         self._store_cm = Store.open(s.store.path)
         self.store = await self._store_cm.__aenter__()
         self.follower = ListFollower(self.store, self.screener)
+        if self.ami is not None and s.mirror.enabled and s.mirror.max_entries > 0:
+            self.mirror = BlockMirror(self.ami, lambda: self.settings, lambda: self.screener.index)
+            self.follower.on_load.append(self.mirror.resync)
+            self.follower.on_change.append(self.mirror.on_change)
         await self.follower.load()
         self.calllog = CallLogWriter(self.store)
         self.observers.extend([DecisionLogger(s.log_format), self.calllog])
@@ -201,6 +222,9 @@ class Service:
             asyncio.create_task(self.challenge_recorder.run()),
             asyncio.create_task(self._every(lambda: 30.0, self._sweep_challenges, "challenge sweep")),
         ]
+        if self.mirror is not None:
+            self.tasks.append(asyncio.create_task(self.mirror.run()))
+            self.tasks.append(asyncio.create_task(self._every(lambda: 60.0, self._expire_mirror, "mirror expiry")))
 
     async def _every(self, interval: Callable[[], float], job, name: str) -> None:
         failing = False
@@ -217,6 +241,10 @@ class Service:
                 if not failing:
                     log.warning("%s failed (%s); screening continues from memory", name, _store_reason(self.store, e))
                 failing = True
+
+    async def _expire_mirror(self) -> None:
+        assert self.mirror is not None
+        self.mirror.expire()
 
     async def _sweep_challenges(self) -> None:
         self.challenges.sweep()
