@@ -353,11 +353,14 @@ class Store:
             )
         return len(rows)
 
-    async def challenge_failures_since(self, since: float) -> list[tuple[str, float]]:
+    async def challenge_failures_since(self, since: float, caller_e164: str | None = None) -> list[tuple[str, float]]:
         """(E.164 digits without '+', ts) of every failed challenge since ``since``, oldest first."""
-        cur = await self.db.execute(
-            "SELECT caller_e164, ts FROM challenge_outcomes WHERE outcome = 'fail' AND ts > ? ORDER BY ts", (since,)
-        )
+        sql = "SELECT caller_e164, ts FROM challenge_outcomes WHERE outcome = 'fail' AND ts > ?"
+        args: tuple = (since,)
+        if caller_e164 is not None:
+            sql += " AND caller_e164 = ?"
+            args += (caller_e164,)
+        cur = await self.db.execute(sql + " ORDER BY ts", args)
         return [(e164.lstrip("+"), ts) for e164, ts in await cur.fetchall()]
 
     async def purge_challenges(self, before: float) -> int:
