@@ -30,7 +30,10 @@ def screen_route(screener: Screener, observers: list[DecisionObserver], challeng
         decision = await screener.screen(call)
         variables = channel_variables(decision, screener.settings)
         if challenges is not None and decision.verdict.action is Action.CHALLENGE:
-            variables.update(challenges.issue(decision))
+            try:
+                variables.update(challenges.issue(decision))
+            except Exception:  # never fail the call: without an id the dial plan uses voicemail
+                log.exception("issuing a challenge failed")
         try:
             await session.set_variables(variables)
         except ProtocolError as e:
