@@ -13,7 +13,7 @@ import time
 import pytest
 
 from edgefilter.config import settings_from_dict
-from edgefilter.lists import Entry, ListIndex, parse_pattern
+from edgefilter.lists import Entry, ListIndex, Pattern, parse_pattern
 from edgefilter.mirror import BlockMirror, MirrorError, hard_block_value
 from edgefilter.service import Service
 
@@ -238,3 +238,34 @@ async def test_no_ami_or_disabled_means_no_mirror(make_settings):
     await svc.start()
     assert svc.mirror is None
     await svc.stop()
+
+
+async def test_a_big_resync_yields_to_the_event_loop_and_keeps_changes_made_meanwhile():
+    settings = settings_from_dict({"mirror": {"max_entries": 50000}})
+    index = ListIndex()
+    for i in range(5000):
+        index.put(Entry("block", Pattern("exact", f"86138{i:08d}", f"+86138{i:08d}"), created_at=float(i)))
+    ami = FakeAstDB()
+    mirror = BlockMirror(ami, lambda: settings, lambda: index)
+    mirror.resync()
+    ticks = 0
+
+    async def other_calls():
+        nonlocal ticks
+        while True:
+            ticks += 1
+            if ticks == 3:  # a change arrives from the change feed in the middle of the scan
+                allow = Entry("allow", parse_pattern("+8613800000001", "CN"), created_at=1.0)
+                index.put(allow)
+                mirror.on_change("allow", allow.pattern.text, allow)
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(other_calls())
+    try:
+        n = await mirror._rebuild(slice_size=250)
+    finally:
+        task.cancel()
+    assert ticks >= 10  # the loop ran between slices
+    assert n == 4999 and "8613800000001" not in mirror.mirrored
+    await mirror.flush()
+    assert len(ami.keys()) == 4999 and "8613800000001" not in ami.keys()

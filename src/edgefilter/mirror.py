@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Protocol
 
 from .config import Settings
 from .lists import Entry, ListIndex, Pattern
@@ -77,6 +77,8 @@ class BlockMirror:
         #: key -> value to put, or None to delete; coalesced, sent in order
         self.pending: OrderedDict[str, str | None] = OrderedDict()
         self.deltree = False
+        self._resync = False
+        self._dirty: set[str] | None = None  # keys changed during a rebuild
         self.evicted = 0
         self.sent = 0
         self.failures = 0
@@ -91,23 +93,41 @@ class BlockMirror:
         return self._settings().mirror.max_entries
 
     # -- desired state -----------------------------------------------------------------
-    def _desired(self, key: str, now: float) -> tuple[str, Entry] | None:
-        match = self._index().lookup(key, now)
-        if match is None or match.entry.pattern.kind != "exact" or match.entry.pattern.key != key:
+    def _desired(self, key: str, now: float, settings: Settings | None = None) -> tuple[str, Entry] | None:
+        """The exact entries decide: an exact number outranks every prefix and mask, and an exact
+        allow beats an exact block (lists.ListIndex.lookup), so no other entry can matter."""
+        block = None
+        for e in self._index().exact(key):
+            if not e.active(now):
+                continue
+            if e.list == "allow":
+                return None
+            block = e
+        if block is None:
             return None
-        value = hard_block_value(match.entry, self._settings())
-        return (value, match.entry) if value is not None else None
+        value = hard_block_value(block, settings or self._settings())
+        return (value, block) if value is not None else None
 
-    def resync(self, entries: Iterable[Entry] | None = None) -> int:
-        """Recompute everything (start-up, full reload): wipe the family, put the newest hard blocks."""
+    def resync(self) -> None:
+        """Recompute everything (start-up, full reload): wipe the family, put the newest hard blocks.
+
+        Only asks: the scan runs in the background task, in slices that yield to the event loop,
+        so a big blocklist never stalls calls."""
+        self._resync = True
+        self._wake.set()
+
+    async def _rebuild(self, slice_size: int = 5000) -> int:
+        self._resync = False
+        self._dirty = set()
         now = self.clock()
-        source = self._index() if entries is None else entries
-        keys = {e.pattern.key for e in source if e.list == "block" and e.pattern.kind == "exact" and e.active(now)}
+        settings = self._settings()
         found = []
-        for key in keys:
-            d = self._desired(key, now)
+        for n, key in enumerate(self._index().exact_keys(), 1):
+            d = self._desired(key, now, settings)
             if d is not None:
                 found.append((d[1].created_at, key, d[0], d[1].expires_at))
+            if n % slice_size == 0:
+                await asyncio.sleep(0)
         found.sort()
         limit = self.limit
         if len(found) > limit:
@@ -117,7 +137,9 @@ class BlockMirror:
         self.mirrored = OrderedDict((key, (value, created, expires)) for created, key, value, expires in found)
         self.pending = OrderedDict((key, value) for key, (value, _, _) in self.mirrored.items())
         self.deltree = True
-        self._wake.set()
+        dirty, self._dirty = self._dirty, None
+        for key in dirty:  # changed while we scanned
+            self._refresh(key)
         return len(self.mirrored)
 
     def on_change(self, list_name: str, pattern_text: str, entry: Entry | None) -> None:
@@ -125,6 +147,8 @@ class BlockMirror:
         pattern = Pattern.from_text(pattern_text)
         if pattern.kind != "exact":
             return
+        if self._dirty is not None:
+            self._dirty.add(pattern.key)
         self._refresh(pattern.key)
 
     def _refresh(self, key: str) -> None:
@@ -176,6 +200,8 @@ class BlockMirror:
     async def flush(self) -> int:
         """Send everything pending; raises (leaving the rest pending) on the first failure."""
         done = 0
+        if self._resync:
+            await self._rebuild()
         if self.deltree:
             await self._send({"Action": "DBDelTree", "Family": self.family})
             self.deltree = False
