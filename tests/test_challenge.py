@@ -354,3 +354,39 @@ def test_recorder_keeps_the_admins_own_allow_entry():
     out = book.answer(Call(callerid=FRIEND, uniqueid="1.1", params={"id": v["EDGEFILTER_CHALLENGE_ID"], "digit": v["EDGEFILTER_CHALLENGE_DIGIT"]}))
     assert out.result == "pass" and rec.apply(out) is None
     assert list(index) == [admin]
+
+
+async def test_concurrent_writers_share_the_store_connection_safely(service, caplog):
+    """Call log and challenge outcomes are written by two tasks on one aiosqlite connection."""
+
+    async def one(i: int) -> None:
+        number = f"+86139{i:08d}"
+        first = await call(service, number)
+        await report(service, first, digit=first.variables["EDGEFILTER_CHALLENGE_DIGIT"], callerid=number)
+
+    await asyncio.gather(*(one(i) for i in range(40)))
+    for _ in range(300):
+        if service.challenge_recorder.written >= 80 and service.calllog.written >= 40:
+            break
+        await asyncio.sleep(0.01)
+    assert service.challenge_recorder.written == 80 and service.calllog.written == 40
+    assert "write failed" not in caplog.text, caplog.text[-500:]
+    assert len(await service.store.entries("allow")) == 40
+
+
+async def test_store_transactions_from_concurrent_tasks_do_not_interleave(tmp_path):
+    from edgefilter.challenge import OutcomeRecord
+    from edgefilter.store import CallRecord, Store
+
+    rec = CallRecord(1.0, "1.1", "+8613900139000", "+8613900139000", "valid", "", "1000", "1000", "from-trunk",
+                     "allow", None, 0.0, "", "default", 0.1)
+    async with Store.open(str(tmp_path / "e.db")) as store:
+        jobs = []
+        for i in range(20):
+            jobs.append(store.record_calls([rec] * 50))
+            jobs.append(store.put_entry(Entry("allow", parse_pattern(f"+86139{i:08d}", "CN"), source="challenge", created_at=1.0)))
+            jobs.append(store.record_challenges([OutcomeRecord(1.0, "1.1", f"+86139{i:08d}", "fail")]))
+        await asyncio.gather(*jobs)
+        assert len(await store.recent_calls(0)) == 1000
+        assert len(await store.entries("allow")) == 20
+        assert len(await store.challenge_failures_since(0)) == 20
