@@ -390,3 +390,14 @@ async def test_store_transactions_from_concurrent_tasks_do_not_interleave(tmp_pa
         assert len(await store.recent_calls(0)) == 1000
         assert len(await store.entries("allow")) == 20
         assert len(await store.challenge_failures_since(0)) == 20
+
+
+async def test_caller_gone_before_the_prompt_leaves_a_pending_challenge_that_expires_uncounted(service):
+    # The caller hangs up while the screen MSet runs: the dial plan never reaches the challenge,
+    # so no hangup handler reports it; the sweep forgets it after its TTL and counts nothing.
+    r = await call(service, hangup_during_command=1)
+    assert r.closed_by_server and r.channel_dead
+    assert len(service.challenges.pending) == 1
+    assert service.challenges.sweep(time.time() + service.challenges.ttl() + 1) == 1
+    assert service.challenges.pending == {} and service.challenge_recorder.failed == 0
+    assert "CHALLENGE_FAILED" not in (await call(service)).variables["EDGEFILTER_RULES"]
