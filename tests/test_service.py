@@ -51,6 +51,7 @@ async def test_one_round_trip_then_close(service):
         "EDGEFILTER_SCORE": "20",
         "EDGEFILTER_RULES": "LIST_BLOCKED",
         "EDGEFILTER_POLICY": "default",
+        "EDGEFILTER_REJECT_CAUSE": "21",
     }
 
 

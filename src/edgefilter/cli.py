@@ -13,6 +13,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from .challenge import ChallengeFailures
 from .config import Settings, dump, load_settings
 from .decisionlog import escape_text
 from .durations import parse_duration
@@ -127,6 +128,9 @@ async def cmd_check(args, settings: Settings) -> int:
         async with Store.open(settings.store.path, create=False) as store:
             idx = ListIndex()
             idx.extend(await store.candidates(number.digits))
+            failures = ChallengeFailures(lambda: settings)
+            failures.load(await store.challenge_failures_since(time.time() - settings.challenge.fail_window, number.e164))
+            screener.sources.append(failures)
         screener.index = idx
     d = screener.decide(call, when=when)
     print(f"caller: {escape_text(args.number)} -> {d.number.e164 or '-'} ({d.number.kind.value}{': ' + d.number.reason if d.number.reason else ''})")

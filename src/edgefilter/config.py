@@ -47,7 +47,12 @@ BUILTIN_RULES = (
     "POLICY_ALLOWLIST_ONLY",
     "SCREEN_ERROR",
     "SCREEN_TIMEOUT",
+    "CHALLENGE_FAILED",
 )
+#: Reject causes the dial plan knows how to send (``[actions] reject_cause``): Q.850 causes 21
+#: (SIP 403 Forbidden) and 17 (486 Busy Here) through Hangup(), SIP 607 Unwanted and 608
+#: Rejected through PJSIPHangup(). The dial plan's reject branch names exactly these.
+REJECT_CAUSES = ("21", "17", "607", "608")
 RULE_NAME = re.compile(r"^[A-Z][A-Z0-9_]{1,63}$")
 SAFE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -182,11 +187,39 @@ def _network(v: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise _Invalid(str(e)) from None
 
 
+def _regex_str(pattern: str, what: str) -> Callable[[Any], str]:
+    def check(v: Any) -> str:
+        s = _str(v)
+        if not re.fullmatch(pattern, s):
+            raise _Invalid(f"{s!r}: expected {what}")
+        return s
+
+    return check
+
+
 def _echo_text(v: Any) -> str:
     """Text the service echoes into the AGI stream (tags): no quotes, commas, control bytes."""
     s = _str(v)
     if len(s) > 40 or re.search(r'[\x00-\x1f\x7f",\\$]', s):
         raise _Invalid(f"{s!r}: at most 40 characters, no quotes, commas, backslashes, '$' or control characters")
+    return s
+
+
+def _reject_cause(v: Any) -> str:
+    s = str(v) if isinstance(v, int) and not isinstance(v, bool) else _str(v)
+    if s not in REJECT_CAUSES:
+        raise _Invalid(
+            f"{v!r} is not a reject cause the dial plan sends; use \"21\" (SIP 403), \"17\" (486 Busy), "
+            "\"607\" (Unwanted) or \"608\" (Rejected)"
+        )
+    return s
+
+
+def _mailbox(v: Any) -> str:
+    """A VoiceMail() mailbox as the service sends it: ``box`` or ``box@context``, or empty."""
+    s = _str(v)
+    if s and not re.fullmatch(r"[A-Za-z0-9_-]{1,40}(@[A-Za-z0-9_-]{1,40})?", s):
+        raise _Invalid(f"{s!r}: a mailbox is \"box\" or \"box@context\" (letters, digits, '_' and '-')")
     return s
 
 
@@ -305,6 +338,25 @@ SCHEMA: dict[str, Any] = {
         "tag_text": _echo_text,
         "allowlist_only_action": _action,
     },
+    "actions": {
+        "reject_cause": _reject_cause,
+        "reject_sit": _bool,
+        "voicemail_box": _mailbox,
+        "tag_category": _bool,
+    },
+    "challenge": {
+        "retries": _int(0, 5),
+        "timeout": _duration,
+        "allow_for": _duration,
+        "fail_window": _duration,
+        "hangup_is_failure": _bool,
+        "max_pending": _int(1, 1000000),
+    },
+    "mirror": {
+        "enabled": _bool,
+        "family": _regex_str(r"[A-Za-z0-9_-]{1,40}", "letters, digits, '_' and '-' (an AstDB family)"),
+        "max_entries": _int(0, 1000000),
+    },
     "log": {
         "level": _choice("debug", "info", "warning", "error"),
         "format": _choice("kv", "json"),
@@ -398,6 +450,37 @@ class OutputsSettings:
 
 
 @dataclass(frozen=True)
+class ActionSettings:
+    """How the dial plan carries out reject, voicemail and tag (sent as EDGEFILTER_* variables)."""
+
+    reject_cause: str = "21"
+    reject_sit: bool = False
+    voicemail_box: str = ""
+    tag_category: bool = True
+
+
+@dataclass(frozen=True)
+class ChallengeSettings:
+    """The "press N" challenge: attempts, timing, what a pass buys and how long a fail counts."""
+
+    retries: int = 1
+    timeout: float = 5.0
+    allow_for: float = 30 * 86400.0
+    fail_window: float = 30 * 86400.0
+    hangup_is_failure: bool = True
+    max_pending: int = 10000
+
+
+@dataclass(frozen=True)
+class MirrorSettings:
+    """Hard blocks mirrored into Asterisk's database (AstDB) for when the service is down."""
+
+    enabled: bool = True
+    family: str = "edgefilter-block"
+    max_entries: int = 10000
+
+
+@dataclass(frozen=True)
 class RuleSettings:
     name: str
     weight: float
@@ -482,6 +565,9 @@ class Settings:
     sources: tuple[str, ...] = ()  # files merged, in order (for `config check` and logs)
     raw: dict = field(default_factory=dict, repr=False)  # merged plain values, for `config dump`
     outputs: OutputsSettings = OutputsSettings()
+    actions: ActionSettings = field(default_factory=ActionSettings)
+    challenge: ChallengeSettings = field(default_factory=ChallengeSettings)
+    mirror: MirrorSettings = field(default_factory=MirrorSettings)
 
     @property
     def tz(self) -> ZoneInfo | None:
@@ -605,6 +691,11 @@ def _build(m: dict, origins: dict, sources: tuple[str, ...]) -> Settings:
         return ConfigError(f"{origin_of(path)}: [{path.rsplit('.', 1)[0]}] {path.rsplit('.', 1)[-1]}: {msg}")
 
     a, s, sc = m["agi"], m["store"], m["screen"]
+    ch = m["challenge"]
+    if not 1.0 <= _duration(ch["timeout"]) <= 60.0:
+        raise fail("challenge.timeout", "between 1s and 60s (how long the dial plan waits for the digit)")
+    if _duration(ch["allow_for"]) <= 0:
+        raise fail("challenge.allow_for", "must be longer than 0s")
     tz = sc.get("timezone", "")
     if tz:
         try:
@@ -724,6 +815,25 @@ def _build(m: dict, origins: dict, sources: tuple[str, ...]) -> Settings:
         sources=sources,
         raw=m,
         outputs=_build_outputs(m.get("outputs", {}), fail),
+        actions=ActionSettings(
+            reject_cause=_reject_cause(m["actions"]["reject_cause"]),
+            reject_sit=m["actions"]["reject_sit"],
+            voicemail_box=m["actions"]["voicemail_box"],
+            tag_category=m["actions"]["tag_category"],
+        ),
+        challenge=ChallengeSettings(
+            retries=m["challenge"]["retries"],
+            timeout=_duration(m["challenge"]["timeout"]),
+            allow_for=_duration(m["challenge"]["allow_for"]),
+            fail_window=_duration(m["challenge"]["fail_window"]),
+            hangup_is_failure=m["challenge"]["hangup_is_failure"],
+            max_pending=m["challenge"]["max_pending"],
+        ),
+        mirror=MirrorSettings(
+            enabled=m["mirror"]["enabled"],
+            family=m["mirror"]["family"],
+            max_entries=m["mirror"]["max_entries"],
+        ),
     )
 
 
@@ -816,4 +926,5 @@ __all__ = [
     "dump",
     "format_duration",
     "BUILTIN_RULES",
+    "REJECT_CAUSES",
 ]

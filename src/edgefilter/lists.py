@@ -182,6 +182,14 @@ class ListIndex:
         for e in entries:
             self.put(e)
 
+    def exact(self, key: str) -> list[Entry]:
+        """Entries (both lists) for one exact number key; empty if none."""
+        return list(self._exact.get(key, ()))
+
+    def exact_keys(self) -> Iterator[str]:
+        """Every exact number key held (either list)."""
+        return iter(list(self._exact))
+
     def __iter__(self) -> Iterator[Entry]:
         for table in (self._exact, self._prefix, self._mask):
             for bucket in table.values():

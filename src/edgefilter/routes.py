@@ -3,6 +3,8 @@
 ``screen`` decides the call and answers with one ``EXEC MSet`` of the EDGEFILTER_* variables,
 then closes at once (Asterisk sends the SIP response only after the close). Everything that
 follows a decision (call log, log line, metrics) runs after the close, off the caller's time.
+For a ``challenge`` verdict the same MSet carries the digit to press and the challenge id;
+``challenge-result`` is where the dial plan reports the digit read (or a hang-up).
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ import logging
 from typing import Callable
 
 from .agi import AgiSession, close_writer, mset_command
+from .challenge import ChallengeBook, ChallengeRecorder, Outcome
+from .decisionlog import escape_text
 from .errors import ProtocolError
-from .model import Call
+from .model import Action, Call
 from .screen import Decision, Screener, channel_variables
 
 log = logging.getLogger("edgefilter.routes")
@@ -20,11 +24,16 @@ log = logging.getLogger("edgefilter.routes")
 DecisionObserver = Callable[[Decision], None]
 
 
-def screen_route(screener: Screener, observers: list[DecisionObserver]):
+def screen_route(screener: Screener, observers: list[DecisionObserver], challenges: ChallengeBook | None = None):
     async def handle(session: AgiSession) -> None:
         call = session.call
         decision = await screener.screen(call)
         variables = channel_variables(decision, screener.settings)
+        if challenges is not None and decision.verdict.action is Action.CHALLENGE:
+            try:
+                variables.update(challenges.issue(decision))
+            except Exception:  # never fail the call: without an id the dial plan uses voicemail
+                log.exception("issuing a challenge failed")
         try:
             await session.set_variables(variables)
         except ProtocolError as e:
@@ -52,3 +61,37 @@ def _as_forged(call: Call, why: str) -> Call:
 
     return replace(call, forged="; ".join(filter(None, [call.forged, why])))
 
+
+
+def challenge_result_route(book: ChallengeBook, recorder: ChallengeRecorder):
+    """``challenge-result``: the dial plan reports the digit read (``id=..,digit=..``) or a
+    hang-up (``id=..,hangup=1`` from the hangup handler). One MSet answers
+    EDGEFILTER_CHALLENGE_RESULT (and a fresh digit on retry); the outcome is applied in memory
+    before the answer, so the caller's next call is already allowed or scored."""
+
+    async def handle(session: AgiSession) -> None:
+        call = session.call
+        outcome = book.answer(call)
+        try:
+            recorder.apply(outcome)
+        except Exception:
+            log.exception("applying a challenge outcome failed")
+        try:
+            await session.set_variables(outcome.variables())
+        finally:
+            await close_writer(session.writer)
+        _log_outcome(call, outcome)
+
+    return handle
+
+
+def _log_outcome(call: Call, outcome: Outcome) -> None:
+    p = outcome.pending
+    caller = escape_text(p.number.e164 or p.number.raw, 40) if p else "-"
+    attempts = p.attempts if p else 0
+    level = logging.WARNING if outcome.result == "unknown" else logging.INFO
+    log.log(
+        level,
+        "challenge result=%s caller=\"%s\" attempts=%d reason=\"%s\" uniqueid=%s",
+        outcome.result, caller, attempts, outcome.reason, escape_text(call.uniqueid, 40),
+    )

@@ -135,8 +135,29 @@ class Screener:
         return Decision(call, number, verdict, eff, when)
 
 
+#: Every variable ``channel_variables`` may set: the dial plan reads exactly these (and the challenge
+#: variables from challenge.CHALLENGE_VARIABLES); tests/test_dialplan.py holds the two in step.
+SCREEN_VARIABLES = (
+    "EDGEFILTER_ACTION",
+    "EDGEFILTER_SCORE",
+    "EDGEFILTER_RULES",
+    "EDGEFILTER_POLICY",
+    "EDGEFILTER_CATEGORY",
+    "EDGEFILTER_WOULD",
+    "EDGEFILTER_TAG",
+    "EDGEFILTER_REJECT_CAUSE",
+    "EDGEFILTER_REJECT_SIT",
+    "EDGEFILTER_VOICEMAIL_BOX",
+)
+
+
 def channel_variables(decision: Decision, settings: Settings) -> dict[str, str]:
-    """The EDGEFILTER_* variables the dial plan branches on. Values are ours, never the caller's."""
+    """The EDGEFILTER_* variables the dial plan branches on. Values are ours, never the caller's.
+
+    Besides the verdict, each action gets what the dial plan needs to carry it out, from
+    ``[actions]``: the reject cause (and whether to play the special-information tone first),
+    the voicemail box, the tag text (with the list category when ``tag_category``).
+    """
     v = decision.verdict
     out = {
         "EDGEFILTER_ACTION": v.action.value,
@@ -148,6 +169,16 @@ def channel_variables(decision: Decision, settings: Settings) -> dict[str, str]:
         out["EDGEFILTER_CATEGORY"] = v.category
     if v.would is not None:
         out["EDGEFILTER_WOULD"] = v.would.value
+    acts = settings.actions
     if v.action is Action.TAG or v.would is Action.TAG:
-        out["EDGEFILTER_TAG"] = settings.screen.tag_text
+        tag = settings.screen.tag_text
+        if acts.tag_category and v.category:
+            tag = f"{tag} {v.category}"
+        out["EDGEFILTER_TAG"] = tag
+    if v.action is Action.REJECT:
+        out["EDGEFILTER_REJECT_CAUSE"] = acts.reject_cause
+        if acts.reject_sit:
+            out["EDGEFILTER_REJECT_SIT"] = "1"
+    if v.action is Action.VOICEMAIL and acts.voicemail_box:
+        out["EDGEFILTER_VOICEMAIL_BOX"] = acts.voicemail_box
     return out

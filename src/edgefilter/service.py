@@ -17,13 +17,15 @@ import time
 from typing import Callable
 
 from .agi import AgiServer
+from .challenge import RESULT_ROUTE, ChallengeBook, ChallengeFailures, ChallengeRecorder
 from .config import Settings, load_settings
 from .decisionlog import DecisionLogger, setup_logging
 from .errors import ConfigError, StoreError
 from .events import Output, build_udp_outputs
 from .lists import ListIndex, Pattern
+from .mirror import AmiClient, BlockMirror
 from .numbers import warm_up
-from .routes import DecisionObserver, screen_route
+from .routes import DecisionObserver, challenge_result_route, screen_route
 from .screen import Decision, Screener
 from .store import CallRecord, Store, describe_sqlite_error
 
@@ -40,6 +42,10 @@ class ListFollower:
         self.screener = screener
         self.rev = 0
         self.applied = 0
+        #: called with (list, pattern text, entry or None) after each change is applied
+        self.on_change: list[Callable[[str, str, object], None]] = []
+        #: called after a full (re)load of the index
+        self.on_load: list[Callable[[], None]] = []
 
     async def load(self) -> int:
         t0 = time.perf_counter()
@@ -50,6 +56,8 @@ class ListFollower:
         self.screener.index = index
         self.rev = rev
         log.info("loaded %d list entries in %.0f ms (rev %d)", index.size, (time.perf_counter() - t0) * 1000, rev)
+        for hook in self.on_load:
+            hook()
         return index.size
 
     async def poll(self) -> int:
@@ -71,6 +79,11 @@ class ListFollower:
             else:
                 index.remove(list_name, Pattern.from_text(pattern_text))
             self.rev = rev
+            for hook in self.on_change:
+                try:
+                    hook(list_name, pattern_text, entry)
+                except Exception:
+                    log.exception("list change listener failed")
         self.applied += len(changes)
         return len(changes)
 
@@ -144,8 +157,13 @@ def _store_reason(store: Store, e: BaseException) -> str:
 class Service:
     """The running daemon. ``start`` then ``run_forever`` (or ``stop`` from tests)."""
 
-    def __init__(self, settings: Settings, *, config_path: str | None = None, port: int | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, config_path: str | None = None, port: int | None = None, ami: AmiClient | None = None
+    ) -> None:
         self.settings = settings
+        #: the AMI client (anything with ``async send_action(dict) -> dict``); enables the mirror
+        self.ami = ami
+        self.mirror: BlockMirror | None = None
         self.config_path = config_path
         self.port_override = port
         self.screener = Screener(settings)
@@ -159,6 +177,10 @@ class Service:
         self.calllog: CallLogWriter | None = None
         self.outputs: list[Output] = []  # StatsD / syslog / Prometheus outputs ([outputs]); also observers
         self._outputs_lock = asyncio.Lock()
+        self.challenges = ChallengeBook(lambda: self.settings)
+        self.challenge_failures = ChallengeFailures(lambda: self.settings)
+        self.screener.sources.append(self.challenge_failures)
+        self.challenge_recorder: ChallengeRecorder | None = None
 
     @property
     def port(self) -> int:
@@ -171,13 +193,24 @@ class Service:
         self._store_cm = Store.open(s.store.path)
         self.store = await self._store_cm.__aenter__()
         self.follower = ListFollower(self.store, self.screener)
+        if self.ami is not None and s.mirror.enabled and s.mirror.max_entries > 0:
+            self.mirror = BlockMirror(self.ami, lambda: self.settings, lambda: self.screener.index)
+            self.follower.on_load.append(self.mirror.resync)
+            self.follower.on_change.append(self.mirror.on_change)
         await self.follower.load()
         self.calllog = CallLogWriter(self.store)
         self.observers.extend([DecisionLogger(s.log_format), self.calllog])
         await self._start_outputs(s)
+        self.challenge_failures.load(await self.store.challenge_failures_since(time.time() - s.challenge.fail_window))
+        self.challenge_recorder = ChallengeRecorder(
+            lambda: self.settings, lambda: self.screener.index, self.challenge_failures, self.store
+        )
         host, port = s.agi.listen
         self.server = AgiServer(
-            {"screen": screen_route(self.screener, self.observers)},
+            {
+                "screen": screen_route(self.screener, self.observers, self.challenges),
+                RESULT_ROUTE: challenge_result_route(self.challenges, self.challenge_recorder),
+            },
             host=host,
             port=self.port_override if self.port_override is not None else port,
             read_timeout=s.agi.read_timeout,
@@ -191,7 +224,12 @@ class Service:
             asyncio.create_task(self.calllog.run()),
             asyncio.create_task(self._every(lambda: 600.0, self._maintenance, "maintenance")),
             asyncio.create_task(self._every(lambda: self.settings.outputs.gauge_interval, self._gauges, "gauges")),
+            asyncio.create_task(self.challenge_recorder.run()),
+            asyncio.create_task(self._every(lambda: 30.0, self._sweep_challenges, "challenge sweep")),
         ]
+        if self.mirror is not None:
+            self.tasks.append(asyncio.create_task(self.mirror.run()))
+            self.tasks.append(asyncio.create_task(self._every(lambda: 60.0, self._expire_mirror, "mirror expiry")))
 
     async def _start_outputs(self, s: Settings) -> None:
         """Start the configured outputs and observe decisions with them; a failing output is
@@ -258,6 +296,13 @@ class Service:
                     log.warning("%s failed (%s); screening continues from memory", name, _store_reason(self.store, e))
                 failing = True
 
+    async def _expire_mirror(self) -> None:
+        assert self.mirror is not None
+        self.mirror.expire()
+
+    async def _sweep_challenges(self) -> None:
+        self.challenges.sweep()
+
     async def _maintenance(self) -> None:
         assert self.store is not None
         purged = await self.store.purge_expired()
@@ -267,6 +312,7 @@ class Service:
         old = await self.store.purge_calls(time.time() - self.settings.store.history_retention)
         if old:
             log.info("purged %d call records older than the retention", old)
+        await self.store.purge_challenges(time.time() - self.settings.challenge.fail_window)
 
     def reload(self) -> bool:
         """Re-read the config; keep the old one if the new one is invalid."""
@@ -304,6 +350,8 @@ class Service:
         await self._stop_outputs()
         if self.calllog is not None:
             await self.calllog.flush()
+        if self.challenge_recorder is not None:
+            await self.challenge_recorder.flush()
         if self._store_cm is not None:
             await self._store_cm.__aexit__(None, None, None)
             self._store_cm = None

@@ -10,6 +10,7 @@ is wrong in words an admin can act on.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sqlite3
@@ -23,7 +24,7 @@ import aiosqlite
 from .errors import StoreError
 from .lists import Entry, Pattern
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 5
 MIGRATIONS: dict[int, str] = {
     1: """
     CREATE TABLE IF NOT EXISTS entries (
@@ -68,6 +69,18 @@ MIGRATIONS: dict[int, str] = {
     CREATE INDEX IF NOT EXISTS calls_ts ON calls (ts);
     CREATE INDEX IF NOT EXISTS calls_caller ON calls (caller_e164, ts);
     CREATE INDEX IF NOT EXISTS calls_uniqueid ON calls (uniqueid);
+    """,
+    # 5: outcomes of the press-a-digit challenge (failures feed rule CHALLENGE_FAILED after a restart)
+    5: """
+    CREATE TABLE IF NOT EXISTS challenge_outcomes (
+        id          INTEGER PRIMARY KEY,
+        ts          REAL NOT NULL,
+        uniqueid    TEXT NOT NULL DEFAULT '',
+        caller_e164 TEXT NOT NULL,
+        outcome     TEXT NOT NULL CHECK (outcome IN ('pass', 'fail', 'hangup'))
+    );
+    CREATE INDEX IF NOT EXISTS challenge_outcomes_caller ON challenge_outcomes (caller_e164, ts);
+    CREATE INDEX IF NOT EXISTS challenge_outcomes_ts ON challenge_outcomes (ts);
     """,
 }
 
@@ -135,6 +148,9 @@ class Store:
     def __init__(self, db: aiosqlite.Connection, path: str) -> None:
         self.db = db
         self.path = path
+        # One connection, several writers in the service (call log, challenge outcomes): their
+        # BEGIN ... COMMIT must not interleave ("cannot start a transaction within a transaction").
+        self._tx_lock = asyncio.Lock()
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -179,20 +195,23 @@ class Store:
                 f"{self.path}: database schema v{version} is newer than this edgefilter (v{SCHEMA_VERSION}); upgrade edgefilter"
             )
         for v in range(version + 1, SCHEMA_VERSION + 1):
+            if v not in MIGRATIONS:  # a version reserved for a change on another branch
+                continue
             await self.db.executescript("BEGIN IMMEDIATE;\n" + MIGRATIONS[v] + f"\nPRAGMA user_version = {v};\nCOMMIT;")
         return SCHEMA_VERSION
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[None]:
         """BEGIN IMMEDIATE ... COMMIT, rolled back on any error: nothing partial is ever written."""
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            await self.db.rollback()
-            raise
-        else:
-            await self.db.commit()
+        async with self._tx_lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                await self.db.rollback()
+                raise
+            else:
+                await self.db.commit()
 
     # -- lists ----------------------------------------------------------------------------
     async def put_entry(self, entry: Entry) -> str:
@@ -340,6 +359,32 @@ class Store:
             if not rows:
                 break
             yield [CallRecord(*r) for r in rows]
+    # -- challenge outcomes ---------------------------------------------------------------
+    async def record_challenges(self, records: Iterable) -> int:
+        """Store challenge outcomes (objects with ts, uniqueid, caller_e164, outcome)."""
+        rows = [(r.ts, r.uniqueid, r.caller_e164, r.outcome) for r in records]
+        if not rows:
+            return 0
+        async with self.transaction():
+            await self.db.executemany(
+                "INSERT INTO challenge_outcomes (ts, uniqueid, caller_e164, outcome) VALUES (?, ?, ?, ?)", rows
+            )
+        return len(rows)
+
+    async def challenge_failures_since(self, since: float, caller_e164: str | None = None) -> list[tuple[str, float]]:
+        """(E.164 digits without '+', ts) of every failed challenge since ``since``, oldest first."""
+        sql = "SELECT caller_e164, ts FROM challenge_outcomes WHERE outcome = 'fail' AND ts > ?"
+        args: tuple = (since,)
+        if caller_e164 is not None:
+            sql += " AND caller_e164 = ?"
+            args += (caller_e164,)
+        cur = await self.db.execute(sql + " ORDER BY ts", args)
+        return [(e164.lstrip("+"), ts) for e164, ts in await cur.fetchall()]
+
+    async def purge_challenges(self, before: float) -> int:
+        async with self.transaction():
+            cur = await self.db.execute("DELETE FROM challenge_outcomes WHERE ts < ?", (before,))
+        return cur.rowcount
 
     async def purge_calls(self, before: float) -> int:
         async with self.transaction():

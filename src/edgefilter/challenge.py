@@ -1,0 +1,345 @@
+"""The "press N" challenge: a robot fails it, a human passes once and is remembered.
+
+The screen route issues a challenge for a call whose verdict is ``challenge``: a random digit
+(``secrets.randbelow``) and a random id, sent in the same MSet as the verdict. The dial plan
+answers, plays "to call this number, press N", reads one digit and reports it on the second
+FastAGI route ``challenge-result`` (``id=...,digit=...``, or ``hangup=1`` from a hangup handler).
+The book checks it and answers ``pass``, ``retry`` (with a fresh digit) or ``fail``.
+
+Everything on the call path here is memory only (microseconds): pending challenges live in a
+bounded, TTL-swept dict; a pass puts a temporary allow entry into the in-memory index at once
+(the next call is allowed even before the database has it) and queues the durable write, which
+other nodes then see through the change feed; a failure is counted at once in
+``ChallengeFailures``, the FactSource behind rule CHALLENGE_FAILED, and queued for the database
+so it survives a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from .config import Settings
+from .errors import PatternError
+from .lists import Entry, ListIndex, parse_pattern
+from .model import Call, Hit, Number, NumberKind
+from .screen import Decision
+from .store import Store
+
+log = logging.getLogger("edgefilter.challenge")
+
+#: Variables the challenge sets (screen route: DIGIT, ID, TIMEOUT; challenge-result: RESULT and,
+#: on retry, a fresh DIGIT). The dial plan reads exactly these.
+CHALLENGE_VARIABLES = (
+    "EDGEFILTER_CHALLENGE_DIGIT",
+    "EDGEFILTER_CHALLENGE_ID",
+    "EDGEFILTER_CHALLENGE_TIMEOUT",
+    "EDGEFILTER_CHALLENGE_RESULT",
+)
+#: Values of EDGEFILTER_CHALLENGE_RESULT the dial plan branches on.
+RESULTS = ("pass", "fail", "retry")
+#: The FastAGI route the dial plan reports the digit on.
+RESULT_ROUTE = "challenge-result"
+
+#: Our own charset for challenge ids: lowercase letters and digits without look-alikes. Nothing
+#: here can break an AGI argument or an MSet pair.
+ID_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"
+ID_LENGTH = 20  # about 99 bits
+DTMF = frozenset("0123456789*#ABCD")
+#: Kinds of caller ID that can be allowlisted (an invalid number never buys an allow).
+_ALLOWABLE = frozenset({NumberKind.VALID, NumberKind.SHORT})
+_BLOCK_RULES = frozenset({"LIST_BLOCKED", "LIST_CATEGORY"})
+SOURCE = "challenge"  # source of the allow entries a pass adds
+
+
+def new_digit(randbelow: Callable[[int], int] = secrets.randbelow) -> str:
+    """1..9: no 0 (operator on many phones, and the failed-challenge sipp scenario presses it)."""
+    return str(randbelow(9) + 1)
+
+
+def new_id(randbelow: Callable[[int], int] = secrets.randbelow) -> str:
+    return "".join(ID_ALPHABET[randbelow(len(ID_ALPHABET))] for _ in range(ID_LENGTH))
+
+
+@dataclass
+class Pending:
+    """One challenge waiting for its digit."""
+
+    id: str
+    digit: str
+    number: Number
+    uniqueid: str
+    created: float
+    attempts: int = 0  # wrong digits or silences so far
+    blocked: bool = False  # the number is on the blocklist: a pass connects, never allowlists
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What ``answer`` decided. ``result`` is pass/fail/retry, or ``unknown`` for an id we do not
+    hold (expired, answered already, service restarted): the dial plan is told ``pass`` then (fail
+    open, like a dead service), but nothing is recorded."""
+
+    result: str
+    pending: Pending | None = None
+    digit: str = ""  # the fresh digit on retry
+    reason: str = ""  # wrong digit / silence / hangup / forged / channel mismatch
+
+    def variables(self) -> dict[str, str]:
+        shown = {"unknown": "pass", "hangup": "fail"}.get(self.result, self.result)
+        out = {"EDGEFILTER_CHALLENGE_RESULT": shown}
+        if self.result == "retry":
+            out["EDGEFILTER_CHALLENGE_DIGIT"] = self.digit
+        return out
+
+    @property
+    def counts_as_failure(self) -> bool:
+        return self.result == "fail"
+
+
+class ChallengeBook:
+    """Pending challenges in memory: bounded (oldest dropped) and swept after their TTL."""
+
+    def __init__(
+        self,
+        settings: Callable[[], Settings],
+        *,
+        clock: Callable[[], float] = time.time,
+        randbelow: Callable[[int], int] = secrets.randbelow,
+    ) -> None:
+        self._settings = settings
+        self.clock = clock
+        self.randbelow = randbelow
+        self.pending: OrderedDict[str, Pending] = OrderedDict()
+        self.dropped = 0
+        self.expired = 0
+
+    def ttl(self) -> float:
+        """Longest a real challenge can take: every attempt's prompt, wait and round trips."""
+        c = self._settings().challenge
+        return (c.retries + 1) * (c.timeout + 20.0) + 60.0
+
+    def issue(self, decision: Decision) -> dict[str, str]:
+        """Open a challenge for this call; returns the variables to add to the screen MSet."""
+        settings = self._settings()
+        now = self.clock()
+        while len(self.pending) >= settings.challenge.max_pending:
+            self.pending.popitem(last=False)
+            self.dropped += 1
+        cid = new_id(self.randbelow)
+        blocked = any(h.rule in _BLOCK_RULES for h in decision.verdict.hits)
+        p = Pending(cid, new_digit(self.randbelow), decision.number, decision.call.uniqueid[:64], now, blocked=blocked)
+        self.pending[cid] = p
+        return {
+            "EDGEFILTER_CHALLENGE_DIGIT": p.digit,
+            "EDGEFILTER_CHALLENGE_ID": cid,
+            "EDGEFILTER_CHALLENGE_TIMEOUT": f"{settings.challenge.timeout:g}",
+        }
+
+    def answer(self, call: Call) -> Outcome:
+        """Check what the dial plan reported on the challenge-result route."""
+        settings = self._settings()
+        cid = call.params.get("id", "")
+        p = self.pending.get(cid) if len(cid) == ID_LENGTH else None
+        if p is not None and self.clock() - p.created > self.ttl():
+            del self.pending[cid]
+            self.expired += 1
+            p = None
+        if p is None:
+            return Outcome("unknown", reason="no such challenge (expired, answered or from before a restart)")
+        if call.forged:
+            del self.pending[cid]
+            return Outcome("fail", p, reason="forged env block on the challenge-result route")
+        if p.uniqueid and call.uniqueid and call.uniqueid[:64] != p.uniqueid:
+            del self.pending[cid]
+            return Outcome("fail", p, reason="reported from another channel")
+        if call.params.get("hangup", "").lower() in ("1", "yes", "true"):
+            del self.pending[cid]
+            if settings.challenge.hangup_is_failure:
+                return Outcome("fail", p, reason="hung up during the challenge")
+            return Outcome("hangup", p, reason="hung up during the challenge (not counted)")
+        digit = call.params.get("digit", "")
+        if digit == p.digit:
+            del self.pending[cid]
+            return Outcome("pass", p)
+        why = "silence" if digit == "" else ("wrong digit" if digit in DTMF else "not a digit")
+        p.attempts += 1
+        if p.attempts <= settings.challenge.retries:
+            p.digit = new_digit(self.randbelow)
+            return Outcome("retry", p, digit=p.digit, reason=why)
+        del self.pending[cid]
+        return Outcome("fail", p, reason=why)
+
+    def sweep(self, now: float | None = None) -> int:
+        """Forget challenges past their TTL (the hangup handler normally reports those)."""
+        now = self.clock() if now is None else now
+        ttl = self.ttl()
+        stale = [cid for cid, p in self.pending.items() if now - p.created > ttl]
+        for cid in stale:
+            del self.pending[cid]
+        self.expired += len(stale)
+        return len(stale)
+
+
+class ChallengeFailures:
+    """FactSource for rule CHALLENGE_FAILED: failed challenges per number within the window.
+
+    Memory only on the call path (a dict of small deques, bounded in numbers and per number);
+    loaded from the database at start so failures survive a restart.
+    """
+
+    PER_NUMBER = 16
+
+    def __init__(self, settings: Callable[[], Settings], max_numbers: int = 100000) -> None:
+        self._settings = settings
+        self.max_numbers = max_numbers
+        self.failures: dict[str, deque[float]] = {}
+
+    def record(self, digits: str, ts: float) -> None:
+        q = self.failures.get(digits)
+        if q is None:
+            while len(self.failures) >= self.max_numbers:
+                self.failures.pop(next(iter(self.failures)))
+            q = self.failures[digits] = deque(maxlen=self.PER_NUMBER)
+        q.append(ts)
+
+    def load(self, rows: Iterable[tuple[str, float]]) -> None:
+        for digits, ts in rows:
+            self.record(digits, ts)
+
+    def count(self, digits: str | None, now: float) -> int:
+        q = self.failures.get(digits) if digits else None
+        if not q:
+            return 0
+        since = now - self._settings().challenge.fail_window
+        return sum(1 for t in q if t > since)
+
+    def hits(self, call: Call, number: Number, now: float) -> Iterable[Hit]:
+        n = self.count(number.digits, now)
+        if not n:
+            return ()
+        settings = self._settings()
+        rule = settings.rules.get("CHALLENGE_FAILED")
+        if rule is None or not rule.enabled:
+            return ()
+        return (Hit("CHALLENGE_FAILED", round(rule.weight * n, 3), rule.group, f"{n} failed challenge(s) within [challenge] fail_window"),)
+
+
+@dataclass(frozen=True)
+class OutcomeRecord:
+    ts: float
+    uniqueid: str
+    caller_e164: str
+    outcome: str  # pass | fail | hangup
+
+
+@dataclass
+class ChallengeRecorder:
+    """Applies outcomes: in memory at once (index, failure counts), durably in the background.
+
+    ``apply`` is synchronous and cheap so the route can run it before answering; the database
+    writes (allow entries, outcome rows) go through a bounded queue written by ``run`` and
+    retried while the store fails, never on the caller's time.
+    """
+
+    settings: Callable[[], Settings]
+    index: Callable[[], ListIndex]
+    failures: ChallengeFailures
+    store: Store | None = None
+    clock: Callable[[], float] = time.time
+    queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(10000))
+    allowed: int = 0
+    failed: int = 0
+    dropped: int = 0
+    written: int = 0
+
+    def apply(self, outcome: Outcome) -> Entry | None:
+        """Count a failure or allowlist a pass; returns the allow entry added, if any."""
+        p = outcome.pending
+        if p is None or outcome.result in ("retry", "unknown"):
+            return None
+        now = self.clock()
+        digits = p.number.e164 if p.number.kind in _ALLOWABLE else None
+        if outcome.counts_as_failure:
+            self.failed += 1
+            if p.number.digits:
+                self.failures.record(p.number.digits, now)
+        if p.number.e164:
+            self._enqueue(OutcomeRecord(now, p.uniqueid, p.number.e164, "pass" if outcome.result == "pass" else outcome.result))
+        if outcome.result != "pass" or digits is None or p.blocked:
+            return None
+        entry = self._allow_entry(p, now)
+        if entry is not None:
+            self.index().put(entry)
+            self.allowed += 1
+            self._enqueue(entry)
+        return entry
+
+    def _allow_entry(self, p: Pending, now: float) -> Entry | None:
+        settings = self.settings()
+        try:
+            pattern = parse_pattern(p.number.e164 or "", settings.default_region)
+        except PatternError:
+            return None
+        match = self.index().lookup(pattern.key, now)
+        for e in (match.entry, match.shadowed) if match else ():
+            if e is None:
+                continue
+            if e.list == "block":
+                return None  # never let a pass outrank the blocklist
+            if e.pattern == pattern and e.source != SOURCE and e.list == "allow":
+                return None  # the admin's own allow entry stays as it is
+        return Entry(
+            "allow",
+            pattern,
+            note="passed the press-a-digit challenge",
+            source=SOURCE,
+            created_at=now,
+            expires_at=now + settings.challenge.allow_for,
+        )
+
+    def _enqueue(self, item: Entry | OutcomeRecord) -> None:
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            if self.dropped in (1, 100) or self.dropped % 10000 == 0:
+                log.warning("challenge write queue full: %d writes dropped (store too slow or failing)", self.dropped)
+
+    async def run(self) -> None:
+        """Write queued allow entries and outcomes; on a store failure wait and retry."""
+        while True:
+            item = await self.queue.get()
+            while True:
+                try:
+                    await self._write(item)
+                    self.written += 1
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    log.warning("challenge write failed (%s); retrying in 1 s", e)
+                    await asyncio.sleep(1.0)
+
+    async def flush(self) -> None:
+        """Write whatever is queued (tests, shutdown)."""
+        while not self.queue.empty():
+            item = self.queue.get_nowait()
+            try:
+                await self._write(item)
+                self.written += 1
+            except Exception as e:
+                log.warning("challenge write failed at shutdown (%s)", e)
+
+    async def _write(self, item: Entry | OutcomeRecord) -> None:
+        if self.store is None:
+            return
+        if isinstance(item, Entry):
+            await self.store.put_entry(item)
+        else:
+            await self.store.record_challenges([item])

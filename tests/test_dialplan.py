@@ -1,0 +1,178 @@
+"""asterisk-conf/ in CI: lint the dial plan and keep it in step with the code.
+
+The dial plan and the service meet only through names: routes, AGI arguments, EDGEFILTER_*
+variables, action words, challenge results, reject causes, the AstDB family, sound files. A
+rename on either side breaks calls silently (an unknown action rings, a missing variable fails
+open), so every one of those names is parsed out of the .conf files and compared with the
+constants the code uses.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from edgefilter.challenge import CHALLENGE_VARIABLES, RESULT_ROUTE, RESULTS
+from edgefilter.config import DEFAULTS_PATH, REJECT_CAUSES
+from edgefilter.model import Action
+from edgefilter.screen import SCREEN_VARIABLES
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "asterisk-conf"
+SUBROUTINE = CONF / "extensions-edgefilter.conf"
+EXAMPLE = CONF / "extensions-example.conf"
+SOUNDS = Path(__file__).with_name("data") / "asterisk-core-sounds-en-gsm-1.6.1.txt"
+LINT = Path(__file__).with_name("dialplan_lint.py")
+
+
+def parse_conf(path: Path) -> list[tuple[str, str, str]]:
+    """(section, key, value) of an Asterisk .conf file: ';' comments, '=' or '=>' pairs."""
+    out, section = [], ""
+    for raw in path.read_text().splitlines():
+        line = re.sub(r"(?<!\\);.*$", "", raw).strip()
+        if not line or line.startswith("#include"):
+            continue
+        m = re.fullmatch(r"\[([^\]]+)\](\(.*\))?", line)
+        if m:
+            section = m.group(1)
+            continue
+        key, sep, value = line.partition("=")
+        assert sep, f"{path.name}: not a key = value line: {raw!r}"
+        out.append((section, key.strip(), value.lstrip(">").strip()))
+    return out
+
+
+def dialplan_text() -> str:
+    """Both dial plan files without comments (what Asterisk executes)."""
+    lines = []
+    for path in (SUBROUTINE, EXAMPLE):
+        for section, key, value in parse_conf(path):
+            lines.append(f"[{section}] {key} => {value}")
+    return "\n".join(lines)
+
+
+def globals_defined() -> set[str]:
+    return {k for s, k, _ in parse_conf(EXAMPLE) if s == "globals"}
+
+
+# ------------------------------------------------------------------------------- lint
+def _lint(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(LINT), str(path)], capture_output=True, text=True, timeout=60)
+
+
+def test_asterisklint_finds_nothing_in_the_shipped_dial_plan():
+    pytest.importorskip("asterisklint")
+    r = _lint(EXAMPLE)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (r.stdout + r.stderr).strip() == ""
+
+
+def test_asterisklint_catches_a_broken_copy(tmp_path):
+    pytest.importorskip("asterisklint")
+    for name in (SUBROUTINE.name, EXAMPLE.name):
+        shutil.copy(CONF / name, tmp_path / name)
+    broken = tmp_path / SUBROUTINE.name
+    text = broken.read_text()
+    broken.write_text(text.replace("Set(ef_done=0)", "Set(ef_done=0").replace("GotoIf($[\"${AGISTATUS}\" != \"SUCCESS\"]?passed)", "Goto(nosuchlabel)"))
+    r = _lint(tmp_path / EXAMPLE.name)
+    out = r.stdout + r.stderr  # asterisklint reports on stderr
+    assert r.returncode == 1
+    assert "W_APP_BALANCE" in out or "E_APP_PARSE_ERROR" in out
+    assert "nosuchlabel" in out
+
+
+# ------------------------------------------------------------------------ consistency
+def test_edgefilter_variables_are_exactly_those_the_code_sets():
+    named = set(re.findall(r"\bEDGEFILTER_[A-Z0-9_]+\b", dialplan_text()))
+    settings = globals_defined()
+    assert settings == {"EDGEFILTER_SERVICE", "EDGEFILTER_COUNTRY_CODE"}
+    assert named - settings == set(SCREEN_VARIABLES) | set(CHALLENGE_VARIABLES)
+
+
+def test_every_code_variable_is_read_somewhere_not_only_cleared():
+    text = dialplan_text()
+    for name in (*SCREEN_VARIABLES, *CHALLENGE_VARIABLES):
+        assert "${" + name + "}" in text, f"the dial plan never reads {name}"
+
+
+def test_the_dial_plan_branches_on_every_action_and_nothing_else():
+    named = set(re.findall(r'"\$\{EDGEFILTER_ACTION\}" = "([a-z]*)"', dialplan_text()))
+    assert named - {""} == {a.value for a in Action}
+    assert "" in named  # an empty action (no answer) is handled: fail open
+
+
+def test_challenge_results_match():
+    named = set(re.findall(r'"\$\{EDGEFILTER_CHALLENGE_RESULT\}" = "([a-z]+)"', dialplan_text()))
+    assert named == set(RESULTS)
+
+
+def test_reject_causes_match_the_config_choices():
+    text = dialplan_text()
+    compared = set(re.findall(r'"\$\{cause\}" = "(\d+)"', text))
+    hangups = set(re.findall(r"\bHangup\((\d+)\)", text))
+    assert compared | hangups | {"21"} == set(REJECT_CAUSES)
+    assert "PJSIPHangup(${cause})" in text
+
+
+def test_agi_routes_and_arguments_are_the_ones_the_service_serves(service):
+    calls = re.findall(r"AGI\(agi://\$\{ef_svc\}/([a-z-]+),([^)]*)\)", dialplan_text())
+    assert {route for route, _ in calls} == set(service.server.routes) == {"screen", RESULT_ROUTE}
+    keys = {route: set() for route, _ in calls}
+    for route, args in calls:
+        keys[route] |= {a.split("=", 1)[0] for a in args.split(",")}
+    assert keys == {"screen": {"exten", "cidfiltered"}, RESULT_ROUTE: {"id", "digit", "hangup"}}
+    assert "AGI(" not in re.sub(r"AGI\(agi://\$\{ef_svc\}/", "", dialplan_text())  # no other AGI
+
+
+def test_the_mirror_family_is_the_shipped_default():
+    family = tomllib.loads(DEFAULTS_PATH.read_text())["mirror"]["family"]
+    assert set(re.findall(r"DB_EXISTS\(([a-z-]+)/", dialplan_text())) == {family}
+
+
+def test_prompts_exist_in_the_core_sounds_package():
+    sounds = set(SOUNDS.read_text().split())
+    text = dialplan_text()
+    used: set[str] = set()
+    for app, args in re.findall(r"\b(Playback|Read)\(([^)]*)\)", text):
+        files = args.split(",")[1] if app == "Read" else args.split(",")[0]
+        used |= set(files.split("&"))
+    digit_prompts = {f for f in used if "${EDGEFILTER_CHALLENGE_DIGIT}" in f}
+    assert digit_prompts == {"digits/${EDGEFILTER_CHALLENGE_DIGIT}"}
+    plain = used - digit_prompts
+    assert plain and plain <= sounds, plain - sounds
+    assert {f"digits/{d}" for d in "123456789"} <= sounds
+
+
+def test_pjsip_kit_has_the_loopback_trunk_and_two_softphones():
+    entries = parse_conf(CONF / "pjsip-edgefilter.conf")
+    sections: dict[tuple[str, str], dict[str, str]] = {}
+    current: dict[str, str] = {}
+    for section, key, value in entries:  # same-named sections differ by type
+        if key == "type":
+            current = sections.setdefault((section, value), {})
+        current[key] = value
+    assert sections[("loopback", "identify")]["match"] == "127.0.0.1"
+    assert sections[("loopback", "endpoint")]["context"] == "from-loopback"
+    assert sections[("loopback", "endpoint")]["dtmf_mode"] == "rfc4733"
+    assert "auth" not in sections[("loopback", "endpoint")]
+    for ext in ("6001", "6002"):
+        ep = sections[(ext, "endpoint")]
+        assert ep["context"] == "from-phones" and ep["auth"] == ext and ep["aors"] == ext
+        assert sections[(ext, "auth")]["password"].startswith("change-me")
+        assert (ext, "aor") in sections
+    contexts = {s for s, _, _ in parse_conf(EXAMPLE)}
+    assert {"from-loopback", "from-phones", "from-trunk"} <= contexts
+
+
+def test_voicemail_boxes_and_ami_account():
+    boxes = {k for s, k, _ in parse_conf(CONF / "voicemail-edgefilter.conf") if s == "default"}
+    assert boxes == {"6001", "6002"}
+    ami = {k: v for s, k, v in parse_conf(CONF / "manager-edgefilter.conf") if s == "edgefilter"}
+    assert "system" in ami["write"].split(",")  # DBPut / DBDel
+    assert ami["permit"].startswith("127.0.0.1/") and ami["secret"].startswith("change-me")
