@@ -166,6 +166,107 @@ async def cmd_try_call(args, settings: Settings) -> int:
     return 0 if not result.timed_out else 1
 
 
+def _reputation_sources(args, settings: Settings):
+    sources = list(settings.reputation.sources)
+    if args.source:
+        chosen = [src for src in sources if src.name == args.source]
+        if not chosen:
+            from .config import _suggest
+
+            names = [src.name for src in sources]
+            raise EdgefilterError(
+                f"--source {args.source!r}: no such reputation source{_suggest(args.source, names)}"
+                f"; configured: {', '.join(names) or 'none'}"
+            )
+        return chosen
+    return [src for src in sources if src.enabled]
+
+
+async def cmd_lookup(args, settings: Settings) -> int:
+    from .model import NumberKind
+    from .numbers import normalize
+    from .reputation import ReputationClient, weight_of
+    from .reputation.client import answer_from_row
+    from .reputation.lookup import never_block_index, private_reason
+
+    sources = _reputation_sources(args, settings)
+    if not sources:
+        print("no reputation sources configured: declare them under [reputation.sources.NAME] (docs/reputation.md)")
+        return 1
+    number = normalize(args.number, settings.default_region)
+    print(f"number: {escape_text(args.number)} -> {number.e164 or '-'} ({number.kind.value}{': ' + number.reason if number.reason else ''})")
+    if number.kind is not NumberKind.VALID:
+        print("not looked up: only valid public numbers are ever sent to a reputation source")
+        return 0
+    async with Store.open(settings.store.path) as store:
+        index = ListIndex()
+        index.extend(await store.candidates(number.digits))
+        why = private_reason(Call(callerid=number.e164), number, time.time(), index, never_block_index(settings))
+        if why is not None:
+            print(f"not looked up: the number is in the {why} (numbers on the allowlist never leave this machine)")
+            return 0
+        client = ReputationClient(settings.reputation, store)
+        await client.start(warm=False, background=False)
+        try:
+            for src in sources:
+                now = time.time()
+                print(f"{src.name}:{'' if src.enabled else ' (enabled = false: the service does not ask it)'}")
+                row = await store.get_reputation(src.name, number.e164)
+                fresh = row is not None and row.expires_at > now
+                if row is None:
+                    print("  cached: nothing")
+                else:
+                    cached = answer_from_row(row)
+                    weight, why = weight_of(src, cached)
+                    state = "expires" if fresh else "expired"
+                    print(f"  cached: {cached.describe()} -> weight {weight:+g} ({why}); fetched {_fmt_time(row.fetched_at)}, {state} {_fmt_time(row.expires_at)}")
+                if args.cached_only:
+                    continue
+                store_it = args.refresh or not fresh
+                answer = await client.ask(src, number.e164, remember=store_it)
+                if not store_it:
+                    note = "cache kept (still fresh; --refresh replaces it)"
+                else:
+                    note = f"cached until {_fmt_time(answer.expires_at)}" if answer.ok else "not cached"
+                http = f"HTTP {answer.http_status}, " if answer.http_status is not None else ""
+                if answer.ok:
+                    weight, why = weight_of(src, answer)
+                    print(f"  live:   {escape_text(answer.describe())} -> weight {weight:+g} ({escape_text(why)}); {http}{answer.elapsed_ms:.0f} ms; {note}")
+                else:
+                    print(f"  live:   {answer.status}: {escape_text(answer.reason, 200)}; {http}{answer.elapsed_ms:.0f} ms; {note}")
+            await client.flush()
+        finally:
+            await client.close()
+    return 0
+
+
+async def cmd_cache(args, settings: Settings) -> int:
+    if not Path(settings.store.path).exists():
+        print("(no cached answers: the database does not exist yet)")
+        return 0
+    now = time.time()
+    async with Store.open(settings.store.path, create=False) as store:
+        if args.action == "purge":
+            n = await store.purge_reputation(source=args.source, expired_at=now if args.expired else None)
+            what = ("expired " if args.expired else "") + "reputation answers" + (f" of {args.source}" if args.source else "")
+            print(f"purged {n} {what}")
+            print("a running service drops its in-memory copies on SIGHUP (systemctl reload edgefilter)")
+            return 0
+        rows = await store.reputation_rows()
+    stats: dict[str, list[int]] = {}
+    for r in rows:
+        if args.source and r.source != args.source:
+            continue
+        st = stats.setdefault(r.source, [0, 0, 0])
+        st[0 if r.expires_at > now else 2] += 1
+        if r.expires_at > now and r.status == "listed":
+            st[1] += 1
+    print(f"{'source':<20} {'fresh':>8} {'listed':>8} {'expired':>8}")
+    for name, (fresh, listed, expired) in sorted(stats.items()):
+        print(f"{escape_text(name, 20):<20} {fresh:>8} {listed:>8} {expired:>8}")
+    return 0
+
+
 def cmd_config(args, settings: Settings) -> int:
     if args.action == "dump":
         print(dump(settings))
@@ -229,6 +330,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arg", action="append", help="extra AGI argument (repeatable), e.g. cidfiltered=1")
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=cmd_try_call)
+
+    p = sub.add_parser("lookup", parents=[common], help="what each reputation source says about a number (live, timed) and what is cached")
+    p.add_argument("number", metavar="NUMBER")
+    p.add_argument("--source", metavar="NAME", help="only this source")
+    p.add_argument("--refresh", action="store_true", help="replace a still-fresh cached answer with the live one")
+    p.add_argument("--cached-only", action="store_true", help="show the cache only; ask no source")
+    p.set_defaults(func=cmd_lookup)
+
+    p = sub.add_parser("cache", parents=[common], help="the reputation cache: purge or show stats")
+    p.add_argument("action", choices=("purge", "stats"))
+    p.add_argument("--source", metavar="NAME", help="only this source's answers")
+    p.add_argument("--expired", action="store_true", help="purge only expired answers")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("config", parents=[common], help="check or dump the merged configuration")
     p.add_argument("action", choices=("check", "dump"))

@@ -22,6 +22,7 @@ from .decisionlog import DecisionLogger, setup_logging
 from .errors import ConfigError, StoreError
 from .lists import ListIndex, Pattern
 from .numbers import warm_up
+from .reputation import ReputationClient, ReputationLookup
 from .routes import DecisionObserver, screen_route
 from .screen import Decision, Screener
 from .store import CallRecord, Store, describe_sqlite_error
@@ -156,6 +157,8 @@ class Service:
         self._stopped = asyncio.Event()
         self.follower: ListFollower | None = None
         self.calllog: CallLogWriter | None = None
+        self.reputation: ReputationClient | None = None
+        self.reputation_lookup: ReputationLookup | None = None
 
     @property
     def port(self) -> int:
@@ -171,6 +174,8 @@ class Service:
         await self.follower.load()
         self.calllog = CallLogWriter(self.store)
         self.observers.extend([DecisionLogger(s.log_format), self.calllog])
+        if s.reputation.active:
+            await self._start_reputation(s)
         host, port = s.agi.listen
         self.server = AgiServer(
             {"screen": screen_route(self.screener, self.observers)},
@@ -187,6 +192,14 @@ class Service:
             asyncio.create_task(self.calllog.run()),
             asyncio.create_task(self._every(lambda: 600.0, self._maintenance, "maintenance")),
         ]
+
+    async def _start_reputation(self, s: Settings) -> None:
+        """Online reputation sources are asked only when some are configured (docs/reputation.md)."""
+        self.reputation = ReputationClient(s.reputation, self.store)
+        await self.reputation.start()
+        self.reputation_lookup = ReputationLookup(self.reputation, s, lambda: self.screener.index)
+        self.screener.async_sources.append(self.reputation_lookup)
+        log.info("reputation sources: %s", ", ".join(src.name for src in s.reputation.active))
 
     async def _every(self, interval: Callable[[], float], job, name: str) -> None:
         failing = False
@@ -213,6 +226,9 @@ class Service:
         old = await self.store.purge_calls(time.time() - self.settings.store.history_retention)
         if old:
             log.info("purged %d call records older than the retention", old)
+        stale = await self.store.purge_reputation(expired_at=time.time())
+        if stale:
+            log.info("purged %d expired reputation answers", stale)
 
     def reload(self) -> bool:
         """Re-read the config; keep the old one if the new one is invalid."""
@@ -225,6 +241,11 @@ class Service:
             log.warning("[agi] listen and [store] path changes take effect only after a restart")
         self.settings = new
         self.screener.reload(new)
+        if self.reputation is not None and self.reputation_lookup is not None:
+            self.reputation.reload(new.reputation)
+            self.reputation_lookup.reload(new)
+        elif new.reputation.active and self.store is not None:
+            self.tasks.append(asyncio.get_running_loop().create_task(self._start_reputation(new)))
         for obs in self.observers:
             if isinstance(obs, DecisionLogger):
                 obs.fmt = new.log_format
@@ -240,6 +261,9 @@ class Service:
         for t in self.tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        if self.reputation is not None:
+            await self.reputation.close()
+            self.reputation = None
         if self.calllog is not None:
             await self.calllog.flush()
         if self._store_cm is not None:
