@@ -150,7 +150,7 @@ def _age(answer: Answer, now: float) -> str:
     age = max(0.0, now - answer.fetched_at)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if age >= size:
-            return f"cached {age / size:.0f}{unit} ago"
+            return f"cached {int(age // size)}{unit} ago"
     return f"cached {age:.0f}s ago"
 
 
