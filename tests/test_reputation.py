@@ -336,6 +336,25 @@ async def test_service_maintenance_purges_expired_answers_and_reload_reweighs(ma
         await svc.stop()
 
 
+async def test_sources_added_by_a_reload_are_asked_from_then_on(fake, tmp_path, capsys):
+    fake.scores[NUMBER] = 90
+    cfg = tmp_path / "edgefilter.toml"
+    base = f'[store]\npath = "{tmp_path / "edgefilter.db"}"\n[agi]\nlisten = "127.0.0.1:0"\n'
+    cfg.write_text(base)
+    svc = Service(load_settings(cfg), config_path=str(cfg), port=0)
+    await svc.start()
+    try:
+        assert rules(await call(svc)) == [] and svc.reputation is None
+        cfg.write_text(base + f'[reputation.sources.fast]\nurl = "{fake.url("fast")}"\njson_path = "data.score"\nweight_per_point = 0.1\n')
+        assert cli.main(["config", "check", "--config", str(cfg)]) == 0
+        assert "reputation sources: fast; calls wait for them at most 250 ms" in capsys.readouterr().out
+        assert svc.reload()
+        await svc.reputation_starting  # the reputation client starts in the background
+        assert rules(await call(svc)) == ["REPUTATION_LISTED"] and fake.count() == 1
+    finally:
+        await svc.stop()
+
+
 # ----------------------------------------------------------------------------- injected clocks
 async def test_ttl_expiry_with_an_injected_clock(harness, fake):
     fake.scores[NUMBER] = 90
@@ -476,6 +495,12 @@ async def test_cli_lookup_shows_live_answers_with_timing_and_the_cache(make_sett
     assert "live:   score 60 -> weight +4" in out and "cached until" in out
     async with Store.open(settings.store.path) as store:
         assert (await store.get_reputation("fast", NUMBER)).score == 60
+    args = parser.parse_args(["check", NUMBER])  # `check` explains with cached answers, asks nobody
+    assert await args.func(args, settings) == 0
+    out = capsys.readouterr().out
+    assert "REPUTATION_LISTED" in out and "fast: score 60 -> +4 (cached 0s ago)" in out and "action: tag" in out
+    assert "reputation: broken has no cached answer" in out and fake.count() == 4
+    async with Store.open(settings.store.path) as store:
         await store.put_entry(Entry("allow", parse_pattern("+86139*", "CN"), created_at=time.time()))
     before = fake.count()
     out = await run("+8613900139000")

@@ -129,13 +129,43 @@ async def cmd_check(args, settings: Settings) -> int:
             idx.extend(await store.candidates(number.digits))
         screener.index = idx
     d = screener.decide(call, when=when)
+    notes: list[str] = []
+    if settings.reputation.active and Path(settings.store.path).exists():
+        extra, notes = await _cached_reputation(settings, screener, d)
+        if extra:
+            d = screener.decide(call, when=when, extra=extra)
     print(f"caller: {escape_text(args.number)} -> {d.number.e164 or '-'} ({d.number.kind.value}{': ' + d.number.reason if d.number.reason else ''})")
     print(f"called: {escape_text(call.called) or '-'}  context: {call.context or '-'}  time: {d.when:%Y-%m-%d %H:%M} ({d.when:%a})")
     for line in explain(d.verdict, d.effective):
         print(line)
     vars_ = channel_variables(d, settings)
     print("variables: " + " ".join(f"{k}={v!r}" for k, v in vars_.items()))
+    for note in notes:
+        print(note)
     return 0
+
+
+async def _cached_reputation(settings: Settings, screener: Screener, d) -> tuple[list, list[str]]:
+    """What the service would add from cached reputation answers (`check` never asks a source)."""
+    from .reputation.client import answer_from_row
+    from .reputation.lookup import answer_hit, never_block_index, private_reason
+
+    now = time.time()
+    why = private_reason(d.call, d.number, now, screener.index, never_block_index(settings))
+    if why is not None:
+        return [], []
+    async with Store.open(settings.store.path, create=False) as store:
+        rows = {r.source: r for r in await store.reputation_rows(number=d.number.e164, fresh_at=now)}
+    hits, notes = [], []
+    for src in settings.reputation.active:
+        row = rows.get(src.name)
+        if row is None:
+            notes.append(f"reputation: {src.name} has no cached answer; the service would ask it (`edgefilter lookup` shows what it says)")
+            continue
+        hit = answer_hit(settings, d.effective, src, answer_from_row(row), now)
+        if hit is not None:
+            hits.append(hit)
+    return hits, notes
 
 
 async def cmd_try_call(args, settings: Settings) -> int:
@@ -276,6 +306,11 @@ def cmd_config(args, settings: Settings) -> int:
         print(f"  {rules} rules, {len(settings.categories)} categories, {len(settings.policies)} policies, {len(settings.schedules)} schedules")
         thr = ", ".join(f"{a.value} {t:g}" for a, t in settings.thresholds.items())
         print(f"  thresholds: {thr}; mode {settings.screen.mode}; on_error {settings.screen.on_error.value}")
+        rep = settings.reputation
+        if rep.sources:
+            names = ", ".join(src.name + ("" if src.enabled else " (disabled)") for src in rep.sources)
+            wait = max(0.0, settings.screen.budget - rep.margin) * 1000
+            print(f"  reputation sources: {names}; calls wait for them at most {wait:g} ms")
     return 0
 
 

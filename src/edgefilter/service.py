@@ -159,6 +159,7 @@ class Service:
         self.calllog: CallLogWriter | None = None
         self.reputation: ReputationClient | None = None
         self.reputation_lookup: ReputationLookup | None = None
+        self.reputation_starting: asyncio.Task | None = None  # sources first configured by a reload
 
     @property
     def port(self) -> int:
@@ -244,8 +245,9 @@ class Service:
         if self.reputation is not None and self.reputation_lookup is not None:
             self.reputation.reload(new.reputation)
             self.reputation_lookup.reload(new)
-        elif new.reputation.active and self.store is not None:
-            self.tasks.append(asyncio.get_running_loop().create_task(self._start_reputation(new)))
+        elif new.reputation.active and self.store is not None and self.reputation_starting is None:
+            self.reputation_starting = asyncio.get_running_loop().create_task(self._start_reputation(new))
+            self.tasks.append(self.reputation_starting)
         for obs in self.observers:
             if isinstance(obs, DecisionLogger):
                 obs.fmt = new.log_format

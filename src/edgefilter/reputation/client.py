@@ -189,6 +189,8 @@ class ReputationClient:
             reported = False
             try:
                 answer = await self._http(st, number)
+                if not answer.ok:
+                    log.debug("reputation source %s failed: %s", src.name, answer.reason)
                 if answer.ok:
                     st.breaker.success()
                 else:

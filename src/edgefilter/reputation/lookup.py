@@ -126,22 +126,32 @@ class ReputationLookup:
         return [h for h in hits if h is not None]
 
     def _answer_hit(self, eff: Effective, src: ReputationSource, answer: Answer, now: float) -> Hit | None:
-        if answer.status == LISTED:
-            weight, why = weight_of(src, answer)
-            if weight == 0:
-                return None
-            origin = _age(answer, now) if answer.cached else f"asked, {answer.elapsed_ms:.0f} ms"
-            return self._hit(eff, "REPUTATION_LISTED", weight, f"{src.name}: {why} -> {weight:+g} ({origin})")
-        if answer.ok:  # not listed: nothing to say
-            return None
-        rule = "REPUTATION_UNAVAILABLE" if answer.status == UNAVAILABLE else "REPUTATION_ERROR"
-        return self._hit(eff, rule, 0.0, f"{src.name}: {answer.reason}")
+        return answer_hit(self.settings, eff, src, answer, now)
 
     def _hit(self, eff: Effective, rule: str, add: float, detail: str) -> Hit | None:
-        r = self.settings.rules.get(rule)
-        if r is None or not r.enabled:
+        return rule_hit(self.settings, eff, rule, add, detail)
+
+
+def answer_hit(settings: Settings, eff: Effective, src: ReputationSource, answer: Answer, now: float) -> Hit | None:
+    """The hit one source's answer makes (None for an answer that weighs nothing)."""
+    if answer.status == LISTED:
+        weight, why = weight_of(src, answer)
+        if weight == 0:
             return None
-        return Hit(rule, round(eff.weight(rule, r.weight) + add, 3), r.group, detail[:200], r.force)
+        origin = _age(answer, now) if answer.cached else f"asked, {answer.elapsed_ms:.0f} ms"
+        return rule_hit(settings, eff, "REPUTATION_LISTED", weight, f"{src.name}: {why} -> {weight:+g} ({origin})")
+    if answer.ok:  # not listed: nothing to say
+        return None
+    rule = "REPUTATION_UNAVAILABLE" if answer.status == UNAVAILABLE else "REPUTATION_ERROR"
+    return rule_hit(settings, eff, rule, 0.0, f"{src.name}: {answer.reason}")
+
+
+def rule_hit(settings: Settings, eff: Effective, rule: str, add: float, detail: str) -> Hit | None:
+    """A REPUTATION_* hit: the rule's (policy-adjusted) weight plus the source's, if enabled."""
+    r = settings.rules.get(rule)
+    if r is None or not r.enabled:
+        return None
+    return Hit(rule, round(eff.weight(rule, r.weight) + add, 3), r.group, detail[:200], r.force)
 
 
 def _age(answer: Answer, now: float) -> str:
