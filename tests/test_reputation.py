@@ -680,3 +680,23 @@ def test_breaker_and_lru_alone():
         cache.put(ReputationRow(str(i), "s", None, None, "unlisted", 0, 100))
     assert cache.get("s", "0", 1) is None and cache.get("s", "2", 1) is not None
     assert cache.get("s", "2", 100) is None and len(cache) == 1
+
+
+def test_the_documented_example_sources_load(tmp_path):
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "reputation.md").read_text()
+    example = re.search(r"```toml\n(.*?)```", doc, re.S).group(1)
+    for name in ("phoneblock.key", "callfilter.key"):
+        (tmp_path / name).write_text("k3y\n")
+        os.chmod(tmp_path / name, 0o600)
+    cfg = tmp_path / "edgefilter.toml"
+    cfg.write_text(example.replace("/etc/edgefilter/phoneblock.key", str(tmp_path / "phoneblock.key")))
+    s = load_settings(cfg)
+    assert [src.name for src in s.reputation.sources] == ["phoneblock", "callfilter", "inhouse", "categories"]
+    by = {src.name: src for src in s.reputation.sources}
+    assert by["callfilter"].api_key == "k3y" and build_request(by["callfilter"], NUMBER).url.endswith("/k3y/1/8613800138000")
+    assert weight_of(by["phoneblock"], Answer("phoneblock", "listed", score=5))[0] == 6.0
+    assert weight_of(by["callfilter"], Answer("callfilter", "listed", score=0))[0] == 0.0
+    assert weight_of(by["categories"], Answer("categories", "listed", category="business"))[0] == -2.0
