@@ -563,6 +563,7 @@ URL = "https://rep.example.org/v1/{e164}"
         ({"url": URL, "json_path": "a", "weight": 1.0, "headers": {"X-A": "a\nb"}}, "control characters"),
         ({"url": URL, "json_path": "a", "weight": 1.0, "timeout": 2}, "[reputation.sources.x] timeout: expected a duration string"),
         ({"url": URL, "json_path": "a", "weight": 1.0, "method": "PUT"}, "'PUT' is not one of: GET, POST, HEAD"),
+        ({"url": URL, "json_path": "a", "weight": 1.0, "timeout": "0s"}, "a request timeout is between 10ms and 60s"),
     ],
 )
 def test_source_config_is_strictly_validated(make_settings, src, needle):

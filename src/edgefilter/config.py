@@ -336,6 +336,14 @@ def _score_weights(v: Any) -> tuple[tuple[float, float], ...]:
     return tuple(sorted(out))
 
 
+def _request_timeout(v: Any) -> float:
+    """A request must end: 0 would mean "no timeout" to the HTTP client and pin a slot forever."""
+    t = _duration(v)
+    if not 0.01 <= t <= 60:
+        raise _Invalid(f"{v!r}: a request timeout is between 10ms and 60s")
+    return t
+
+
 def _method(v: Any) -> str:
     s = _str(v).upper()
     if s not in ("GET", "POST", "HEAD"):
@@ -357,7 +365,7 @@ REPUTATION_SOURCE_FIELDS: dict[str, Callable[[Any], Any]] = {
     "min_score": _float,
     "score_weights": _score_weights,
     "category_weights": _float_table,
-    "timeout": _duration,
+    "timeout": _request_timeout,
     "ttl_positive": _duration,
     "ttl_negative": _duration,
     "max_in_flight": _int(1, 1000),
@@ -433,7 +441,7 @@ SCHEMA: dict[str, Any] = {
             "max_in_flight": _int(1, 10000),
             "margin": _duration,
             "cache_size": _int(0, 10_000_000),
-            "timeout": _duration,
+            "timeout": _request_timeout,
             "ttl_positive": _duration,
             "ttl_negative": _duration,
             "source_max_in_flight": _int(1, 1000),

@@ -189,11 +189,10 @@ class ReputationClient:
             reported = False
             try:
                 answer = await self._http(st, number)
-                if not answer.ok:
-                    log.debug("reputation source %s failed: %s", src.name, answer.reason)
                 if answer.ok:
                     st.breaker.success()
                 else:
+                    log.debug("reputation source %s failed: %s", src.name, answer.reason)
                     st.errors += 1
                     hold = (answer.retry_after or src.breaker_cooldown) if answer.http_status == 429 else None
                     if st.breaker.failure(hold):
