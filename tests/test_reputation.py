@@ -235,7 +235,8 @@ async def test_a_slow_source_never_makes_a_call_exceed_the_budget(make_settings,
         assert lone.variables["EDGEFILTER_ACTION"] == "allow"
         burst = await asyncio.gather(*(call(svc, f"+86138001381{i:02d}") for i in range(20)))
         for r in burst:
-            assert rules(r) == ["REPUTATION_PENDING"] and r.variables["EDGEFILTER_ACTION"] == "allow"
+            # slow is pending; fast (score 0 for these numbers: no hit) may be too on a loaded box
+            assert set(rules(r)) == {"REPUTATION_PENDING"} and r.variables["EDGEFILTER_ACTION"] == "allow"
             # wall time as the double saw it; the double shares the service's event loop here, so
             # 20 answers in one burst may queue behind each other for a few ms each
             assert r.elapsed < 0.5
