@@ -249,7 +249,7 @@ async def cmd_lookup(args, settings: Settings) -> int:
                     cached = answer_from_row(row)
                     weight, why = weight_of(src, cached)
                     state = "expires" if fresh else "expired"
-                    print(f"  cached: {cached.describe()} -> weight {weight:+g} ({why}); fetched {_fmt_time(row.fetched_at)}, {state} {_fmt_time(row.expires_at)}")
+                    print(f"  cached: {escape_text(cached.describe())} -> weight {weight:+g} ({escape_text(why)}); fetched {_fmt_time(row.fetched_at)}, {state} {_fmt_time(row.expires_at)}")
                 if args.cached_only:
                     continue
                 store_it = args.refresh or not fresh

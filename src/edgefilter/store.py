@@ -91,7 +91,7 @@ ENTRY_COLUMNS = "list, pattern, kind, key, category, note, source, created_at, e
 REPUTATION_COLUMNS = "number, source, score, category, status, fetched_at, expires_at"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ReputationRow:
     """One cached answer of a reputation source about one number (E.164)."""
 
