@@ -483,10 +483,10 @@ async def test_cli_lookup_shows_live_answers_with_timing_and_the_cache(make_sett
 
     out = await run("013800138000")
     assert "-> +8613800138000 (valid)" in out
-    assert "fast:\n  cached: nothing\n  live:   score 90 -> weight +8 (score 90); HTTP 200, " in out
+    assert "fast:\n  cached: nothing\n  live:   score 90 -> weight +8 (score 90 >= 80); HTTP 200, " in out
     assert "broken:\n  cached: nothing\n  live:   error: HTTP 500; HTTP 500, " in out and "not cached" in out
     out = await run(NUMBER, "--source", "fast")
-    assert "  cached: score 90 -> weight +8 (score 90); fetched " in out
+    assert "  cached: score 90 -> weight +8 (score 90 >= 80); fetched " in out
     assert "cache kept (still fresh; --refresh replaces it)" in out and "broken" not in out
     assert fake.count("fast") == 2
     out = await run(NUMBER, "--cached-only")
@@ -499,7 +499,7 @@ async def test_cli_lookup_shows_live_answers_with_timing_and_the_cache(make_sett
     args = parser.parse_args(["check", NUMBER])  # `check` explains with cached answers, asks nobody
     assert await args.func(args, settings) == 0
     out = capsys.readouterr().out
-    assert "REPUTATION_LISTED" in out and "fast: score 60 -> +4 (cached 0s ago)" in out and "action: tag" in out
+    assert "REPUTATION_LISTED" in out and "fast: score 60 >= 50 -> +4 (cached 0s ago)" in out and "action: tag" in out
     assert "reputation: broken has no cached answer" in out and fake.count() == 4
     async with Store.open(settings.store.path) as store:
         await store.put_entry(Entry("allow", parse_pattern("+86139*", "CN"), created_at=time.time()))

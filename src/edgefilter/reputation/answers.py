@@ -197,10 +197,11 @@ def weight_of(src: ReputationSource, answer: Answer) -> tuple[float, str]:
         if src.min_score is not None and score < src.min_score:
             return 0.0, f"score {score:g} below min_score {src.min_score:g}"
         if src.score_weights:
-            reached = [w for t, w in src.score_weights if score >= t]
+            reached = [(t, w) for t, w in src.score_weights if score >= t]
             if not reached:
                 return 0.0, f"score {score:g} below the first score_weights step {src.score_weights[0][0]:g}"
-            return round(reached[-1], 3), f"score {score:g}"
+            step, weight = reached[-1]
+            return round(weight, 3), f"score {score:g} >= {step:g}"
         if src.weight_per_point is not None:
             return round(score * src.weight_per_point, 3), f"score {score:g} x {src.weight_per_point:g}"
         if src.weight is not None:
