@@ -57,6 +57,15 @@ class FakeReputation:
     def count(self, route: str | None = None, number: str | None = None) -> int:
         return sum(1 for r, n in self.requests if (route is None or r == route) and (number is None or n == number))
 
+    async def arrived(self, n: int, route: str | None = None, number: str | None = None) -> int:
+        """The count once ``n`` requests got here (requests still on their way on a loaded box)."""
+        for _ in range(300):
+            if self.count(route, number) >= n:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.02)  # and a moment for any extra one to show up
+        return self.count(route, number)
+
     def url(self, route: str, tail: str = "{e164}") -> str:
         return f"http://127.0.0.1:{self.port}/{route}/{tail}"
 
@@ -242,7 +251,7 @@ async def test_a_slow_source_never_makes_a_call_exceed_the_budget(make_settings,
             assert r.elapsed < 0.5
         for d in decisions:  # the screening itself (what the budget bounds) never passed it
             assert d.elapsed_ms < 300 and "SCREEN_TIMEOUT" not in d.verdict.rules
-        assert len(decisions) == 21 and fake.count("slow") == 21
+        assert len(decisions) == 21 and await fake.arrived(21, "slow") == 21
         # the slow answers land in the cache once they come: the next call uses them, no request
         fake.release.set()
         await svc.reputation.settle()
@@ -272,7 +281,7 @@ async def test_concurrent_calls_from_one_number_share_one_request(make_settings,
     try:
         results = await asyncio.gather(*(call(svc) for _ in range(30)))
         assert all(rules(r) == ["REPUTATION_PENDING"] for r in results)
-        assert fake.count("slow", NUMBER) == 1
+        assert await fake.arrived(1, "slow", NUMBER) == 1
         fake.release.set()
         await svc.reputation.settle()
         assert rules(await call(svc)) == ["REPUTATION_LISTED"]
@@ -437,8 +446,7 @@ async def test_requests_in_flight_are_bounded_per_source_and_overall(harness, fa
     ds = await asyncio.gather(*(h.screen(f"+861380013800{i}") for i in range(5)))
     assert sorted(d.verdict.rules[0] for d in ds) == ["REPUTATION_PENDING"] * 2 + ["REPUTATION_UNAVAILABLE"] * 3
     assert "max_in_flight" in hit(ds[-1], "REPUTATION_UNAVAILABLE").detail
-    await asyncio.sleep(0.05)
-    assert fake.count() == 2
+    assert await fake.arrived(2) == 2
     h2 = await harness({"a": source(fake.url("slow")), "b": source(fake.url("slow"))}, screen={"budget": "100ms"}, max_in_flight=3)
     d = await asyncio.gather(*(h2.screen(f"+861390013900{i}") for i in range(2)))
     assert sum(r == "REPUTATION_PENDING" for x in d for r in x.verdict.rules) == 3
@@ -702,3 +710,21 @@ def test_the_documented_example_sources_load(tmp_path):
     assert weight_of(by["phoneblock"], Answer("phoneblock", "listed", score=5))[0] == 6.0
     assert weight_of(by["callfilter"], Answer("callfilter", "listed", score=0))[0] == 0.0
     assert weight_of(by["categories"], Answer("categories", "listed", category="business"))[0] == -2.0
+
+
+async def test_a_version_1_database_gains_the_reputation_table(tmp_path):
+    import aiosqlite
+
+    from edgefilter.store import MIGRATIONS, SCHEMA_VERSION
+
+    path = str(tmp_path / "old.db")
+    async with aiosqlite.connect(path) as db:
+        await db.executescript(MIGRATIONS[1] + "\nPRAGMA user_version = 1;")
+        await db.execute("INSERT INTO calls (ts, action) VALUES (1.0, 'allow')")
+        await db.commit()
+    async with Store.open(path) as store:
+        (version,) = await (await store.db.execute("PRAGMA user_version")).fetchone()
+        assert version == SCHEMA_VERSION >= 4
+        await store.put_reputation([ReputationRow(NUMBER, "s", 1.0, None, "listed", 1.0, 2.0)])
+        assert (await store.reputation_rows(number=NUMBER))[0].score == 1.0
+        assert len(await store.recent_calls(0)) == 1
