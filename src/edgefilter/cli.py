@@ -133,13 +133,43 @@ async def cmd_check(args, settings: Settings) -> int:
             screener.sources.append(failures)
         screener.index = idx
     d = screener.decide(call, when=when)
+    notes: list[str] = []
+    if settings.reputation.active and Path(settings.store.path).exists():
+        extra, notes = await _cached_reputation(settings, screener, d)
+        if extra:
+            d = screener.decide(call, when=when, extra=extra)
     print(f"caller: {escape_text(args.number)} -> {d.number.e164 or '-'} ({d.number.kind.value}{': ' + d.number.reason if d.number.reason else ''})")
     print(f"called: {escape_text(call.called) or '-'}  context: {call.context or '-'}  time: {d.when:%Y-%m-%d %H:%M} ({d.when:%a})")
     for line in explain(d.verdict, d.effective):
         print(line)
     vars_ = channel_variables(d, settings)
     print("variables: " + " ".join(f"{k}={v!r}" for k, v in vars_.items()))
+    for note in notes:
+        print(note)
     return 0
+
+
+async def _cached_reputation(settings: Settings, screener: Screener, d) -> tuple[list, list[str]]:
+    """What the service would add from cached reputation answers (`check` never asks a source)."""
+    from .reputation.client import answer_from_row
+    from .reputation.lookup import answer_hit, never_block_index, private_reason
+
+    now = time.time()
+    why = private_reason(d.call, d.number, now, screener.index, never_block_index(settings))
+    if why is not None:
+        return [], []
+    async with Store.open(settings.store.path, create=False) as store:
+        rows = {r.source: r for r in await store.reputation_rows(number=d.number.e164, fresh_at=now)}
+    hits, notes = [], []
+    for src in settings.reputation.active:
+        row = rows.get(src.name)
+        if row is None:
+            notes.append(f"reputation: {src.name} has no cached answer; the service would ask it (`edgefilter lookup` shows what it says)")
+            continue
+        hit = answer_hit(settings, d.effective, src, answer_from_row(row), now)
+        if hit is not None:
+            hits.append(hit)
+    return hits, notes
 
 
 async def cmd_try_call(args, settings: Settings) -> int:
@@ -205,6 +235,104 @@ async def cmd_stats(args, settings: Settings) -> int:
             raise EdgefilterError(f"--html {args.html}: cannot write: {e.strerror}") from None
         if not args.json:
             print(f"report written to {out}")
+def _reputation_sources(args, settings: Settings):
+    sources = list(settings.reputation.sources)
+    if args.source:
+        chosen = [src for src in sources if src.name == args.source]
+        if not chosen:
+            from .config import _suggest
+
+            names = [src.name for src in sources]
+            raise EdgefilterError(
+                f"--source {args.source!r}: no such reputation source{_suggest(args.source, names)}"
+                f"; configured: {', '.join(names) or 'none'}"
+            )
+        return chosen
+    return [src for src in sources if src.enabled]
+
+
+async def cmd_lookup(args, settings: Settings) -> int:
+    from .model import NumberKind
+    from .numbers import normalize
+    from .reputation import ReputationClient, weight_of
+    from .reputation.client import answer_from_row
+    from .reputation.lookup import never_block_index, private_reason
+
+    sources = _reputation_sources(args, settings)
+    if not sources:
+        print("no reputation sources configured: declare them under [reputation.sources.NAME] (docs/reputation.md)")
+        return 1
+    number = normalize(args.number, settings.default_region)
+    print(f"number: {escape_text(args.number)} -> {number.e164 or '-'} ({number.kind.value}{': ' + number.reason if number.reason else ''})")
+    if number.kind is not NumberKind.VALID:
+        print("not looked up: only valid public numbers are ever sent to a reputation source")
+        return 0
+    async with Store.open(settings.store.path) as store:
+        index = ListIndex()
+        index.extend(await store.candidates(number.digits))
+        why = private_reason(Call(callerid=number.e164), number, time.time(), index, never_block_index(settings))
+        if why is not None:
+            print(f"not looked up: the number is in the {why} (numbers on the allowlist never leave this machine)")
+            return 0
+        client = ReputationClient(settings.reputation, store)
+        await client.start(warm=False, background=False)
+        try:
+            for src in sources:
+                now = time.time()
+                print(f"{src.name}:{'' if src.enabled else ' (enabled = false: the service does not ask it)'}")
+                row = await store.get_reputation(src.name, number.e164)
+                fresh = row is not None and row.expires_at > now
+                if row is None:
+                    print("  cached: nothing")
+                else:
+                    cached = answer_from_row(row)
+                    weight, why = weight_of(src, cached)
+                    state = "expires" if fresh else "expired"
+                    print(f"  cached: {escape_text(cached.describe())} -> weight {weight:+g} ({escape_text(why)}); fetched {_fmt_time(row.fetched_at)}, {state} {_fmt_time(row.expires_at)}")
+                if args.cached_only:
+                    continue
+                store_it = args.refresh or not fresh
+                answer = await client.ask(src, number.e164, remember=store_it)
+                if not store_it:
+                    note = "cache kept (still fresh; --refresh replaces it)"
+                else:
+                    note = f"cached until {_fmt_time(answer.expires_at)}" if answer.ok else "not cached"
+                http = f"HTTP {answer.http_status}, " if answer.http_status is not None else ""
+                if answer.ok:
+                    weight, why = weight_of(src, answer)
+                    print(f"  live:   {escape_text(answer.describe())} -> weight {weight:+g} ({escape_text(why)}); {http}{answer.elapsed_ms:.0f} ms; {note}")
+                else:
+                    print(f"  live:   {answer.status}: {escape_text(answer.reason, 200)}; {http}{answer.elapsed_ms:.0f} ms; {note}")
+            await client.flush()
+        finally:
+            await client.close()
+    return 0
+
+
+async def cmd_cache(args, settings: Settings) -> int:
+    if not Path(settings.store.path).exists():
+        print("(no cached answers: the database does not exist yet)")
+        return 0
+    now = time.time()
+    async with Store.open(settings.store.path, create=False) as store:
+        if args.action == "purge":
+            n = await store.purge_reputation(source=args.source, expired_at=now if args.expired else None)
+            what = ("expired " if args.expired else "") + "reputation answers" + (f" of {args.source}" if args.source else "")
+            print(f"purged {n} {what}")
+            print("a running service drops its in-memory copies on SIGHUP (systemctl reload edgefilter)")
+            return 0
+        rows = await store.reputation_rows()
+    stats: dict[str, list[int]] = {}
+    for r in rows:
+        if args.source and r.source != args.source:
+            continue
+        st = stats.setdefault(r.source, [0, 0, 0])
+        st[0 if r.expires_at > now else 2] += 1
+        if r.expires_at > now and r.status == "listed":
+            st[1] += 1
+    print(f"{'source':<20} {'fresh':>8} {'listed':>8} {'expired':>8}")
+    for name, (fresh, listed, expired) in sorted(stats.items()):
+        print(f"{escape_text(name, 20):<20} {fresh:>8} {listed:>8} {expired:>8}")
     return 0
 
 
@@ -223,6 +351,11 @@ def cmd_config(args, settings: Settings) -> int:
             return "off" if a is None else (f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}")
 
         print(f"  outputs: statsd {where(o.statsd)}, syslog {where(o.syslog)}, prometheus {where(o.prometheus)}")
+        rep = settings.reputation
+        if rep.sources:
+            names = ", ".join(src.name + ("" if src.enabled else " (disabled)") for src in rep.sources)
+            wait = max(0.0, settings.screen.budget - rep.margin) * 1000
+            print(f"  reputation sources: {names}; calls wait for them at most {wait:g} ms")
     return 0
 
 
@@ -284,6 +417,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the figures as JSON instead of text")
     p.add_argument("--top", type=int, default=10, metavar="N", help="rules and callers listed (default 10)")
     p.set_defaults(func=cmd_stats)
+    p = sub.add_parser("lookup", parents=[common], help="what each reputation source says about a number (live, timed) and what is cached")
+    p.add_argument("number", metavar="NUMBER")
+    p.add_argument("--source", metavar="NAME", help="only this source")
+    p.add_argument("--refresh", action="store_true", help="replace a still-fresh cached answer with the live one")
+    p.add_argument("--cached-only", action="store_true", help="show the cache only; ask no source")
+    p.set_defaults(func=cmd_lookup)
+
+    p = sub.add_parser("cache", parents=[common], help="the reputation cache: purge or show stats")
+    p.add_argument("action", choices=("purge", "stats"))
+    p.add_argument("--source", metavar="NAME", help="only this source's answers")
+    p.add_argument("--expired", action="store_true", help="purge only expired answers")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("config", parents=[common], help="check or dump the merged configuration")
     p.add_argument("action", choices=("check", "dump"))

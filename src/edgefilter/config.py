@@ -15,6 +15,7 @@ import difflib
 import ipaddress
 import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from datetime import datetime, time as dtime
@@ -48,6 +49,10 @@ BUILTIN_RULES = (
     "SCREEN_ERROR",
     "SCREEN_TIMEOUT",
     "CHALLENGE_FAILED",
+    "REPUTATION_LISTED",
+    "REPUTATION_PENDING",
+    "REPUTATION_ERROR",
+    "REPUTATION_UNAVAILABLE",
 )
 #: Reject causes the dial plan knows how to send (``[actions] reject_cause``): Q.850 causes 21
 #: (SIP 403 Forbidden) and 17 (486 Busy Here) through Hangup(), SIP 607 Unwanted and 608
@@ -316,6 +321,131 @@ def _action_map(v: Any) -> dict[Action, Action]:
     return out
 
 
+class _Section:
+    """A table with fixed keys plus named sub-tables of admin-chosen entries.
+
+    ``[reputation]`` holds defaults for every source and ``[reputation.sources.NAME]`` one table
+    per source: both validated as strictly as the flat sections (file, key, suggestion).
+    """
+
+    def __init__(self, fields: dict[str, Callable[[Any], Any]], tables: dict[str, _Table]):
+        self.fields = fields
+        self.tables = tables
+
+
+#: Placeholders a reputation source may put in its url, headers and body.
+REPUTATION_PLACEHOLDERS = ("e164", "digits", "sha256", "sha256_digits", "api_key")
+_PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_]+)\}")
+_JSON_PATH = re.compile(r"^[A-Za-z0-9_$@-]+(\[\d+\])*(\.[A-Za-z0-9_$@-]+(\[\d+\])*)*$|^(\[\d+\])+(\.[A-Za-z0-9_$@-]+(\[\d+\])*)*$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
+
+
+def _template(v: Any) -> str:
+    s = _str(v)
+    if re.search(r"[\x00-\x1f\x7f]", s):
+        raise _Invalid("control characters (CR, LF...) are not allowed in a request template")
+    for name in _PLACEHOLDER.findall(s):
+        if name not in REPUTATION_PLACEHOLDERS:
+            raise _Invalid(
+                f"unknown placeholder {{{name}}}{_suggest(name, REPUTATION_PLACEHOLDERS)}; "
+                f"use {', '.join('{' + p + '}' for p in REPUTATION_PLACEHOLDERS)}"
+            )
+    return s
+
+
+def _url_template(v: Any) -> str:
+    s = _template(v)
+    host = re.match(r"^https?://([^/?#]*)", s)
+    if not host or not host.group(1) or re.search(r"[\s{}]", host.group(1)):
+        raise _Invalid(f"{s!r}: expected an http:// or https:// URL with a fixed host, e.g. \"https://api.example.org/v1/{{e164}}\"")
+    return s
+
+
+def _headers(v: Any) -> dict[str, str]:
+    if not isinstance(v, dict):
+        raise _Invalid("expected a table such as { Authorization = \"Bearer {api_key}\" }")
+    out = {}
+    for k, val in v.items():
+        if not _HEADER_NAME.match(k):
+            raise _Invalid(f"{k!r} is not a valid HTTP header name")
+        out[k] = _template(val)
+    return out
+
+
+def _json_path(v: Any) -> str:
+    s = _str(v)
+    if not _JSON_PATH.match(s):
+        raise _Invalid(f"{s!r}: expected a dotted path such as \"data.score\" or \"results[0].category\"")
+    return s
+
+
+def _statuses(v: Any) -> tuple[int, ...]:
+    items = [v] if isinstance(v, int) and not isinstance(v, bool) else v
+    if not isinstance(items, list) or not items:
+        raise _Invalid(f"expected an HTTP status or a list of them (e.g. 200 or [200, 204]), got {v!r}")
+    return tuple(_int(100, 599)(x) for x in items)
+
+
+def _float_table(v: Any) -> dict[str, float]:
+    if not isinstance(v, dict):
+        raise _Invalid("expected a table such as { scam = 15.0, marketing = 5.0 }")
+    return {str(k).lower(): _float(w) for k, w in v.items()}
+
+
+def _score_weights(v: Any) -> tuple[tuple[float, float], ...]:
+    """``{ 50 = 3.0, 80 = 8.0, "0.5" = 1.0 }``: a score reaching a key gets that key's weight."""
+    if not isinstance(v, dict) or not v:
+        raise _Invalid("expected a table of score = weight, e.g. { 50 = 3.0, 80 = 8.0 }")
+    out = []
+    for k, w in v.items():
+        try:
+            t = float(k)
+        except ValueError:
+            raise _Invalid(f"{k!r} is not a score (keys are numbers; quote decimals: \"0.5\" = 1.0)") from None
+        out.append((t, _float(w)))
+    return tuple(sorted(out))
+
+
+def _request_timeout(v: Any) -> float:
+    """A request must end: 0 would mean "no timeout" to the HTTP client and pin a slot forever."""
+    t = _duration(v)
+    if not 0.01 <= t <= 60:
+        raise _Invalid(f"{v!r}: a request timeout is between 10ms and 60s")
+    return t
+
+
+def _method(v: Any) -> str:
+    s = _str(v).upper()
+    if s not in ("GET", "POST", "HEAD"):
+        raise _Invalid(f"{v!r} is not one of: GET, POST, HEAD")
+    return s
+
+
+REPUTATION_SOURCE_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "url": _url_template,
+    "method": _method,
+    "headers": _headers,
+    "body": _template,
+    "api_key_file": _str,
+    "json_path": _json_path,
+    "listed_status": _statuses,
+    "unlisted_status": _statuses,
+    "weight": _float,
+    "weight_per_point": _float,
+    "min_score": _float,
+    "score_weights": _score_weights,
+    "category_weights": _float_table,
+    "timeout": _request_timeout,
+    "ttl_positive": _duration,
+    "ttl_negative": _duration,
+    "max_in_flight": _int(1, 1000),
+    "breaker_failures": _int(1, 1000),
+    "breaker_cooldown": _duration,
+    "enabled": _bool,
+    "description": _str,
+}
+
+
 SCHEMA: dict[str, Any] = {
     "agi": {
         "listen": _hostport,
@@ -404,6 +534,20 @@ SCHEMA: dict[str, Any] = {
             "never_block": _list_of(_str),
         },
         _safe_key,
+    ),
+    "reputation": _Section(
+        {
+            "max_in_flight": _int(1, 10000),
+            "margin": _duration,
+            "cache_size": _int(0, 10_000_000),
+            "timeout": _request_timeout,
+            "ttl_positive": _duration,
+            "ttl_negative": _duration,
+            "source_max_in_flight": _int(1, 1000),
+            "breaker_failures": _int(1, 1000),
+            "breaker_cooldown": _duration,
+        },
+        {"sources": _Table(REPUTATION_SOURCE_FIELDS, _safe_key)},
     ),
 }
 
@@ -549,6 +693,49 @@ class Policy:
 
 
 @dataclass(frozen=True)
+class ReputationSource:
+    """One online reputation service, as ``[reputation.sources.NAME]`` declares it."""
+
+    name: str
+    url: str
+    method: str = "GET"
+    headers: tuple[tuple[str, str], ...] = ()
+    body: str = ""
+    api_key: str = field(default="", repr=False)  # read from api_key_file; never logged
+    api_key_file: str = ""
+    json_path: str = ""
+    listed_status: tuple[int, ...] = ()
+    unlisted_status: tuple[int, ...] = ()
+    weight: float | None = None
+    weight_per_point: float | None = None
+    min_score: float | None = None
+    score_weights: tuple[tuple[float, float], ...] = ()
+    category_weights: dict = field(default_factory=dict)
+    timeout: float = 2.0
+    ttl_positive: float = 86400.0
+    ttl_negative: float = 21600.0
+    max_in_flight: int = 8
+    breaker_failures: int = 5
+    breaker_cooldown: float = 60.0
+    enabled: bool = True
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ReputationSettings:
+    """``[reputation]``: limits shared by every source, and the sources themselves."""
+
+    max_in_flight: int = 32
+    margin: float = 0.05
+    cache_size: int = 100000
+    sources: tuple[ReputationSource, ...] = ()
+
+    @property
+    def active(self) -> tuple[ReputationSource, ...]:
+        return tuple(src for src in self.sources if src.enabled)
+
+
+@dataclass(frozen=True)
 class Settings:
     agi: AgiSettings
     store: StoreSettings
@@ -568,6 +755,7 @@ class Settings:
     actions: ActionSettings = field(default_factory=ActionSettings)
     challenge: ChallengeSettings = field(default_factory=ChallengeSettings)
     mirror: MirrorSettings = field(default_factory=MirrorSettings)
+    reputation: ReputationSettings = field(default_factory=ReputationSettings)
 
     @property
     def tz(self) -> ZoneInfo | None:
@@ -592,22 +780,34 @@ def _check_file(data: dict, origin: str) -> None:
         if not isinstance(body, dict):
             raise ConfigError(f"{origin}: [{section}] must be a table")
         if isinstance(spec, _Table):
-            for name, entry in body.items():
-                problem = spec.key_check(name)
-                if problem:
-                    raise ConfigError(f"{origin}: [{section}.{name}]: {problem}")
-                if not isinstance(entry, dict):
-                    raise ConfigError(f"{origin}: [{section}.{name}] must be a table")
-                _check_keys(entry, spec.fields, origin, f"{section}.{name}")
+            _check_table(body, spec, origin, section)
+        elif isinstance(spec, _Section):
+            plain = {k: v for k, v in body.items() if k not in spec.tables}
+            _check_keys(plain, spec.fields, origin, section, extra=spec.tables)
+            for name, sub in spec.tables.items():
+                if name in body:
+                    if not isinstance(body[name], dict):
+                        raise ConfigError(f"{origin}: [{section}.{name}] must be a table of named tables")
+                    _check_table(body[name], sub, origin, f"{section}.{name}")
         else:
             _check_keys(body, spec, origin, section)
 
 
-def _check_keys(body: dict, fields: dict, origin: str, where: str) -> None:
+def _check_table(body: dict, spec: _Table, origin: str, where: str) -> None:
+    for name, entry in body.items():
+        problem = spec.key_check(name)
+        if problem:
+            raise ConfigError(f"{origin}: [{where}.{name}]: {problem}")
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{origin}: [{where}.{name}] must be a table")
+        _check_keys(entry, spec.fields, origin, f"{where}.{name}")
+
+
+def _check_keys(body: dict, fields: dict, origin: str, where: str, extra: dict | None = None) -> None:
     for key, value in body.items():
         check = fields.get(key)
         if check is None:
-            raise ConfigError(f"{origin}: unknown key '{key}' in [{where}]{_suggest(key, fields)}")
+            raise ConfigError(f"{origin}: unknown key '{key}' in [{where}]{_suggest(key, [*fields, *(extra or ())])}")
         try:
             check(value)
         except _Invalid as e:
@@ -617,11 +817,23 @@ def _check_keys(body: dict, fields: dict, origin: str, where: str) -> None:
 def _merge(base: dict, over: dict, origins: dict, origin: str, prefix: str = "") -> None:
     for k, v in over.items():
         path = f"{prefix}.{k}" if prefix else k
-        if isinstance(v, dict) and isinstance(base.get(k), dict) and path.count(".") < 2:
+        if isinstance(v, dict) and isinstance(base.get(k), dict) and _is_table_path(path):
             _merge(base[k], v, origins, origin, path)
         else:
             base[k] = v
             origins[path] = origin
+
+
+def _is_table_path(path: str) -> bool:
+    """True for tables merged key by key ([rules.X], [reputation.sources.X]); False for values
+    that are replaced whole (a policy's weights, a source's headers)."""
+    parts = path.split(".")
+    spec = SCHEMA.get(parts[0])
+    if len(parts) == 1:
+        return True
+    if isinstance(spec, _Section):
+        return parts[1] in spec.tables and len(parts) <= 3
+    return len(parts) == 2 and isinstance(spec, _Table)
 
 
 def _read_toml(path: Path) -> dict:
@@ -782,6 +994,9 @@ def _build(m: dict, origins: dict, sources: tuple[str, ...]) -> Settings:
         _check_ascending(merged_thr, lambda act, n=name: fail(f"policies.{n}.thresholds", "thresholds must ascend once merged with the global ones"))
         policies.append(pol)
 
+    budget = _duration(sc["budget"])
+    reputation = _build_reputation(m.get("reputation", {}), origin_of, fail, budget)
+
     return Settings(
         agi=AgiSettings(
             listen=_hostport(a["listen"]),
@@ -797,7 +1012,7 @@ def _build(m: dict, origins: dict, sources: tuple[str, ...]) -> Settings:
         ),
         default_region=_region(m["numbers"]["default_region"]),
         screen=ScreenSettings(
-            budget=_duration(sc["budget"]),
+            budget=budget,
             on_error=_action(sc["on_error"]),
             mode=sc["mode"],
             timezone=tz,
@@ -834,6 +1049,7 @@ def _build(m: dict, origins: dict, sources: tuple[str, ...]) -> Settings:
             family=m["mirror"]["family"],
             max_entries=m["mirror"]["max_entries"],
         ),
+        reputation=reputation,
     )
 
 
@@ -852,6 +1068,131 @@ def _build_outputs(o: dict, fail: Callable[[str, str], ConfigError]) -> OutputsS
     if out.gauge_interval < 1.0:
         raise fail("outputs.gauge_interval", "at least \"1s\" (list sizes change slowly; this is not per call)")
     return out
+
+
+#: Source keys whose default comes from a [reputation] key (source key -> [reputation] key).
+_SOURCE_DEFAULTS = {
+    "timeout": "timeout",
+    "ttl_positive": "ttl_positive",
+    "ttl_negative": "ttl_negative",
+    "max_in_flight": "source_max_in_flight",
+    "breaker_failures": "breaker_failures",
+    "breaker_cooldown": "breaker_cooldown",
+}
+
+
+def _build_reputation(rep: dict, origin_of: Callable[[str], str], fail: Callable[[str, str], ConfigError], budget: float) -> ReputationSettings:
+    """[reputation] and its sources, with the cross-key checks no single validator can make."""
+    margin = _duration(rep.get("margin", "50ms"))
+    sources = []
+    for name, src in rep.get("sources", {}).items():
+        where = f"reputation.sources.{name}"
+
+        def get(key: str, default: Any = None) -> Any:
+            if key in src:
+                return REPUTATION_SOURCE_FIELDS[key](src[key])
+            shared = _SOURCE_DEFAULTS.get(key)
+            if shared in rep:  # [reputation] holds the defaults of every source
+                return REPUTATION_SOURCE_FIELDS[key](rep[shared])
+            return default
+
+        if "url" not in src:
+            raise ConfigError(f"{origin_of(where + '.url')}: [{where}]: a source needs a url (e.g. \"https://api.example.org/v1/{{e164}}\")")
+        json_path = src.get("json_path", "")
+        if not json_path and "listed_status" not in src:
+            raise ConfigError(
+                f"{origin_of(where + '.url')}: [{where}]: say how to read the answer: json_path = \"data.score\" "
+                "(a score or category in a JSON body) or listed_status = 200 (an HTTP status meaning listed)"
+            )
+        mapping = [k for k in ("weight", "weight_per_point", "score_weights", "category_weights") if k in src]
+        if not mapping:
+            raise ConfigError(
+                f"{origin_of(where + '.url')}: [{where}]: say what a listing weighs: weight = 6.0, "
+                "weight_per_point = 0.1, score_weights = { 50 = 3.0, 80 = 8.0 } or category_weights = { scam = 15.0 }"
+            )
+        if not json_path and mapping != ["weight"]:
+            raise fail(f"{where}.{mapping[-1]}", "without json_path an answer is only listed or not: use weight")
+        if "weight_per_point" in src and "score_weights" in src:
+            raise fail(f"{where}.score_weights", "use either weight_per_point or score_weights, not both")
+        listed = get("listed_status", ())
+        unlisted = get("unlisted_status", ())
+        both = set(listed) & set(unlisted)
+        if both:
+            raise fail(f"{where}.unlisted_status", f"status {sorted(both)[0]} is also in listed_status")
+        method = get("method", "GET")
+        if "body" in src and method != "POST":
+            raise fail(f"{where}.body", "a body is sent with method = \"POST\" only")
+        headers = tuple(get("headers", {}).items())
+        templates = [src["url"], src.get("body", ""), *(v for _, v in headers)]
+        uses_key = any("{api_key}" in t for t in templates)
+        api_key = ""
+        if "api_key_file" in src:
+            if not uses_key:
+                raise fail(f"{where}.api_key_file", "the key is never sent: put {api_key} in the url or a header")
+            api_key = _read_api_key(src["api_key_file"], origin_of(f"{where}.api_key_file"), f"{where}")
+        elif uses_key:
+            raise fail(f"{where}.url", "{api_key} is used but no api_key_file says where the key is")
+        sources.append(ReputationSource(
+            name=name,
+            url=src["url"],
+            method=method,
+            headers=headers,
+            body=src.get("body", ""),
+            api_key=api_key,
+            api_key_file=src.get("api_key_file", ""),
+            json_path=json_path,
+            listed_status=listed,
+            unlisted_status=unlisted,
+            weight=get("weight"),
+            weight_per_point=get("weight_per_point"),
+            min_score=get("min_score"),
+            score_weights=get("score_weights", ()),
+            category_weights=get("category_weights", {}),
+            timeout=get("timeout", 2.0),
+            ttl_positive=get("ttl_positive", 86400.0),
+            ttl_negative=get("ttl_negative", 21600.0),
+            max_in_flight=get("max_in_flight", 8),
+            breaker_failures=get("breaker_failures", 5),
+            breaker_cooldown=get("breaker_cooldown", 60.0),
+            enabled=get("enabled", True),
+            description=src.get("description", ""),
+        ))
+    settings = ReputationSettings(
+        max_in_flight=rep.get("max_in_flight", 32),
+        margin=margin,
+        cache_size=rep.get("cache_size", 100000),
+        sources=tuple(sources),
+    )
+    if settings.active and margin >= budget:
+        raise fail("reputation.margin", f"the margin ({format_duration(margin)}) must be shorter than [screen] budget ({format_duration(budget)}): "
+                   "sources get the budget minus the margin")
+    return settings
+
+
+def _read_api_key(path: str, origin: str, where: str) -> str:
+    """Read a source's API key; refuse a file every local user can read (the key is a secret)."""
+    p = Path(path).expanduser()
+    if not p.is_absolute() and origin and Path(origin).is_file():
+        p = Path(origin).parent / p  # relative to the config file that names it
+    try:
+        st = p.stat()
+        if st.st_mode & stat.S_IROTH:
+            raise ConfigError(
+                f"{origin}: [{where}] api_key_file: {p} is readable by every user "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}); run `chmod 600 {p}` (or 640 with a group for edgefilter)"
+            )
+        text = p.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise ConfigError(f"{origin}: [{where}] api_key_file: {p} does not exist") from None
+    except PermissionError:
+        raise ConfigError(f"{origin}: [{where}] api_key_file: permission denied reading {p}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{origin}: [{where}] api_key_file: {p} is a directory") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{origin}: [{where}] api_key_file: {p} is not UTF-8 text") from None
+    if not text or len(text) > 4096 or re.search(r"[\x00-\x1f\x7f]", text):
+        raise ConfigError(f"{origin}: [{where}] api_key_file: {p} must hold the key on one line (empty, too long or control characters)")
+    return text
 
 
 _SHIPPED_RULES: frozenset[str] | None = None
@@ -905,6 +1246,15 @@ def _to_toml(m: dict) -> str:
                 out.append(f"[{section}.{_key(name)}]")
                 out.extend(f"{k} = {_fmt(v)}" for k, v in entry.items())
                 out.append("")
+        elif isinstance(spec, _Section):
+            out.append(f"[{section}]")
+            out.extend(f"{k} = {_fmt(v)}" for k, v in body.items() if k not in spec.tables)
+            out.append("")
+            for table in spec.tables:
+                for name, entry in body.get(table, {}).items():
+                    out.append(f"[{section}.{table}.{_key(name)}]")
+                    out.extend(f"{k} = {_fmt(v)}" for k, v in entry.items())
+                    out.append("")
         else:
             out.append(f"[{section}]")
             out.extend(f"{k} = {_fmt(v)}" for k, v in body.items())
@@ -927,4 +1277,6 @@ __all__ = [
     "format_duration",
     "BUILTIN_RULES",
     "REJECT_CAUSES",
+    "ReputationSettings",
+    "ReputationSource",
 ]

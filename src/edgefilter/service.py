@@ -26,6 +26,7 @@ from .lists import ListIndex, Pattern
 from .mirror import AmiClient, BlockMirror
 from .numbers import warm_up
 from .routes import DecisionObserver, challenge_result_route, screen_route
+from .reputation import ReputationClient, ReputationLookup
 from .screen import Decision, Screener
 from .store import CallRecord, Store, describe_sqlite_error
 
@@ -181,6 +182,9 @@ class Service:
         self.challenge_failures = ChallengeFailures(lambda: self.settings)
         self.screener.sources.append(self.challenge_failures)
         self.challenge_recorder: ChallengeRecorder | None = None
+        self.reputation: ReputationClient | None = None
+        self.reputation_lookup: ReputationLookup | None = None
+        self.reputation_starting: asyncio.Task | None = None  # sources first configured by a reload
 
     @property
     def port(self) -> int:
@@ -205,6 +209,8 @@ class Service:
         self.challenge_recorder = ChallengeRecorder(
             lambda: self.settings, lambda: self.screener.index, self.challenge_failures, self.store
         )
+        if s.reputation.active:
+            await self._start_reputation(s)
         host, port = s.agi.listen
         self.server = AgiServer(
             {
@@ -280,6 +286,14 @@ class Service:
         for out in self.outputs:
             out.gauges(counts, stats)
 
+    async def _start_reputation(self, s: Settings) -> None:
+        """Online reputation sources are asked only when some are configured (docs/reputation.md)."""
+        self.reputation = ReputationClient(s.reputation, self.store)
+        await self.reputation.start()
+        self.reputation_lookup = ReputationLookup(self.reputation, s, lambda: self.screener.index)
+        self.screener.async_sources.append(self.reputation_lookup)
+        log.info("reputation sources: %s", ", ".join(src.name for src in s.reputation.active))
+
     async def _every(self, interval: Callable[[], float], job, name: str) -> None:
         failing = False
         while True:
@@ -313,6 +327,9 @@ class Service:
         if old:
             log.info("purged %d call records older than the retention", old)
         await self.store.purge_challenges(time.time() - self.settings.challenge.fail_window)
+        stale = await self.store.purge_reputation(expired_at=time.time())
+        if stale:
+            log.info("purged %d expired reputation answers", stale)
 
     def reload(self) -> bool:
         """Re-read the config; keep the old one if the new one is invalid."""
@@ -332,6 +349,12 @@ class Service:
             except RuntimeError:
                 log.warning("[outputs] changes take effect after a restart")
         self.screener.reload(new)
+        if self.reputation is not None and self.reputation_lookup is not None:
+            self.reputation.reload(new.reputation)
+            self.reputation_lookup.reload(new)
+        elif new.reputation.active and self.store is not None and self.reputation_starting is None:
+            self.reputation_starting = asyncio.get_running_loop().create_task(self._start_reputation(new))
+            self.tasks.append(self.reputation_starting)
         for obs in self.observers:
             if isinstance(obs, DecisionLogger):
                 obs.fmt = new.log_format
@@ -348,6 +371,9 @@ class Service:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         await self._stop_outputs()
+        if self.reputation is not None:
+            await self.reputation.close()
+            self.reputation = None
         if self.calllog is not None:
             await self.calllog.flush()
         if self.challenge_recorder is not None:

@@ -82,9 +82,41 @@ MIGRATIONS: dict[int, str] = {
     CREATE INDEX IF NOT EXISTS challenge_outcomes_caller ON challenge_outcomes (caller_e164, ts);
     CREATE INDEX IF NOT EXISTS challenge_outcomes_ts ON challenge_outcomes (ts);
     """,
+    # 4: the reputation cache (answers of online reputation sources, per number and source)
+    4: """
+    CREATE TABLE IF NOT EXISTS reputation (
+        number     TEXT NOT NULL,
+        source     TEXT NOT NULL,
+        score      REAL,
+        category   TEXT,
+        status     TEXT NOT NULL CHECK (status IN ('listed', 'unlisted')),
+        fetched_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        PRIMARY KEY (source, number)
+    ) WITHOUT ROWID;
+    CREATE INDEX IF NOT EXISTS reputation_number ON reputation (number);
+    CREATE INDEX IF NOT EXISTS reputation_expires ON reputation (expires_at);
+    """,
 }
 
 ENTRY_COLUMNS = "list, pattern, kind, key, category, note, source, created_at, expires_at"
+REPUTATION_COLUMNS = "number, source, score, category, status, fetched_at, expires_at"
+
+
+@dataclass(frozen=True, slots=True)
+class ReputationRow:
+    """One cached answer of a reputation source about one number (E.164)."""
+
+    number: str
+    source: str
+    score: float | None
+    category: str | None
+    status: str  # 'listed' or 'unlisted'
+    fetched_at: float
+    expires_at: float
+
+    def row(self) -> tuple:
+        return (self.number, self.source, self.score, self.category, self.status, self.fetched_at, self.expires_at)
 
 
 @dataclass(frozen=True)
@@ -148,8 +180,9 @@ class Store:
     def __init__(self, db: aiosqlite.Connection, path: str) -> None:
         self.db = db
         self.path = path
-        # One connection, several writers in the service (call log, challenge outcomes): their
-        # BEGIN ... COMMIT must not interleave ("cannot start a transaction within a transaction").
+        # One connection is shared by the service's writers (call log, challenge outcomes,
+        # reputation cache, maintenance): their BEGIN ... COMMIT must not interleave on it
+        # ("cannot start a transaction within a transaction").
         self._tx_lock = asyncio.Lock()
 
     @classmethod
@@ -195,7 +228,7 @@ class Store:
                 f"{self.path}: database schema v{version} is newer than this edgefilter (v{SCHEMA_VERSION}); upgrade edgefilter"
             )
         for v in range(version + 1, SCHEMA_VERSION + 1):
-            if v not in MIGRATIONS:  # a version reserved for a change on another branch
+            if v not in MIGRATIONS:  # a number reserved for a change not merged yet
                 continue
             await self.db.executescript("BEGIN IMMEDIATE;\n" + MIGRATIONS[v] + f"\nPRAGMA user_version = {v};\nCOMMIT;")
         return SCHEMA_VERSION
@@ -389,6 +422,56 @@ class Store:
     async def purge_calls(self, before: float) -> int:
         async with self.transaction():
             cur = await self.db.execute("DELETE FROM calls WHERE ts < ?", (before,))
+        return cur.rowcount
+
+    # -- reputation cache -----------------------------------------------------------------
+    async def put_reputation(self, rows: Iterable[ReputationRow]) -> int:
+        """Insert or replace cached answers (one transaction for the batch)."""
+        values = [r.row() for r in rows]
+        if not values:
+            return 0
+        async with self.transaction():
+            await self.db.executemany(
+                f"INSERT OR REPLACE INTO reputation ({REPUTATION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", values
+            )
+        return len(values)
+
+    async def get_reputation(self, source: str, number: str) -> ReputationRow | None:
+        cur = await self.db.execute(
+            f"SELECT {REPUTATION_COLUMNS} FROM reputation WHERE source = ? AND number = ?", (source, number)
+        )
+        row = await cur.fetchone()
+        return ReputationRow(*row) if row else None
+
+    async def reputation_rows(
+        self, *, number: str | None = None, fresh_at: float | None = None, limit: int = 1000000
+    ) -> list[ReputationRow]:
+        """Cached answers, newest first; only those still fresh at ``fresh_at`` when given."""
+        where, params = [], []
+        if number is not None:
+            where.append("number = ?")
+            params.append(number)
+        if fresh_at is not None:
+            where.append("expires_at > ?")
+            params.append(fresh_at)
+        sql = f"SELECT {REPUTATION_COLUMNS} FROM reputation"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        cur = await self.db.execute(sql + " ORDER BY fetched_at DESC LIMIT ?", (*params, limit))
+        return [ReputationRow(*r) for r in await cur.fetchall()]
+
+    async def purge_reputation(self, *, source: str | None = None, expired_at: float | None = None) -> int:
+        """Delete cached answers: all, one source's, and/or only those expired at ``expired_at``."""
+        where, params = [], []
+        if source is not None:
+            where.append("source = ?")
+            params.append(source)
+        if expired_at is not None:
+            where.append("expires_at <= ?")
+            params.append(expired_at)
+        sql = "DELETE FROM reputation" + (" WHERE " + " AND ".join(where) if where else "")
+        async with self.transaction():
+            cur = await self.db.execute(sql, params)
         return cur.rowcount
 
 
