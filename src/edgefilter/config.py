@@ -268,6 +268,42 @@ SCHEMA: dict[str, Any] = {
         "tag_text": _echo_text,
         "allowlist_only_action": _action,
     },
+    "ami": {
+        "enabled": _bool,
+        "host": _str,
+        "port": _int(1, 65535),
+        "user": _str,
+        "secret_file": _str,
+        "secret_env": _str,
+        "connect_timeout": _duration,
+        "ping_interval": _duration,
+        "ping_timeout": _duration,
+        "backoff_initial": _duration,
+        "backoff_max": _duration,
+        "action_timeout": _duration,
+    },
+    "behaviour": {
+        "enabled": _bool,
+        "memory_calls": _int(100, 10_000_000),
+        "burst_window": _duration,
+        "burst_calls": _int(2, 100000),
+        "burst_step": _float,
+        "spread_window": _duration,
+        "spread_targets": _int(2, 100000),
+        "short_window": _duration,
+        "short_seconds": _duration,
+        "short_share": _float,
+        "short_min_calls": _int(1, 100000),
+        "campaign_window": _duration,
+        "campaign_numbers": _int(2, 100000),
+        "campaign_block_digits": _int(1, 8),
+        "neighbour_digits": _int(3, 15),
+        "known_contact_talk": _duration,
+        "known_contact_ttl": _duration,
+        "outbound_contexts": _list_of(_str),
+        "refusal_scope": _choice("callee", "anyone"),
+        "stir_ok_results": _list_of(_str),
+    },
     "log": {
         "level": _choice("debug", "info", "warning", "error"),
         "format": _choice("kv", "json"),
@@ -334,6 +370,55 @@ class ScreenSettings:
     timezone: str
     tag_text: str
     allowlist_only_action: Action
+
+
+@dataclass(frozen=True)
+class AmiSettings:
+    """[ami]: the Asterisk Manager connection that feeds call outcomes (never the call path)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 5038
+    user: str = "edgefilter"
+    secret_file: str = ""
+    secret_env: str = ""
+    connect_timeout: float = 5.0
+    ping_interval: float = 10.0
+    ping_timeout: float = 5.0
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    action_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class BehaviourSettings:
+    """[behaviour]: windows and thresholds of the history rules (weights live in [rules.X])."""
+
+    enabled: bool = True
+    memory_calls: int = 200000
+    burst_window: float = 60.0
+    burst_calls: int = 5
+    burst_step: float = 2.0
+    spread_window: float = 600.0
+    spread_targets: int = 5
+    short_window: float = 3600.0
+    short_seconds: float = 6.0
+    short_share: float = 0.6
+    short_min_calls: int = 4
+    campaign_window: float = 600.0
+    campaign_numbers: int = 5
+    campaign_block_digits: int = 4
+    neighbour_digits: int = 7
+    known_contact_talk: float = 60.0
+    known_contact_ttl: float = 180 * 86400.0
+    outbound_contexts: tuple[str, ...] = ()
+    refusal_scope: str = "callee"
+    stir_ok_results: tuple[str, ...] = ()
+
+    @property
+    def horizon(self) -> float:
+        """How far back the in-memory history must reach to serve every window."""
+        return max(self.burst_window, self.spread_window, self.short_window, self.campaign_window)
 
 
 @dataclass(frozen=True)
@@ -420,6 +505,8 @@ class Settings:
     policies: tuple[Policy, ...]
     sources: tuple[str, ...] = ()  # files merged, in order (for `config check` and logs)
     raw: dict = field(default_factory=dict, repr=False)  # merged plain values, for `config dump`
+    ami: AmiSettings = field(default_factory=AmiSettings)
+    behaviour: BehaviourSettings = field(default_factory=BehaviourSettings)
 
     @property
     def tz(self) -> ZoneInfo | None:
@@ -629,6 +716,9 @@ def _build(m: dict, origins: dict, sources: tuple[str, ...]) -> Settings:
         _check_ascending(merged_thr, lambda act, n=name: fail(f"policies.{n}.thresholds", "thresholds must ascend once merged with the global ones"))
         policies.append(pol)
 
+    ami = _build_ami(m.get("ami", {}), fail)
+    behaviour = _build_behaviour(m.get("behaviour", {}), fail)
+
     return Settings(
         agi=AgiSettings(
             listen=_hostport(a["listen"]),
@@ -661,7 +751,32 @@ def _build(m: dict, origins: dict, sources: tuple[str, ...]) -> Settings:
         policies=tuple(policies),
         sources=sources,
         raw=m,
+        ami=ami,
+        behaviour=behaviour,
     )
+
+
+def _build_ami(a: dict, fail: Callable[[str, str], ConfigError]) -> AmiSettings:
+    conv = {k: SCHEMA["ami"][k](v) for k, v in a.items()}
+    out = AmiSettings(**conv)
+    if out.enabled and not (out.secret_file or out.secret_env):
+        raise fail("ami.secret_file", "AMI is enabled but neither secret_file nor secret_env is set")
+    if out.ping_timeout <= 0 or out.ping_interval <= 0:
+        raise fail("ami.ping_interval", "ping_interval and ping_timeout must be above zero (the watchdog needs them)")
+    if out.backoff_initial <= 0 or out.backoff_max < out.backoff_initial:
+        raise fail("ami.backoff_max", "need 0 < backoff_initial <= backoff_max")
+    return out
+
+
+def _build_behaviour(b: dict, fail: Callable[[str, str], ConfigError]) -> BehaviourSettings:
+    conv = {k: SCHEMA["behaviour"][k](v) for k, v in b.items()}
+    out = BehaviourSettings(**conv)
+    if not 0.0 < out.short_share <= 1.0:
+        raise fail("behaviour.short_share", "a share between 0 (exclusive) and 1")
+    for key in ("burst_window", "spread_window", "short_window", "campaign_window"):
+        if getattr(out, key) <= 0:
+            raise fail(f"behaviour.{key}", "a window must be longer than 0s")
+    return out
 
 
 _SHIPPED_RULES: frozenset[str] | None = None
@@ -724,6 +839,8 @@ def _to_toml(m: dict) -> str:
 
 __all__ = [
     "Settings",
+    "AmiSettings",
+    "BehaviourSettings",
     "Policy",
     "Schedule",
     "RuleSettings",

@@ -17,14 +17,20 @@ import time
 from typing import Callable
 
 from .agi import AgiServer
+from .ami import AmiListener, load_secret
+from .behaviour import KEYED_KINDS, BehaviourRules, block_of
 from .config import Settings, load_settings
-from .decisionlog import DecisionLogger, setup_logging
+from .decisionlog import DecisionLogger, escape_text, setup_logging
 from .errors import ConfigError, StoreError
+from .history import RecentCall
 from .lists import ListIndex, Pattern
+from .model import Number, NumberKind
 from .numbers import warm_up
+from .outcomes import OutcomeTracker
 from .routes import DecisionObserver, screen_route
 from .screen import Decision, Screener
-from .store import CallRecord, Store, describe_sqlite_error
+from .starcodes import StarCodes
+from .store import CallOutcome, CallRecord, ContactSeen, Store, describe_sqlite_error
 
 log = logging.getLogger("edgefilter.service")
 
@@ -75,11 +81,15 @@ class ListFollower:
 
 
 class CallLogWriter:
-    """Bounded queue of call records written in batches; never blocks or fails a call."""
+    """Bounded queue of call records written in batches; never blocks or fails a call.
+
+    AMI outcomes and known contacts go through the same queue, so an outcome is always written
+    after the insert of its call.
+    """
 
     def __init__(self, store: Store, maxsize: int = 10000, batch: int = 500) -> None:
         self.store = store
-        self.queue: asyncio.Queue[CallRecord] = asyncio.Queue(maxsize)
+        self.queue: asyncio.Queue[object] = asyncio.Queue(maxsize)
         self.batch = batch
         self.dropped = 0
         self.written = 0
@@ -103,6 +113,10 @@ class CallLogWriter:
             policy=v.policy,
             elapsed_ms=round(d.elapsed_ms, 3),
         )
+        self.submit(rec)
+
+    def submit(self, rec: object) -> None:
+        """Queue a CallRecord, CallOutcome or ContactSeen; dropped (and counted) when full."""
         try:
             self.queue.put_nowait(rec)
         except asyncio.QueueFull:
@@ -111,14 +125,14 @@ class CallLogWriter:
                 log.warning("call log queue full: %d records dropped (store too slow or failing)", self.dropped)
 
     async def run(self) -> None:
-        pending: list[CallRecord] = []
+        pending: list[object] = []
         while True:
             if not pending:
                 pending.append(await self.queue.get())
             while len(pending) < self.batch and not self.queue.empty():
                 pending.append(self.queue.get_nowait())
             try:
-                self.written += await self.store.record_calls(pending)
+                self.written += await self.store.write_batch(pending)
                 pending = []
             except Exception as e:
                 log.warning("call log write failed (%s); retrying in 1 s", _store_reason(self.store, e))
@@ -131,7 +145,7 @@ class CallLogWriter:
             rest.append(self.queue.get_nowait())
         if rest:
             with contextlib.suppress(Exception):
-                self.written += await self.store.record_calls(rest)
+                self.written += await self.store.write_batch(rest)
 
 
 def _store_reason(store: Store, e: BaseException) -> str:
@@ -156,6 +170,14 @@ class Service:
         self._stopped = asyncio.Event()
         self.follower: ListFollower | None = None
         self.calllog: CallLogWriter | None = None
+        self.behaviour = BehaviourRules(lambda: self.settings)
+        self.tracker = OutcomeTracker(
+            self._outcome,
+            clock=time.time,
+            outbound=self._outbound_seen,
+            outbound_contexts=lambda: self.settings.behaviour.outbound_contexts,
+        )
+        self.ami: AmiListener | None = None
 
     @property
     def port(self) -> int:
@@ -164,16 +186,20 @@ class Service:
 
     async def start(self) -> None:
         s = self.settings
+        secret = load_secret(s.ami) if s.ami.enabled else ""  # a bad secret file stops us here, clearly
         warm_up(s.default_region)
         self._store_cm = Store.open(s.store.path)
         self.store = await self._store_cm.__aenter__()
         self.follower = ListFollower(self.store, self.screener)
         await self.follower.load()
+        await self._load_history()
+        self.screener.sources.append(self.behaviour)
         self.calllog = CallLogWriter(self.store)
-        self.observers.extend([DecisionLogger(s.log_format), self.calllog])
+        self.observers.extend([DecisionLogger(s.log_format), self.calllog, self._remember])
+        starcodes = StarCodes(lambda: self.store, self.behaviour, lambda: self.settings, self.calllog.submit, clock=time.time)
         host, port = s.agi.listen
         self.server = AgiServer(
-            {"screen": screen_route(self.screener, self.observers)},
+            {"screen": screen_route(self.screener, self.observers), **starcodes.routes()},
             host=host,
             port=self.port_override if self.port_override is not None else port,
             read_timeout=s.agi.read_timeout,
@@ -187,6 +213,64 @@ class Service:
             asyncio.create_task(self.calllog.run()),
             asyncio.create_task(self._every(lambda: 600.0, self._maintenance, "maintenance")),
         ]
+        if s.ami.enabled:
+            self.ami = AmiListener(s.ami, secret, self.tracker.feed)
+            self.ami.start()
+
+    async def _load_history(self) -> None:
+        """Fill the behaviour rules' memory from the store: recent calls, last caller per
+        extension, refusals in force, known contacts."""
+        assert self.store is not None
+        t0 = time.perf_counter()
+        b = self.settings.behaviour
+        h = self.behaviour.history
+        now = self.screener.clock()
+        for ts, uid, e164, kind, called, exten, answered, talk in await self.store.history_rows(now - b.horizon, b.memory_calls):
+            try:
+                nk = NumberKind(kind)
+            except ValueError:
+                nk = NumberKind.GARBAGE
+            num = Number("", nk, e164)
+            h.add(RecentCall(ts, uid, e164 if nk in KEYED_KINDS else None, exten or called,
+                             block_of(num, b.campaign_block_digits),
+                             None if answered is None else bool(answered), talk), now)
+        for exten, ts, uid, e164, called in await self.store.last_callers():
+            h.last_by_target.setdefault(exten, RecentCall(ts, uid, e164, exten))
+        active = await self.store.refusals(active_only=True)
+        h.load_refusals((r.caller_e164, r.callee) for r in active)
+        for e164, ts in await self.store.contacts(now - b.known_contact_ttl):
+            h.add_contact(e164, ts)
+        log.info("behaviour memory: %d recent calls, %d extensions, %d refusals, %d contacts in %.0f ms",
+                 len(h), len(h.last_by_target), len(active), len(h.contacts), (time.perf_counter() - t0) * 1000)
+
+    def _remember(self, d: Decision) -> None:
+        """Decision observer: feed the history and the AMI outcome tracker; note violations."""
+        self.behaviour.record(d.call, d.number, self.screener.clock())
+        self.tracker.register(d.call.uniqueid[:64], d.call.params.get("linkedid", "")[:64])
+        if "REFUSED_BEFORE" in d.verdict.rules:
+            log.warning("violation: %s called %s after being refused (action %s)",
+                        d.number.e164, escape_text(d.call.params.get("exten") or d.call.extension, 64), d.verdict.action.value)
+
+    def _outcome(self, o: CallOutcome) -> None:
+        h = self.behaviour.history
+        rc = h.set_outcome(o.uniqueid, o.answered, o.talk_seconds)
+        if self.calllog is not None:
+            self.calllog.submit(o)
+        b = self.settings.behaviour
+        if rc is not None and rc.caller and o.answered and (o.talk_seconds or 0.0) >= b.known_contact_talk:
+            now = time.time()
+            h.add_contact(rc.caller, now)
+            if self.calllog is not None:
+                self.calllog.submit(ContactSeen(rc.caller, now, "talked"))
+
+    def _outbound_seen(self, raw: str, now: float) -> None:
+        from .numbers import normalize
+
+        n = normalize(raw, self.settings.default_region)
+        if n.kind in (NumberKind.VALID, NumberKind.SHORT) and n.e164:
+            self.behaviour.history.add_contact(n.e164, now)
+            if self.calllog is not None:
+                self.calllog.submit(ContactSeen(n.e164, now, "outbound"))
 
     async def _every(self, interval: Callable[[], float], job, name: str) -> None:
         failing = False
@@ -233,6 +317,8 @@ class Service:
         return True
 
     async def stop(self) -> None:
+        if self.ami is not None:
+            await self.ami.close()
         if self.server is not None:
             await self.server.close()
         for t in self.tasks:
