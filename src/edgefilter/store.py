@@ -10,6 +10,7 @@ is wrong in words an admin can act on.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sqlite3
@@ -210,6 +211,9 @@ class Store:
     def __init__(self, db: aiosqlite.Connection, path: str) -> None:
         self.db = db
         self.path = path
+        # One connection is shared by the call-log writer, maintenance and the star-code routes:
+        # transactions on it must not interleave ("cannot start a transaction within a transaction").
+        self._tx_lock = asyncio.Lock()
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -260,14 +264,15 @@ class Store:
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[None]:
         """BEGIN IMMEDIATE ... COMMIT, rolled back on any error: nothing partial is ever written."""
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            await self.db.rollback()
-            raise
-        else:
-            await self.db.commit()
+        async with self._tx_lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                await self.db.rollback()
+                raise
+            else:
+                await self.db.commit()
 
     # -- lists ----------------------------------------------------------------------------
     async def put_entry(self, entry: Entry) -> str:
