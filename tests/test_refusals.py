@@ -121,6 +121,8 @@ async def test_in_call_feature_refuses_that_call_not_the_newest(service):
     await screen(service, caller="+8613900139000")  # a later call to the same extension
     v = await star(service, "refuse", "callee=1000", f"call={first.uniqueid}", "source=dtmf")
     assert v["EDGEFILTER_NUMBER"] == SPAMMER
+    (r,) = await service.store.refusals(caller=SPAMMER)
+    assert r.source == "dtmf:1000" and r.call_uniqueid == first.uniqueid
 
 
 async def test_star_code_edge_cases(service):

@@ -97,7 +97,8 @@ class StarCodes:
         if kind in ("block", "report"):
             note = f"{kind} by extension {callee} (star code)"
             entry = Entry("block", Pattern.from_text(target.caller), category, note, src, now, None)
-        ref = Refusal(0, target.caller, target.target or callee, now, kind, category, src, target.uniqueid)
+        how = "dtmf" if session.call.params.get("source") == "dtmf" else "starcode"
+        ref = Refusal(0, target.caller, target.target or callee, now, kind, category, f"{how}:{callee}", target.uniqueid)
         await asyncio.wait_for(self.store().add_refusal(ref, entry), STORE_TIMEOUT)
         h.refuse(target.caller, ref.callee)
         log.info("refusal: %s of %s by %s (call %s)", kind, target.caller, safe_value(callee, 40), safe_value(target.uniqueid, 40))
