@@ -8,6 +8,7 @@ group and force in ``[rules.NAME]`` like every other rule (a policy may re-weigh
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import Callable
 
 from .config import Settings
@@ -18,6 +19,8 @@ from .numbers import normalize
 #: Kinds whose E.164 we key history on (an INVALID number with digits is still one caller).
 KEYED_KINDS = frozenset({NumberKind.VALID, NumberKind.SHORT, NumberKind.INVALID})
 MAX_TARGETS = 100000
+#: Most recent calls of one number (or block) a rule looks at: bounds the work per call.
+SCAN_LIMIT = 200
 
 
 def call_target(call: Call) -> str:
@@ -89,21 +92,25 @@ class BehaviourRules:
         if known is not None and known >= now - b.known_contact_ttl:
             fire("KNOWN_CONTACT", f"{caller} is a known contact (called out to or talked with)")
 
-        # RATE_BURST: calls in the window, this one included.
-        n = 1 + sum(1 for _ in h.from_caller(caller, now - b.burst_window))
+        # RATE_BURST: calls in the window, this one included (counted up to SCAN_LIMIT: a flooding
+        # number must not make every one of its calls slower).
+        n = 1 + sum(1 for _ in islice(h.from_caller(caller, now - b.burst_window), SCAN_LIMIT))
         if n >= b.burst_calls:
             fire("RATE_BURST", f"{n} calls within {_span(b.burst_window)} (threshold {b.burst_calls})",
                  b.burst_step * (n - b.burst_calls))
 
         # RATE_SPREAD: distinct targets in the window, this one included.
-        targets = {c.target for c in h.from_caller(caller, now - b.spread_window) if c.target}
-        if target:
-            targets.add(target)
+        targets = {target} if target else set()
+        for c in islice(h.from_caller(caller, now - b.spread_window), SCAN_LIMIT):
+            if c.target:
+                targets.add(c.target)
+                if len(targets) >= b.spread_targets:
+                    break
         if len(targets) >= b.spread_targets:
             fire("RATE_SPREAD", f"reached {len(targets)} extensions/DIDs within {_span(b.spread_window)}")
 
         # RATE_SHORT: among calls with a known outcome.
-        known_outcomes = [c for c in h.from_caller(caller, now - b.short_window) if c.answered is not None]
+        known_outcomes = [c for c in islice(h.from_caller(caller, now - b.short_window), SCAN_LIMIT) if c.answered is not None]
         if len(known_outcomes) >= b.short_min_calls:
             short = sum(1 for c in known_outcomes if not c.answered or (c.talk_seconds or 0.0) < b.short_seconds)
             share = short / len(known_outcomes)
@@ -113,8 +120,11 @@ class BehaviourRules:
         # RANGE_CAMPAIGN: distinct numbers of this block, this one included.
         block = block_of(number, b.campaign_block_digits)
         if block is not None:
-            numbers = {c.caller for c in h.from_block(block, now - b.campaign_window)}
-            numbers.add(caller)
+            numbers = {caller}
+            for c in islice(h.from_block(block, now - b.campaign_window), SCAN_LIMIT):
+                numbers.add(c.caller)
+                if len(numbers) >= b.campaign_numbers:
+                    break
             if len(numbers) >= b.campaign_numbers:
                 fire("RANGE_CAMPAIGN", f"{len(numbers)} numbers of block {block}{'X' * b.campaign_block_digits} within {_span(b.campaign_window)}")
 

@@ -395,7 +395,7 @@ class BehaviourSettings:
     """[behaviour]: windows and thresholds of the history rules (weights live in [rules.X])."""
 
     enabled: bool = True
-    memory_calls: int = 200000
+    memory_calls: int = 100000
     burst_window: float = 60.0
     burst_calls: int = 5
     burst_step: float = 2.0

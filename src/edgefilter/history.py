@@ -36,8 +36,9 @@ class CallHistory:
         self.horizon = horizon
         self.max_calls = max_calls
         self._all: deque[RecentCall] = deque()
-        self._by_caller: dict[str, deque[RecentCall]] = {}
-        self._by_block: dict[str, deque[RecentCall]] = {}
+        # Plain lists, not deques: most numbers call once, and an empty deque costs ~600 bytes.
+        self._by_caller: dict[str, list[RecentCall]] = {}
+        self._by_block: dict[str, list[RecentCall]] = {}
         self._by_uid: dict[str, RecentCall] = {}
         self.last_by_target: dict[str, RecentCall] = {}  # newest caller per extension (star codes)
         self.contacts: dict[str, float] = {}  # E.164 -> last time known (outbound or talked)
@@ -61,11 +62,14 @@ class CallHistory:
         self.expire(now)
 
     @staticmethod
-    def _push(index: dict[str, deque[RecentCall]], key: str, call: RecentCall) -> None:
+    def _push(index: dict[str, list[RecentCall]], key: str, call: RecentCall) -> None:
         q = index.get(key)
         if q is None:
-            q = index[key] = deque(maxlen=PER_KEY_LIMIT)
+            index[key] = [call]
+            return
         q.append(call)
+        if len(q) > PER_KEY_LIMIT:
+            del q[0]
 
     def expire(self, now: float) -> None:
         """Forget calls older than the horizon, and the oldest past ``max_calls``."""
@@ -77,8 +81,8 @@ class CallHistory:
                     continue
                 q = index.get(key)
                 if q is not None:
-                    if q and q[0] is old:  # same time order as _all, unless maxlen pushed it out
-                        q.popleft()
+                    if q and q[0] is old:  # same time order as _all, unless the limit pushed it out
+                        del q[0]
                     if not q:
                         del index[key]
             if old.uniqueid and self._by_uid.get(old.uniqueid) is old:

@@ -307,6 +307,8 @@ class Service:
             return False
         if new.agi.listen != self.settings.agi.listen or new.store.path != self.settings.store.path:
             log.warning("[agi] listen and [store] path changes take effect only after a restart")
+        if new.ami != self.settings.ami:
+            log.warning("[ami] changes take effect only after a restart")
         self.settings = new
         self.screener.reload(new)
         for obs in self.observers:
