@@ -421,10 +421,17 @@ class Store:
         if not items:
             return 0
         async with self.transaction():
-            for item in items:
+            run: list[tuple] = []  # consecutive call records go in one executemany
+            for item in [*items, None]:
                 if isinstance(item, CallRecord):
-                    await self.db.execute(f"INSERT INTO calls ({CALL_COLUMNS}) VALUES ({', '.join('?' * 15)})", item.row())
-                elif isinstance(item, CallOutcome):
+                    run.append(item.row())
+                    continue
+                if run:
+                    await self.db.executemany(f"INSERT INTO calls ({CALL_COLUMNS}) VALUES ({', '.join('?' * 15)})", run)
+                    run = []
+                if item is None:
+                    break
+                if isinstance(item, CallOutcome):
                     await self._apply_outcome(item)
                 elif isinstance(item, ContactSeen):
                     await self.db.execute(
