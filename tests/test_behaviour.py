@@ -37,7 +37,7 @@ class Rig:
         self.clock.t += after
         call = Call(callerid=caller, dnid=dnid, extension=exten, uniqueid=f"17000.{next(_uid)}", params=params)
         d = self.screener.decide(call)
-        self.rules.record(call, d.number, self.clock())
+        self.rules.record(call, d.number, self.clock(), d.verdict.action.value)
         return d
 
     @property
@@ -99,6 +99,18 @@ def test_short_and_unanswered_calls_need_a_minimum_sample():
     d = rig.call("+8613700137000", after=300)
     h = hit(d, "RATE_SHORT")
     assert h is not None and h.weight == 4.0 and "4 of 4 recent calls" in h.detail
+
+
+def test_calls_we_did_not_let_ring_do_not_count_as_short():
+    from edgefilter.lists import Entry, parse_pattern
+
+    rig = Rig()
+    rig.screener.index.put(Entry("block", parse_pattern("+8613700137000", "CN")))
+    for _ in range(6):
+        d = rig.call("+8613700137000", after=300)
+        assert d.verdict.action.value == "reject"
+        rig.history.set_outcome(d.call.uniqueid, False, 0.0)  # rejected by us: of course unanswered
+    assert hit(rig.call("+8613700137000", after=300), "RATE_SHORT") is None
 
 
 def test_long_answered_calls_do_not_fire_rate_short():

@@ -43,7 +43,7 @@ async def test_outcomes_update_the_call_in_queue_order(tmp_path):
             "l1", 1, 34.0, 16, "Normal Clearing", "ANSWER")
         assert await store.contacts(now - 1) == [("+8613800138000", now)]
         rows = await store.history_rows(now - 10)
-        assert rows == [(now, "u1", "+8613800138000", "valid", "1000", "1000", 1, 34.0)]
+        assert rows == [(now, "u1", "+8613800138000", "valid", "1000", "1000", 1, 34.0, "allow")]
 
 
 async def test_retention_purges_calls_and_contacts_but_keeps_the_refusal_ledger(tmp_path):

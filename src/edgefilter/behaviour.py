@@ -21,6 +21,8 @@ KEYED_KINDS = frozenset({NumberKind.VALID, NumberKind.SHORT, NumberKind.INVALID}
 MAX_TARGETS = 100000
 #: Most recent calls of one number (or block) a rule looks at: bounds the work per call.
 SCAN_LIMIT = 200
+#: Actions that let the call ring (for RATE_SHORT, the only calls whose hang-up tells something).
+RANG_ACTIONS = frozenset({"allow", "tag"})
 
 
 def call_target(call: Call) -> str:
@@ -45,8 +47,8 @@ class BehaviourRules:
         self.history = history or CallHistory(b.horizon, b.memory_calls)
 
     # -- feeding --------------------------------------------------------------------------
-    def record(self, call: Call, number: Number, now: float) -> RecentCall:
-        """Remember one screened call (after its decision)."""
+    def record(self, call: Call, number: Number, now: float, action: str = "allow") -> RecentCall:
+        """Remember one screened call (after its decision, whose action it notes)."""
         b = self.settings().behaviour
         self.history.horizon = b.horizon
         self.history.max_calls = b.memory_calls
@@ -57,6 +59,7 @@ class BehaviourRules:
             caller=keyed,
             target=call_target(call),
             block=block_of(number, b.campaign_block_digits),
+            rang=action in RANG_ACTIONS,
         )
         if len(self.history.last_by_target) > MAX_TARGETS:
             self.history.last_by_target.clear()
@@ -109,8 +112,10 @@ class BehaviourRules:
         if len(targets) >= b.spread_targets:
             fire("RATE_SPREAD", f"reached {len(targets)} extensions/DIDs within {_span(b.spread_window)}")
 
-        # RATE_SHORT: among calls with a known outcome.
-        known_outcomes = [c for c in islice(h.from_caller(caller, now - b.short_window), SCAN_LIMIT) if c.answered is not None]
+        # RATE_SHORT: among calls we let ring whose outcome is known (a call we rejected or sent to
+        # voicemail being "unanswered" would otherwise feed on itself).
+        known_outcomes = [c for c in islice(h.from_caller(caller, now - b.short_window), SCAN_LIMIT)
+                          if c.answered is not None and c.rang]
         if len(known_outcomes) >= b.short_min_calls:
             short = sum(1 for c in known_outcomes if not c.answered or (c.talk_seconds or 0.0) < b.short_seconds)
             share = short / len(known_outcomes)

@@ -27,6 +27,7 @@ class RecentCall:
     block: str | None = None  # number block key (RANGE_CAMPAIGN), valid numbers only
     answered: bool | None = None  # None until an outcome is known
     talk_seconds: float | None = None
+    rang: bool = True  # we let it ring (allow/tag); a call we rejected says nothing about the caller's hang-ups
 
 
 class CallHistory:

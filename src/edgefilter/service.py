@@ -18,7 +18,7 @@ from typing import Callable
 
 from .agi import AgiServer
 from .ami import AmiListener, load_secret
-from .behaviour import KEYED_KINDS, BehaviourRules, block_of
+from .behaviour import KEYED_KINDS, RANG_ACTIONS, BehaviourRules, block_of
 from .config import Settings, load_settings
 from .decisionlog import DecisionLogger, escape_text, setup_logging
 from .errors import ConfigError, StoreError
@@ -225,7 +225,7 @@ class Service:
         b = self.settings.behaviour
         h = self.behaviour.history
         now = self.screener.clock()
-        for ts, uid, e164, kind, called, exten, answered, talk in await self.store.history_rows(now - b.horizon, b.memory_calls):
+        for ts, uid, e164, kind, called, exten, answered, talk, action in await self.store.history_rows(now - b.horizon, b.memory_calls):
             try:
                 nk = NumberKind(kind)
             except ValueError:
@@ -233,7 +233,7 @@ class Service:
             num = Number("", nk, e164)
             h.add(RecentCall(ts, uid, e164 if nk in KEYED_KINDS else None, exten or called,
                              block_of(num, b.campaign_block_digits),
-                             None if answered is None else bool(answered), talk), now)
+                             None if answered is None else bool(answered), talk, action in RANG_ACTIONS), now)
         for exten, ts, uid, e164, called in await self.store.last_callers():
             h.last_by_target.setdefault(exten, RecentCall(ts, uid, e164, exten))
         active = await self.store.refusals(active_only=True)
@@ -245,7 +245,7 @@ class Service:
 
     def _remember(self, d: Decision) -> None:
         """Decision observer: feed the history and the AMI outcome tracker; note violations."""
-        self.behaviour.record(d.call, d.number, self.screener.clock())
+        self.behaviour.record(d.call, d.number, self.screener.clock(), d.verdict.action.value)
         self.tracker.register(d.call.uniqueid[:64], d.call.params.get("linkedid", "")[:64])
         if "REFUSED_BEFORE" in d.verdict.rules:
             log.warning("violation: %s called %s after being refused (action %s)",

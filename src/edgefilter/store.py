@@ -462,9 +462,9 @@ class Store:
 
     async def history_rows(self, since: float, limit: int = 1000000) -> list[tuple]:
         """Recent calls for the in-memory history: (ts, uniqueid, caller_e164, caller_kind,
-        called, extension, answered, talk_seconds), oldest first, newest ``limit`` kept."""
+        called, extension, answered, talk_seconds, action), oldest first, newest ``limit`` kept."""
         cur = await self.db.execute(
-            """SELECT ts, uniqueid, caller_e164, caller_kind, called, extension, answered, talk_seconds
+            """SELECT ts, uniqueid, caller_e164, caller_kind, called, extension, answered, talk_seconds, action
                FROM (SELECT * FROM calls WHERE ts >= ? ORDER BY ts DESC LIMIT ?) ORDER BY ts""",
             (since, limit),
         )
