@@ -237,7 +237,8 @@ class AmiListener:
                 return
 
     def _connection_lost(self, exc) -> None:
-        self.state = "down"
+        if self.state in ("up", "connecting"):
+            self.state = "down"  # keep "auth-failed" visible after Asterisk closes on us
         self.connected_event.clear()
         self._fail_pending("AMI connection lost before Asterisk replied")
         if self._lost is not None and not self._lost.done():

@@ -173,7 +173,7 @@ async def cmd_evidence(args, settings: Settings) -> int:
 
     number = normalize(args.number, args.region or settings.default_region)
     if not number.e164:
-        raise EdgefilterError(f"{escape_text(args.number, 40)}: not a phone number ({number.reason or number.kind.value})")
+        raise EdgefilterError(f"{escape_text(args.number, 40)}: {number.reason or 'not a phone number'}")
     now = time.time()
     since = _parse_since(args.since, now)
     if not Path(settings.store.path).exists():
@@ -212,15 +212,16 @@ def cmd_config(args, settings: Settings) -> int:
     if args.action == "dump":
         print(dump(settings))
     else:
+        if settings.ami.enabled:
+            from .ami import load_secret
+
+            load_secret(settings.ami)  # a group-readable secret file fails here, not at start-up
         rules = len(settings.rules)
         print(f"config OK: {', '.join(settings.sources)}")
         print(f"  {rules} rules, {len(settings.categories)} categories, {len(settings.policies)} policies, {len(settings.schedules)} schedules")
         thr = ", ".join(f"{a.value} {t:g}" for a, t in settings.thresholds.items())
         print(f"  thresholds: {thr}; mode {settings.screen.mode}; on_error {settings.screen.on_error.value}")
         if settings.ami.enabled:
-            from .ami import load_secret
-
-            load_secret(settings.ami)  # a group-readable secret file fails here, not at start-up
             print(f"  AMI: {settings.ami.user}@{settings.ami.host}:{settings.ami.port}, secret readable")
     return 0
 
