@@ -232,3 +232,27 @@ def test_enabled_ami_needs_a_secret_source(make_settings):
         make_settings(ami={"enabled": True})
     s = make_settings(ami={"enabled": True, "secret_env": "X", "ping_interval": "30s"})
     assert s.ami.ping_interval == 30.0
+
+
+def test_tracker_outbound_dialbegin_and_cdr_refinement():
+    got, out = [], []
+    t = [0.0]
+    tr = OutcomeTracker(got.append, clock=lambda: t[0], outbound=lambda n, ts: out.append(n),
+                        outbound_contexts=lambda: ("from-internal*",))
+    # an internal phone dials out: its context matches, its Exten is the number dialled
+    tr.feed({"Event": "DialBegin", "Context": "from-internal-users", "Exten": "013800138000", "Uniqueid": "9.1", "Linkedid": "9.1"})
+    tr.feed({"Event": "DialBegin", "Context": "from-trunk", "Exten": "1000", "Uniqueid": "9.2", "Linkedid": "9.2"})
+    assert out == ["013800138000"]
+    # a Cdr (read class cdr) refines the talk time of an answered call; a NO ANSWER one adds nothing
+    for ev in call_events("ami-originate-reject21.all-events.txt"):
+        tr.feed(dict(line.split(": ", 1) if ": " in line else (line.rstrip(":"), "") for line in ev))
+    assert got == []  # nobody registered 1795896534.11 yet: events of unknown calls are ignored
+    tr.register("5.1")
+    tr.feed({"Event": "Newchannel", "Uniqueid": "5.1", "Linkedid": "5.1"})
+    tr.feed({"Event": "DialEnd", "Uniqueid": "5.1", "Linkedid": "5.1", "DestUniqueid": "5.2", "DestLinkedid": "5.1", "DialStatus": "ANSWER"})
+    t[0] = 30.0
+    tr.feed({"Event": "Hangup", "Uniqueid": "5.2", "Linkedid": "5.1", "Cause": "16"})  # the phone's leg: not the end yet
+    assert got == []
+    tr.feed({"Event": "Hangup", "Uniqueid": "5.1", "Linkedid": "5.1", "Cause": "16", "Cause-txt": "Normal Clearing"})
+    tr.feed({"Event": "Cdr", "UniqueID": "5.2", "Disposition": "ANSWERED", "BillableSeconds": "29"})
+    assert [(o.answered, o.talk_seconds, o.hangup_cause) for o in got] == [(True, 30.0, 16), (True, 29.0, None)]
