@@ -9,7 +9,10 @@ import csv
 import io
 import time
 
+import pytest
+
 from edgefilter import cli
+from edgefilter.errors import AmiError
 from edgefilter.callsim import CallSpec, place_call
 from edgefilter.service import Service
 
@@ -61,9 +64,13 @@ async def test_done_when_with_ami_lost_and_regained(make_settings, tmp_path, mon
             actions.append((await agi(svc, callerid="+8613800138000", args=["exten=1000"]))["EDGEFILTER_ACTION"])
         assert actions == ["allow"] * 4 + ["challenge"] * 2 + ["voicemail"] * 3 + ["reject"]
 
+        assert (await svc.send_ami_action({"Action": "DBPut", "Family": "edgefilter-block", "Key": "1", "Val": "1"}))["Response"] == "Success"
+
         # AMI lost: Asterisk's manager goes away. Screening does not notice.
         await fake.stop()
         await until(lambda: not svc.ami.connected)
+        with pytest.raises(AmiError, match="not connected"):
+            await svc.send_ami_action({"Action": "DBPut", "Family": "edgefilter-block", "Key": "1", "Val": "1"})
 
         # A number that rang five extensions in a row is challenged.
         spread = []
@@ -178,3 +185,5 @@ async def test_ami_outcomes_feed_rate_short_and_known_contacts(service):
     service.tracker.feed({"Event": "Hangup", "Uniqueid": uid, "Linkedid": uid, "Cause": "16", "Cause-txt": "Normal Clearing"})
     r = await agi(service, callerid="+8613600136000", args=["exten=1000"])
     assert "KNOWN_CONTACT" in r["EDGEFILTER_RULES"].split() and r["EDGEFILTER_ACTION"] == "allow"
+    with pytest.raises(AmiError, match="disabled"):
+        await service.send_ami_action({"Action": "Ping"})

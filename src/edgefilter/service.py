@@ -21,7 +21,7 @@ from .ami import AmiListener, load_secret
 from .behaviour import KEYED_KINDS, RANG_ACTIONS, BehaviourRules, block_of
 from .config import Settings, load_settings
 from .decisionlog import DecisionLogger, escape_text, setup_logging
-from .errors import ConfigError, StoreError
+from .errors import AmiError, ConfigError, StoreError
 from .history import RecentCall
 from .lists import ListIndex, Pattern
 from .model import Number, NumberKind
@@ -262,6 +262,13 @@ class Service:
             h.add_contact(rc.caller, now)
             if self.calllog is not None:
                 self.calllog.submit(ContactSeen(rc.caller, now, "talked"))
+
+    async def send_ami_action(self, action: dict) -> dict:
+        """An AMI action for other features (e.g. DBPut); AmiError at once when AMI is disabled
+        or not connected, never a wait for a reconnection."""
+        if self.ami is None:
+            raise AmiError("AMI is disabled ([ami] enabled = false)")
+        return await self.ami.send_action(action)
 
     def _outbound_seen(self, raw: str, now: float) -> None:
         from .numbers import normalize
