@@ -92,7 +92,19 @@ def test_edgefilter_variables_are_exactly_those_the_code_sets():
     named = set(re.findall(r"\bEDGEFILTER_[A-Z0-9_]+\b", dialplan_text()))
     settings = globals_defined()
     assert settings == {"EDGEFILTER_SERVICE", "EDGEFILTER_COUNTRY_CODE"}
-    assert named - settings == set(SCREEN_VARIABLES) | set(CHALLENGE_VARIABLES)
+    # set by the admin's inbound context for the subroutine to pass on (STIR/SHAKEN results)
+    inputs = {"EDGEFILTER_STIR", "EDGEFILTER_STIR_VERIFY"}
+    assert named - settings == set(SCREEN_VARIABLES) | set(CHALLENGE_VARIABLES) | inputs
+
+
+def test_star_code_routes_in_the_dial_plan_exist_in_the_service():
+    from edgefilter.starcodes import StarCodes
+
+    text = (CONF / "extensions-edgefilter-features.conf").read_text()
+    routes = set(re.findall(r"agi://[^/]+/([a-z][a-z-]*)", text))
+    routes |= set(re.findall(r"Set\(EDGEFILTER_ROUTE=([a-z-]+)\)", text))
+    served = set(StarCodes(lambda: None, None, lambda: None, lambda r: None).routes())
+    assert routes and routes <= served, routes - served
 
 
 def test_every_code_variable_is_read_somewhere_not_only_cleared():
@@ -122,11 +134,15 @@ def test_reject_causes_match_the_config_choices():
 
 def test_agi_routes_and_arguments_are_the_ones_the_service_serves(service):
     calls = re.findall(r"AGI\(agi://\$\{ef_svc\}/([a-z-]+),([^)]*)\)", dialplan_text())
-    assert {route for route, _ in calls} == set(service.server.routes) == {"screen", RESULT_ROUTE}
+    assert {route for route, _ in calls} == {"screen", RESULT_ROUTE}
+    assert {"screen", RESULT_ROUTE} <= set(service.server.routes)  # the rest: star codes (features file)
     keys = {route: set() for route, _ in calls}
     for route, args in calls:
         keys[route] |= {a.split("=", 1)[0] for a in args.split(",")}
-    assert keys == {"screen": {"exten", "cidfiltered"}, RESULT_ROUTE: {"id", "digit", "hangup"}}
+    assert keys == {
+        "screen": {"exten", "cidfiltered", "stir", "stir_verify", "linkedid"},
+        RESULT_ROUTE: {"id", "digit", "hangup"},
+    }
     assert "AGI(" not in re.sub(r"AGI\(agi://\$\{ef_svc\}/", "", dialplan_text())  # no other AGI
 
 

@@ -336,10 +336,56 @@ async def cmd_cache(args, settings: Settings) -> int:
     return 0
 
 
+async def cmd_evidence(args, settings: Settings) -> int:
+    from . import __version__
+    from .evidence import build, to_csv, to_html
+    from .numbers import normalize
+
+    number = normalize(args.number, args.region or settings.default_region)
+    if not number.e164:
+        raise EdgefilterError(f"{escape_text(args.number, 40)}: {number.reason or 'not a phone number'}")
+    now = time.time()
+    since = _parse_since(args.since, now)
+    if not Path(settings.store.path).exists():
+        raise EdgefilterError(f"{settings.store.path}: database does not exist (no calls recorded yet)")
+    async with Store.open(settings.store.path, create=False) as store:
+        calls = await store.calls_from(number.e164, since)
+        refusals = await store.refusals(caller=number.e164)
+    tz = settings.tz or datetime.now().astimezone().tzinfo
+    ev = build(number.e164, calls, refusals, since=since, until=now, tz=tz, scope=settings.behaviour.refusal_scope)
+    text = to_csv(ev) if args.format == "csv" else to_html(ev, generated=now, version=__version__)
+    if args.output:
+        try:
+            Path(args.output).write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise EdgefilterError(f"{args.output}: cannot write ({e.strerror})") from None
+        print(f"{number.e164}: {ev.totals['calls']} calls, {ev.totals['calls_after_refusal']} after refusal -> {args.output}",
+              file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _parse_since(text: str, now: float) -> float:
+    """``--since 90d`` (back from now) or ``--since 2026-01-31`` (local midnight)."""
+    try:
+        return now - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.strptime(text, "%Y-%m-%d").timestamp()
+    except ValueError:
+        raise EdgefilterError(f"--since {text!r}: use a duration such as 90d or a date YYYY-MM-DD") from None
+
+
 def cmd_config(args, settings: Settings) -> int:
     if args.action == "dump":
         print(dump(settings))
     else:
+        if settings.ami.enabled:
+            from .ami import load_secret
+
+            load_secret(settings.ami)  # a group-readable secret file fails here, not at start-up
         rules = len(settings.rules)
         print(f"config OK: {', '.join(settings.sources)}")
         print(f"  {rules} rules, {len(settings.categories)} categories, {len(settings.policies)} policies, {len(settings.schedules)} schedules")
@@ -356,6 +402,8 @@ def cmd_config(args, settings: Settings) -> int:
             names = ", ".join(src.name + ("" if src.enabled else " (disabled)") for src in rep.sources)
             wait = max(0.0, settings.screen.budget - rep.margin) * 1000
             print(f"  reputation sources: {names}; calls wait for them at most {wait:g} ms")
+        if settings.ami.enabled:
+            print(f"  AMI: {settings.ami.user}@{settings.ami.host}:{settings.ami.port}, secret readable")
     return 0
 
 
@@ -429,6 +477,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", metavar="NAME", help="only this source's answers")
     p.add_argument("--expired", action="store_true", help="purge only expired answers")
     p.set_defaults(func=cmd_cache)
+    p = sub.add_parser("evidence", parents=[common], help="timeline of every call from a number (CSV or HTML), for a complaint")
+    p.add_argument("number", metavar="NUMBER")
+    p.add_argument("--format", choices=("csv", "html"), default="csv")
+    p.add_argument("--since", default="90d", help="how far back: a duration (90d) or a date YYYY-MM-DD (default 90d)")
+    p.add_argument("--output", metavar="FILE", help="write here instead of standard output")
+    p.add_argument("--region", help="ISO region for a national-format NUMBER (default: [numbers] default_region)")
+    p.set_defaults(func=cmd_evidence)
 
     p = sub.add_parser("config", parents=[common], help="check or dump the merged configuration")
     p.add_argument("action", choices=("check", "dump"))

@@ -487,6 +487,42 @@ SCHEMA: dict[str, Any] = {
         "family": _regex_str(r"[A-Za-z0-9_-]{1,40}", "letters, digits, '_' and '-' (an AstDB family)"),
         "max_entries": _int(0, 1000000),
     },
+    "ami": {
+        "enabled": _bool,
+        "host": _str,
+        "port": _int(1, 65535),
+        "user": _str,
+        "secret_file": _str,
+        "secret_env": _str,
+        "connect_timeout": _duration,
+        "ping_interval": _duration,
+        "ping_timeout": _duration,
+        "backoff_initial": _duration,
+        "backoff_max": _duration,
+        "action_timeout": _duration,
+    },
+    "behaviour": {
+        "enabled": _bool,
+        "memory_calls": _int(100, 10_000_000),
+        "burst_window": _duration,
+        "burst_calls": _int(2, 100000),
+        "burst_step": _float,
+        "spread_window": _duration,
+        "spread_targets": _int(2, 100000),
+        "short_window": _duration,
+        "short_seconds": _duration,
+        "short_share": _float,
+        "short_min_calls": _int(1, 100000),
+        "campaign_window": _duration,
+        "campaign_numbers": _int(2, 100000),
+        "campaign_block_digits": _int(1, 8),
+        "neighbour_digits": _int(3, 15),
+        "known_contact_talk": _duration,
+        "known_contact_ttl": _duration,
+        "outbound_contexts": _list_of(_str),
+        "refusal_scope": _choice("callee", "anyone"),
+        "stir_ok_results": _list_of(_str),
+    },
     "log": {
         "level": _choice("debug", "info", "warning", "error"),
         "format": _choice("kv", "json"),
@@ -625,6 +661,55 @@ class MirrorSettings:
 
 
 @dataclass(frozen=True)
+class AmiSettings:
+    """[ami]: the Asterisk Manager connection that feeds call outcomes (never the call path)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 5038
+    user: str = "edgefilter"
+    secret_file: str = ""
+    secret_env: str = ""
+    connect_timeout: float = 5.0
+    ping_interval: float = 10.0
+    ping_timeout: float = 5.0
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    action_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class BehaviourSettings:
+    """[behaviour]: windows and thresholds of the history rules (weights live in [rules.X])."""
+
+    enabled: bool = True
+    memory_calls: int = 100000
+    burst_window: float = 60.0
+    burst_calls: int = 5
+    burst_step: float = 2.0
+    spread_window: float = 600.0
+    spread_targets: int = 5
+    short_window: float = 3600.0
+    short_seconds: float = 6.0
+    short_share: float = 0.6
+    short_min_calls: int = 4
+    campaign_window: float = 600.0
+    campaign_numbers: int = 5
+    campaign_block_digits: int = 4
+    neighbour_digits: int = 7
+    known_contact_talk: float = 60.0
+    known_contact_ttl: float = 180 * 86400.0
+    outbound_contexts: tuple[str, ...] = ()
+    refusal_scope: str = "callee"
+    stir_ok_results: tuple[str, ...] = ()
+
+    @property
+    def horizon(self) -> float:
+        """How far back the in-memory history must reach to serve every window."""
+        return max(self.burst_window, self.spread_window, self.short_window, self.campaign_window)
+
+
+@dataclass(frozen=True)
 class RuleSettings:
     name: str
     weight: float
@@ -756,6 +841,8 @@ class Settings:
     challenge: ChallengeSettings = field(default_factory=ChallengeSettings)
     mirror: MirrorSettings = field(default_factory=MirrorSettings)
     reputation: ReputationSettings = field(default_factory=ReputationSettings)
+    ami: AmiSettings = field(default_factory=AmiSettings)
+    behaviour: BehaviourSettings = field(default_factory=BehaviourSettings)
 
     @property
     def tz(self) -> ZoneInfo | None:
@@ -996,6 +1083,8 @@ def _build(m: dict, origins: dict, sources: tuple[str, ...]) -> Settings:
 
     budget = _duration(sc["budget"])
     reputation = _build_reputation(m.get("reputation", {}), origin_of, fail, budget)
+    ami = _build_ami(m.get("ami", {}), fail)
+    behaviour = _build_behaviour(m.get("behaviour", {}), fail)
 
     return Settings(
         agi=AgiSettings(
@@ -1050,6 +1139,8 @@ def _build(m: dict, origins: dict, sources: tuple[str, ...]) -> Settings:
             max_entries=m["mirror"]["max_entries"],
         ),
         reputation=reputation,
+        ami=ami,
+        behaviour=behaviour,
     )
 
 
@@ -1195,6 +1286,29 @@ def _read_api_key(path: str, origin: str, where: str) -> str:
     return text
 
 
+def _build_ami(a: dict, fail: Callable[[str, str], ConfigError]) -> AmiSettings:
+    conv = {k: SCHEMA["ami"][k](v) for k, v in a.items()}
+    out = AmiSettings(**conv)
+    if out.enabled and not (out.secret_file or out.secret_env):
+        raise fail("ami.secret_file", "AMI is enabled but neither secret_file nor secret_env is set")
+    if out.ping_timeout <= 0 or out.ping_interval <= 0:
+        raise fail("ami.ping_interval", "ping_interval and ping_timeout must be above zero (the watchdog needs them)")
+    if out.backoff_initial <= 0 or out.backoff_max < out.backoff_initial:
+        raise fail("ami.backoff_max", "need 0 < backoff_initial <= backoff_max")
+    return out
+
+
+def _build_behaviour(b: dict, fail: Callable[[str, str], ConfigError]) -> BehaviourSettings:
+    conv = {k: SCHEMA["behaviour"][k](v) for k, v in b.items()}
+    out = BehaviourSettings(**conv)
+    if not 0.0 < out.short_share <= 1.0:
+        raise fail("behaviour.short_share", "a share between 0 (exclusive) and 1")
+    for key in ("burst_window", "spread_window", "short_window", "campaign_window"):
+        if getattr(out, key) <= 0:
+            raise fail(f"behaviour.{key}", "a window must be longer than 0s")
+    return out
+
+
 _SHIPPED_RULES: frozenset[str] | None = None
 
 
@@ -1266,6 +1380,8 @@ __all__ = [
     "Settings",
     "OutputsSettings",
     "SYSLOG_FACILITIES",
+    "AmiSettings",
+    "BehaviourSettings",
     "Policy",
     "Schedule",
     "RuleSettings",

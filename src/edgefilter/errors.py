@@ -23,3 +23,7 @@ class StoreError(EdgefilterError):
 
 class ProtocolError(EdgefilterError):
     """A FastAGI peer broke the protocol (garbage, oversize or truncated env block)."""
+
+
+class AmiError(EdgefilterError):
+    """The Asterisk Manager connection is down, refused our login, or did not answer an action."""

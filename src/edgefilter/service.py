@@ -17,18 +17,24 @@ import time
 from typing import Callable
 
 from .agi import AgiServer
+from .ami import AmiListener, load_secret
+from .behaviour import KEYED_KINDS, RANG_ACTIONS, BehaviourRules, block_of
 from .challenge import RESULT_ROUTE, ChallengeBook, ChallengeFailures, ChallengeRecorder
 from .config import Settings, load_settings
-from .decisionlog import DecisionLogger, setup_logging
-from .errors import ConfigError, StoreError
+from .decisionlog import DecisionLogger, escape_text, setup_logging
+from .errors import AmiError, ConfigError, StoreError
 from .events import Output, build_udp_outputs
+from .history import RecentCall
 from .lists import ListIndex, Pattern
 from .mirror import AmiClient, BlockMirror
+from .model import Number, NumberKind
 from .numbers import warm_up
-from .routes import DecisionObserver, challenge_result_route, screen_route
+from .outcomes import OutcomeTracker
 from .reputation import ReputationClient, ReputationLookup
+from .routes import DecisionObserver, challenge_result_route, screen_route
 from .screen import Decision, Screener
-from .store import CallRecord, Store, describe_sqlite_error
+from .starcodes import StarCodes
+from .store import CallOutcome, CallRecord, ContactSeen, Store, describe_sqlite_error
 
 log = logging.getLogger("edgefilter.service")
 
@@ -90,11 +96,15 @@ class ListFollower:
 
 
 class CallLogWriter:
-    """Bounded queue of call records written in batches; never blocks or fails a call."""
+    """Bounded queue of call records written in batches; never blocks or fails a call.
+
+    AMI outcomes and known contacts go through the same queue, so an outcome is always written
+    after the insert of its call.
+    """
 
     def __init__(self, store: Store, maxsize: int = 10000, batch: int = 500) -> None:
         self.store = store
-        self.queue: asyncio.Queue[CallRecord] = asyncio.Queue(maxsize)
+        self.queue: asyncio.Queue[object] = asyncio.Queue(maxsize)
         self.batch = batch
         self.dropped = 0
         self.written = 0
@@ -118,6 +128,10 @@ class CallLogWriter:
             policy=v.policy,
             elapsed_ms=round(d.elapsed_ms, 3),
         )
+        self.submit(rec)
+
+    def submit(self, rec: object) -> None:
+        """Queue a CallRecord, CallOutcome or ContactSeen; dropped (and counted) when full."""
         try:
             self.queue.put_nowait(rec)
         except asyncio.QueueFull:
@@ -126,14 +140,14 @@ class CallLogWriter:
                 log.warning("call log queue full: %d records dropped (store too slow or failing)", self.dropped)
 
     async def run(self) -> None:
-        pending: list[CallRecord] = []
+        pending: list[object] = []
         while True:
             if not pending:
                 pending.append(await self.queue.get())
             while len(pending) < self.batch and not self.queue.empty():
                 pending.append(self.queue.get_nowait())
             try:
-                self.written += await self.store.record_calls(pending)
+                self.written += await self.store.write_batch(pending)
                 pending = []
             except Exception as e:
                 log.warning("call log write failed (%s); retrying in 1 s", _store_reason(self.store, e))
@@ -146,7 +160,7 @@ class CallLogWriter:
             rest.append(self.queue.get_nowait())
         if rest:
             with contextlib.suppress(Exception):
-                self.written += await self.store.record_calls(rest)
+                self.written += await self.store.write_batch(rest)
 
 
 def _store_reason(store: Store, e: BaseException) -> str:
@@ -162,8 +176,10 @@ class Service:
         self, settings: Settings, *, config_path: str | None = None, port: int | None = None, ami: AmiClient | None = None
     ) -> None:
         self.settings = settings
-        #: the AMI client (anything with ``async send_action(dict) -> dict``); enables the mirror
-        self.ami = ami
+        #: an AMI client injected by tests (anything with ``async send_action(dict) -> dict``);
+        #: otherwise the AmiListener built from [ami] at start. Feeds outcomes, drives the mirror.
+        self.ami_client = ami
+        self.ami: AmiListener | None = None
         self.mirror: BlockMirror | None = None
         self.config_path = config_path
         self.port_override = port
@@ -185,6 +201,13 @@ class Service:
         self.reputation: ReputationClient | None = None
         self.reputation_lookup: ReputationLookup | None = None
         self.reputation_starting: asyncio.Task | None = None  # sources first configured by a reload
+        self.behaviour = BehaviourRules(lambda: self.settings)
+        self.tracker = OutcomeTracker(
+            self._outcome,
+            clock=time.time,
+            outbound=self._outbound_seen,
+            outbound_contexts=lambda: self.settings.behaviour.outbound_contexts,
+        )
 
     @property
     def port(self) -> int:
@@ -193,17 +216,23 @@ class Service:
 
     async def start(self) -> None:
         s = self.settings
+        secret = load_secret(s.ami) if s.ami.enabled else ""  # a bad secret file stops us here, clearly
         warm_up(s.default_region)
         self._store_cm = Store.open(s.store.path)
         self.store = await self._store_cm.__aenter__()
         self.follower = ListFollower(self.store, self.screener)
-        if self.ami is not None and s.mirror.enabled and s.mirror.max_entries > 0:
-            self.mirror = BlockMirror(self.ami, lambda: self.settings, lambda: self.screener.index)
+        if s.ami.enabled and self.ami_client is None:
+            self.ami = AmiListener(s.ami, secret, self.tracker.feed)
+        ami_client = self.ami_client or self.ami
+        if ami_client is not None and s.mirror.enabled and s.mirror.max_entries > 0:
+            self.mirror = BlockMirror(ami_client, lambda: self.settings, lambda: self.screener.index)
             self.follower.on_load.append(self.mirror.resync)
             self.follower.on_change.append(self.mirror.on_change)
         await self.follower.load()
+        await self._load_history()
+        self.screener.sources.append(self.behaviour)
         self.calllog = CallLogWriter(self.store)
-        self.observers.extend([DecisionLogger(s.log_format), self.calllog])
+        self.observers.extend([DecisionLogger(s.log_format), self.calllog, self._remember])
         await self._start_outputs(s)
         self.challenge_failures.load(await self.store.challenge_failures_since(time.time() - s.challenge.fail_window))
         self.challenge_recorder = ChallengeRecorder(
@@ -211,11 +240,13 @@ class Service:
         )
         if s.reputation.active:
             await self._start_reputation(s)
+        starcodes = StarCodes(lambda: self.store, self.behaviour, lambda: self.settings, self.calllog.submit, clock=time.time)
         host, port = s.agi.listen
         self.server = AgiServer(
             {
                 "screen": screen_route(self.screener, self.observers, self.challenges),
                 RESULT_ROUTE: challenge_result_route(self.challenges, self.challenge_recorder),
+                **starcodes.routes(),
             },
             host=host,
             port=self.port_override if self.port_override is not None else port,
@@ -225,6 +256,8 @@ class Service:
             allow_peers=s.agi.allow_peers,
         )
         await self.server.start()
+        if self.ami is not None:
+            self.ami.start()
         self.tasks = [
             asyncio.create_task(self._every(lambda: self.settings.store.poll_interval, self.follower.poll, "list follower")),
             asyncio.create_task(self.calllog.run()),
@@ -294,6 +327,68 @@ class Service:
         self.screener.async_sources.append(self.reputation_lookup)
         log.info("reputation sources: %s", ", ".join(src.name for src in s.reputation.active))
 
+    async def _load_history(self) -> None:
+        """Fill the behaviour rules' memory from the store: recent calls, last caller per
+        extension, refusals in force, known contacts."""
+        assert self.store is not None
+        t0 = time.perf_counter()
+        b = self.settings.behaviour
+        h = self.behaviour.history
+        now = self.screener.clock()
+        for ts, uid, e164, kind, called, exten, answered, talk, action in await self.store.history_rows(now - b.horizon, b.memory_calls):
+            try:
+                nk = NumberKind(kind)
+            except ValueError:
+                nk = NumberKind.GARBAGE
+            num = Number("", nk, e164)
+            h.add(RecentCall(ts, uid, e164 if nk in KEYED_KINDS else None, exten or called,
+                             block_of(num, b.campaign_block_digits),
+                             None if answered is None else bool(answered), talk, action in RANG_ACTIONS), now)
+        for exten, ts, uid, e164, called in await self.store.last_callers():
+            h.last_by_target.setdefault(exten, RecentCall(ts, uid, e164, exten))
+        active = await self.store.refusals(active_only=True)
+        h.load_refusals((r.caller_e164, r.callee) for r in active)
+        for e164, ts in await self.store.contacts(now - b.known_contact_ttl):
+            h.add_contact(e164, ts)
+        log.info("behaviour memory: %d recent calls, %d extensions, %d refusals, %d contacts in %.0f ms",
+                 len(h), len(h.last_by_target), len(active), len(h.contacts), (time.perf_counter() - t0) * 1000)
+
+    def _remember(self, d: Decision) -> None:
+        """Decision observer: feed the history and the AMI outcome tracker; note violations."""
+        self.behaviour.record(d.call, d.number, self.screener.clock(), d.verdict.action.value)
+        self.tracker.register(d.call.uniqueid[:64], d.call.params.get("linkedid", "")[:64])
+        if "REFUSED_BEFORE" in d.verdict.rules:
+            log.warning("violation: %s called %s after being refused (action %s)",
+                        d.number.e164, escape_text(d.call.params.get("exten") or d.call.extension, 64), d.verdict.action.value)
+
+    def _outcome(self, o: CallOutcome) -> None:
+        h = self.behaviour.history
+        rc = h.set_outcome(o.uniqueid, o.answered, o.talk_seconds)
+        if self.calllog is not None:
+            self.calllog.submit(o)
+        b = self.settings.behaviour
+        if rc is not None and rc.caller and o.answered and (o.talk_seconds or 0.0) >= b.known_contact_talk:
+            now = time.time()
+            h.add_contact(rc.caller, now)
+            if self.calllog is not None:
+                self.calllog.submit(ContactSeen(rc.caller, now, "talked"))
+
+    async def send_ami_action(self, action: dict) -> dict:
+        """An AMI action for other features (e.g. DBPut); AmiError at once when AMI is disabled
+        or not connected, never a wait for a reconnection."""
+        if self.ami is None:
+            raise AmiError("AMI is disabled ([ami] enabled = false)")
+        return await self.ami.send_action(action)
+
+    def _outbound_seen(self, raw: str, now: float) -> None:
+        from .numbers import normalize
+
+        n = normalize(raw, self.settings.default_region)
+        if n.kind in (NumberKind.VALID, NumberKind.SHORT) and n.e164:
+            self.behaviour.history.add_contact(n.e164, now)
+            if self.calllog is not None:
+                self.calllog.submit(ContactSeen(n.e164, now, "outbound"))
+
     async def _every(self, interval: Callable[[], float], job, name: str) -> None:
         failing = False
         while True:
@@ -341,6 +436,8 @@ class Service:
         if new.agi.listen != self.settings.agi.listen or new.store.path != self.settings.store.path:
             log.warning("[agi] listen and [store] path changes take effect only after a restart")
         outputs_changed = new.outputs != self.settings.outputs
+        if new.ami != self.settings.ami:
+            log.warning("[ami] changes take effect only after a restart")
         self.settings = new
         if outputs_changed:
             try:
@@ -363,6 +460,8 @@ class Service:
         return True
 
     async def stop(self) -> None:
+        if self.ami is not None:
+            await self.ami.close()
         if self.server is not None:
             await self.server.close()
         for t in self.tasks:

@@ -7,6 +7,7 @@ Rules from other sources (behaviour history, reputation) arrive as ready-made ``
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 from typing import Iterable
 
@@ -93,5 +94,11 @@ def evaluate(
             if rule.name_pattern is not None and rule.enabled and rule.name_pattern.search(name):
                 fire(rule.name, f"caller name matches {rule.name_pattern.pattern!r}")
 
-    hits.extend(extra)
+    for h in extra:
+        # Sources (behaviour, reputation) weigh with the rule's base weight; a policy that
+        # re-weights the rule for this line scales the hit accordingly (0 silences it).
+        base = settings.rules.get(h.rule)
+        if base is not None and base.weight and eff.weights.get(h.rule, base.weight) != base.weight:
+            h = replace(h, weight=round(h.weight * eff.weights[h.rule] / base.weight, 3))
+        hits.append(h)
     return hits

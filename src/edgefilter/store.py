@@ -25,6 +25,7 @@ from .errors import StoreError
 from .lists import Entry, Pattern
 
 SCHEMA_VERSION = 5
+
 MIGRATIONS: dict[int, str] = {
     1: """
     CREATE TABLE IF NOT EXISTS entries (
@@ -97,6 +98,37 @@ MIGRATIONS: dict[int, str] = {
     CREATE INDEX IF NOT EXISTS reputation_number ON reputation (number);
     CREATE INDEX IF NOT EXISTS reputation_expires ON reputation (expires_at);
     """,
+    # 2: behaviour and evidence: call outcomes from AMI, the refusal ledger, known contacts.
+    2: """
+    ALTER TABLE calls ADD COLUMN linkedid TEXT NOT NULL DEFAULT '';
+    ALTER TABLE calls ADD COLUMN answered INTEGER;
+    ALTER TABLE calls ADD COLUMN talk_seconds REAL;
+    ALTER TABLE calls ADD COLUMN hangup_cause INTEGER;
+    ALTER TABLE calls ADD COLUMN hangup_text TEXT NOT NULL DEFAULT '';
+    ALTER TABLE calls ADD COLUMN dial_status TEXT NOT NULL DEFAULT '';
+    ALTER TABLE calls ADD COLUMN ended_at REAL;
+    CREATE INDEX IF NOT EXISTS calls_extension ON calls (extension, ts);
+    CREATE TABLE IF NOT EXISTS refusals (
+        id            INTEGER PRIMARY KEY,
+        caller_e164   TEXT NOT NULL,
+        callee        TEXT NOT NULL,
+        ts            REAL NOT NULL,
+        kind          TEXT NOT NULL CHECK (kind IN ('refuse', 'block', 'report')),
+        category      TEXT NOT NULL DEFAULT '',
+        source        TEXT NOT NULL DEFAULT '',
+        call_uniqueid TEXT NOT NULL DEFAULT '',
+        pattern       TEXT NOT NULL DEFAULT '',
+        undone_at     REAL
+    );
+    CREATE INDEX IF NOT EXISTS refusals_caller ON refusals (caller_e164, ts);
+    CREATE INDEX IF NOT EXISTS refusals_callee ON refusals (callee, ts);
+    CREATE TABLE IF NOT EXISTS contacts (
+        e164       TEXT PRIMARY KEY,
+        last_ts    REAL NOT NULL,
+        how        TEXT NOT NULL DEFAULT ''
+    ) WITHOUT ROWID;
+    CREATE INDEX IF NOT EXISTS contacts_last ON contacts (last_ts);
+    """,
 }
 
 ENTRY_COLUMNS = "list, pattern, kind, key, category, note, source, created_at, expires_at"
@@ -153,6 +185,50 @@ CALL_COLUMNS = (
 )
 
 
+@dataclass(frozen=True)
+class CallOutcome:
+    """What happened to a screened call after the decision (from AMI), joined by uniqueid."""
+
+    uniqueid: str
+    linkedid: str = ""
+    answered: bool | None = None
+    talk_seconds: float | None = None
+    hangup_cause: int | None = None
+    hangup_text: str = ""
+    dial_status: str = ""
+    ended_at: float | None = None
+
+
+@dataclass(frozen=True)
+class ContactSeen:
+    """A number our users called out to or talked with (feeds KNOWN_CONTACT)."""
+
+    e164: str
+    ts: float
+    how: str  # "outbound" | "talked"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """One row of the refusal ledger."""
+
+    id: int
+    caller_e164: str
+    callee: str
+    ts: float
+    kind: str
+    category: str = ""
+    source: str = ""
+    call_uniqueid: str = ""
+    pattern: str = ""
+    undone_at: float | None = None
+
+
+REFUSAL_COLUMNS = "id, caller_e164, callee, ts, kind, category, source, call_uniqueid, pattern, undone_at"
+#: Columns the behaviour history and evidence read besides the CallRecord ones.
+OUTCOME_COLUMNS = "linkedid, answered, talk_seconds, hangup_cause, hangup_text, dial_status, ended_at"
+
+
 def entry_from_row(row: Sequence) -> Entry:
     list_, pattern, kind, key, category, note, source, created, expires = row
     return Entry(list_, Pattern(kind, key, pattern), category, note, source, created, expires)
@@ -183,6 +259,8 @@ class Store:
         # One connection is shared by the service's writers (call log, challenge outcomes,
         # reputation cache, maintenance): their BEGIN ... COMMIT must not interleave on it
         # ("cannot start a transaction within a transaction").
+        # One connection is shared by the call-log writer, maintenance and the star-code routes:
+        # transactions on it must not interleave ("cannot start a transaction within a transaction").
         self._tx_lock = asyncio.Lock()
 
     @classmethod
@@ -422,6 +500,7 @@ class Store:
     async def purge_calls(self, before: float) -> int:
         async with self.transaction():
             cur = await self.db.execute("DELETE FROM calls WHERE ts < ?", (before,))
+            await self.db.execute("DELETE FROM contacts WHERE last_ts < ?", (before,))
         return cur.rowcount
 
     # -- reputation cache -----------------------------------------------------------------
@@ -473,6 +552,149 @@ class Store:
         async with self.transaction():
             cur = await self.db.execute(sql, params)
         return cur.rowcount
+    async def write_batch(self, items: Sequence[object]) -> int:
+        """Call records, outcomes and contacts in one transaction, in queue order.
+
+        One queue keeps the order: an outcome is always applied after the insert of its call.
+        """
+        if not items:
+            return 0
+        async with self.transaction():
+            run: list[tuple] = []  # consecutive call records go in one executemany
+            for item in [*items, None]:
+                if isinstance(item, CallRecord):
+                    run.append(item.row())
+                    continue
+                if run:
+                    await self.db.executemany(f"INSERT INTO calls ({CALL_COLUMNS}) VALUES ({', '.join('?' * 15)})", run)
+                    run = []
+                if item is None:
+                    break
+                if isinstance(item, CallOutcome):
+                    await self._apply_outcome(item)
+                elif isinstance(item, ContactSeen):
+                    await self.db.execute(
+                        "INSERT INTO contacts (e164, last_ts, how) VALUES (?, ?, ?) "
+                        "ON CONFLICT (e164) DO UPDATE SET last_ts = max(last_ts, excluded.last_ts), how = excluded.how",
+                        (item.e164, item.ts, item.how),
+                    )
+                else:  # pragma: no cover - a programming error
+                    raise TypeError(f"cannot store {type(item).__name__}")
+        return len(items)
+
+    async def _apply_outcome(self, o: CallOutcome) -> None:
+        if not o.uniqueid:
+            return
+        await self.db.execute(
+            """UPDATE calls SET linkedid = CASE WHEN ? != '' THEN ? ELSE linkedid END,
+                   answered = COALESCE(?, answered), talk_seconds = COALESCE(?, talk_seconds),
+                   hangup_cause = COALESCE(?, hangup_cause),
+                   hangup_text = CASE WHEN ? != '' THEN ? ELSE hangup_text END,
+                   dial_status = CASE WHEN ? != '' THEN ? ELSE dial_status END,
+                   ended_at = COALESCE(?, ended_at)
+               WHERE uniqueid = ?""",
+            (
+                o.linkedid, o.linkedid, None if o.answered is None else int(o.answered), o.talk_seconds,
+                o.hangup_cause, o.hangup_text, o.hangup_text, o.dial_status, o.dial_status, o.ended_at, o.uniqueid,
+            ),
+        )
+
+    async def history_rows(self, since: float, limit: int = 1000000) -> list[tuple]:
+        """Recent calls for the in-memory history: (ts, uniqueid, caller_e164, caller_kind,
+        called, extension, answered, talk_seconds, action), oldest first, newest ``limit`` kept."""
+        cur = await self.db.execute(
+            """SELECT ts, uniqueid, caller_e164, caller_kind, called, extension, answered, talk_seconds, action
+               FROM (SELECT * FROM calls WHERE ts >= ? ORDER BY ts DESC LIMIT ?) ORDER BY ts""",
+            (since, limit),
+        )
+        return [tuple(r) for r in await cur.fetchall()]
+
+    async def last_callers(self, limit: int = 100000) -> list[tuple]:
+        """The newest call per extension with a caller number: (extension, ts, uniqueid, caller_e164, called)."""
+        cur = await self.db.execute(
+            """SELECT c.extension, c.ts, c.uniqueid, c.caller_e164, c.called FROM calls c
+               JOIN (SELECT extension, MAX(ts) AS ts FROM calls
+                     WHERE extension != '' AND caller_e164 IS NOT NULL GROUP BY extension) l
+               ON c.extension = l.extension AND c.ts = l.ts WHERE c.caller_e164 IS NOT NULL LIMIT ?""",
+            (limit,),
+        )
+        return [tuple(r) for r in await cur.fetchall()]
+
+    async def calls_from(self, e164: str, since: float) -> list[dict]:
+        """Every call from ``e164`` since ``since`` with its outcome, oldest first (evidence)."""
+        cur = await self.db.execute(
+            f"SELECT {CALL_COLUMNS}, {OUTCOME_COLUMNS} FROM calls WHERE caller_e164 = ? AND ts >= ? ORDER BY ts, id",
+            (e164, since),
+        )
+        names = [c.strip() for c in (CALL_COLUMNS + ", " + OUTCOME_COLUMNS).split(",")]
+        return [dict(zip(names, r)) for r in await cur.fetchall()]
+
+    async def outcome_of(self, uniqueid: str) -> dict | None:
+        cur = await self.db.execute(f"SELECT {OUTCOME_COLUMNS} FROM calls WHERE uniqueid = ? ORDER BY ts DESC LIMIT 1", (uniqueid,))
+        row = await cur.fetchone()
+        return None if row is None else dict(zip([c.strip() for c in OUTCOME_COLUMNS.split(",")], row))
+
+    # -- refusal ledger ---------------------------------------------------------------------
+    async def add_refusal(self, r: Refusal, entry: Entry | None = None) -> int:
+        """Record a refusal (and, for block/report, its list entry) in one transaction.
+
+        An entry already on the blocklist (an admin's) is left as it is and the ledger row keeps
+        no pattern, so undoing the star code never removes what someone else put there.
+        """
+        pattern = ""
+        async with self.transaction():
+            if entry is not None:
+                cur = await self.db.execute(
+                    "SELECT 1 FROM entries WHERE list = ? AND pattern = ?", (entry.list, entry.pattern.text)
+                )
+                if await cur.fetchone() is None:
+                    await self._put(entry)
+                    pattern = entry.pattern.text
+            cur = await self.db.execute(
+                "INSERT INTO refusals (caller_e164, callee, ts, kind, category, source, call_uniqueid, pattern) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (r.caller_e164, r.callee, r.ts, r.kind, r.category, r.source, r.call_uniqueid, pattern),
+            )
+        return int(cur.lastrowid)
+
+    async def undo_last_refusal(self, callee: str, now: float) -> Refusal | None:
+        """Undo the callee's newest refusal still in force; a block/report also loses the list
+        entry it created (only if that entry is still the one the star code wrote)."""
+        async with self.transaction():
+            cur = await self.db.execute(
+                f"SELECT {REFUSAL_COLUMNS} FROM refusals WHERE callee = ? AND undone_at IS NULL ORDER BY ts DESC, id DESC LIMIT 1",
+                (callee,),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            r = Refusal(*row)
+            await self.db.execute("UPDATE refusals SET undone_at = ? WHERE id = ?", (now, r.id))
+            if r.pattern:
+                src = f"starcode:{callee}"
+                gone = await self.db.execute(
+                    "DELETE FROM entries WHERE list = 'block' AND pattern = ? AND source = ?", (r.pattern, src)
+                )
+                if gone.rowcount:
+                    await self.db.execute("INSERT INTO changes (list, pattern, op) VALUES ('block', ?, 'del')", (r.pattern,))
+        return Refusal(*row[:-1], undone_at=now)
+
+    async def refusals(self, *, caller: str | None = None, active_only: bool = False) -> list[Refusal]:
+        sql = f"SELECT {REFUSAL_COLUMNS} FROM refusals"
+        cond, args = [], []
+        if caller is not None:
+            cond.append("caller_e164 = ?")
+            args.append(caller)
+        if active_only:
+            cond.append("undone_at IS NULL")
+        if cond:
+            sql += " WHERE " + " AND ".join(cond)
+        cur = await self.db.execute(sql + " ORDER BY ts, id", args)
+        return [Refusal(*r) for r in await cur.fetchall()]
+
+    async def contacts(self, since: float) -> list[tuple[str, float]]:
+        cur = await self.db.execute("SELECT e164, last_ts FROM contacts WHERE last_ts >= ?", (since,))
+        return [tuple(r) for r in await cur.fetchall()]
 
 
 def check_path_writable(path: str) -> None:
