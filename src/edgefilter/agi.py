@@ -60,7 +60,7 @@ _RESULT = re.compile(rb"^result=(-?\d+)(?: \((.*)\))?(?: (.*))?$", re.S)
 #: Characters allowed in any value we write into an AGI command. No quote, backslash, comma,
 #: '$', parentheses or control byte: nothing can end the argument, split MSet or expand.
 _SAFE_VALUE = re.compile(r"[^A-Za-z0-9_ .:+\-\[\]?!#/@*]")
-_SAFE_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
+_SAFE_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,63}\Z")  # not "$": it accepts a trailing LF
 MAX_LINE = 8192
 #: res_agi reads a command with fgets() into a 2048-byte buffer: a longer line would be split
 #: into two commands on the Asterisk side, so we never send one (line plus LF <= 2047 bytes).

@@ -83,6 +83,7 @@ class CallLogWriter:
         self.batch = batch
         self.dropped = 0
         self.written = 0
+        self.failures = 0
 
     def __call__(self, d: Decision) -> None:
         v = d.verdict
@@ -111,7 +112,14 @@ class CallLogWriter:
                 log.warning("call log queue full: %d records dropped (store too slow or failing)", self.dropped)
 
     async def run(self) -> None:
+        """Write queued records in batches; a failing store is logged once, then on recovery.
+
+        A failed batch is kept and retried (each batch is one transaction, so a retry never
+        duplicates rows); while the store keeps failing, one reminder a minute at most.
+        """
         pending: list[CallRecord] = []
+        failing_since: float | None = None
+        last_log = 0.0
         while True:
             if not pending:
                 pending.append(await self.queue.get())
@@ -120,8 +128,19 @@ class CallLogWriter:
             try:
                 self.written += await self.store.record_calls(pending)
                 pending = []
+                if failing_since is not None:
+                    log.info("call log writes recovered after %.0f s", time.monotonic() - failing_since)
+                    failing_since = None
             except Exception as e:
-                log.warning("call log write failed (%s); retrying in 1 s", _store_reason(self.store, e))
+                now = time.monotonic()
+                self.failures += 1
+                if failing_since is None or now - last_log >= 60.0:
+                    log.warning(
+                        "call log write failed (%s); %d records waiting, retrying every second; screening continues",
+                        _store_reason(self.store, e), len(pending) + self.queue.qsize(),
+                    )
+                    last_log = now
+                    failing_since = failing_since if failing_since is not None else now
                 await asyncio.sleep(1.0)
             await asyncio.sleep(0.05)
 
@@ -165,7 +184,7 @@ class Service:
     async def start(self) -> None:
         s = self.settings
         warm_up(s.default_region)
-        self._store_cm = Store.open(s.store.path)
+        self._store_cm = Store.open(s.store.path, busy_timeout_ms=int(s.store.busy_timeout * 1000))
         self.store = await self._store_cm.__aenter__()
         self.follower = ListFollower(self.store, self.screener)
         await self.follower.load()
