@@ -135,12 +135,22 @@ async def read_env(
     deadline = loop.time() + timeout
     highest = -1
     next_arg = 1
+    head = b""  # the first bytes, checked one by one: a TLS or HTTP client is refused at once
+    started = False
     while True:
         remaining = deadline - loop.time()
         if remaining <= 0:
             raise EnvError(f"env block not complete within {timeout:g}s ({env.size} bytes received)", env)
         try:
+            if not started:
+                head += await asyncio.wait_for(reader.readexactly(1), remaining)
+                if not b"agi_".startswith(head):
+                    raise EnvError("garbage instead of an env block", env)
+                started = head == b"agi_"
+                continue
             line = await asyncio.wait_for(reader.readuntil(b"\n"), remaining)
+            if head:
+                line, head = head + line, b""
         except asyncio.TimeoutError:
             raise EnvError(f"env block not complete within {timeout:g}s ({env.size} bytes received)", env) from None
         except asyncio.IncompleteReadError as e:
