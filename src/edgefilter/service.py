@@ -84,6 +84,7 @@ class CallLogWriter:
         self.dropped = 0
         self.written = 0
         self.failures = 0
+        self.retry_every = 1.0  # seconds between attempts while the store fails
 
     def __call__(self, d: Decision) -> None:
         v = d.verdict
@@ -136,12 +137,12 @@ class CallLogWriter:
                 self.failures += 1
                 if failing_since is None or now - last_log >= 60.0:
                     log.warning(
-                        "call log write failed (%s); %d records waiting, retrying every second; screening continues",
-                        _store_reason(self.store, e), len(pending) + self.queue.qsize(),
+                        "call log write failed (%s); %d records waiting, retrying every %g s; screening continues",
+                        _store_reason(self.store, e), len(pending) + self.queue.qsize(), self.retry_every,
                     )
                     last_log = now
                     failing_since = failing_since if failing_since is not None else now
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(self.retry_every)
             await asyncio.sleep(0.05)
 
     async def flush(self) -> None:
