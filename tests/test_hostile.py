@@ -364,7 +364,7 @@ async def test_policy_rule_and_tag_names_are_echoed_exactly(make_settings):
 
 
 @pytest.mark.parametrize(
-    "tag", ['[SPAM"]', "a,b", "x\\", "$(x)", "(spam)", "a=b", "垃圾", "tab\there", " lead", "trail ", "", "x" * 41, "nl\n"]
+    "tag", ["[SPAM", "SPAM]", "][", '[SPAM"]', "a,b", "x\\", "$(x)", "(spam)", "a=b", "垃圾", "tab\there", " lead", "trail ", "", "x" * 41, "nl\n"]
 )
 def test_config_refuses_unsafe_tag_text(tag):
     with pytest.raises(ConfigError, match="tag_text"):
@@ -388,6 +388,10 @@ async def test_a_command_never_exceeds_what_res_agi_reads_as_one_line():
 
 
 def test_safe_value_and_mset_command():
+    assert agi.safe_value("[SPAM?]") == "[SPAM?]"
+    assert agi.safe_value("[SPAM") == "SPAM" and agi.safe_value("a]b[c") == "abc"
+    assert parsed_variables((agi.mset_command({"EDGEFILTER_TAG": "[x", "EDGEFILTER_ACTION": "reject"}) + "\n").encode()) == {
+        b"EDGEFILTER_TAG": b"x", b"EDGEFILTER_ACTION": b"reject"}
     assert agi.safe_value('a"b\\c,d$e(f)g\nh\ri\x00j=k') == "abcdefghijk"
     assert agi.mset_command({"EDGEFILTER_X": 'x",EDGEFILTER_ACTION=allow'}) == 'EXEC MSet "EDGEFILTER_X=xEDGEFILTER_ACTIONallow"'
     with pytest.raises(ValueError):

@@ -234,8 +234,29 @@ def build_call(env: EnvBlock) -> Call:
 
 
 def safe_value(text: str, limit: int = 200) -> str:
-    """Strip every character that could break out of an AGI argument or split MSet."""
-    return _SAFE_VALUE.sub("", text)[:limit]
+    """Strip every character that could break out of an AGI argument or split MSet.
+
+    Brackets are kept only when balanced: MSet splits its pairs with Asterisk's
+    separate_args, where an open '[' hides every later comma (the next variables would be
+    swallowed into this value).
+    """
+    out = _SAFE_VALUE.sub("", text)[:limit]
+    if "[" in out or "]" in out:
+        if not brackets_balanced(out):
+            out = out.replace("[", "").replace("]", "")
+    return out
+
+
+def brackets_balanced(text: str) -> bool:
+    depth = 0
+    for ch in text:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                return False
+    return depth == 0
 
 
 def mset_command(variables: dict[str, str]) -> str:

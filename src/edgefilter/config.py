@@ -155,12 +155,22 @@ ECHO_SAFE = re.compile(r"^[A-Za-z0-9_.:+\-\[\]?!#/@*]([A-Za-z0-9_ .:+\-\[\]?!#/@
 def _echo_text(v: Any) -> str:
     """Text the service echoes into the AGI stream (tags): a strict character set, 1-40 chars."""
     s = _str(v)
-    if not ECHO_SAFE.match(s):
+    if not ECHO_SAFE.match(s) or not _balanced(s):
         raise _Invalid(
             f"{s!r}: 1 to 40 characters from A-Z a-z 0-9 and _ . : + - [ ] ? ! # / @ * (spaces inside only); "
-            "no quotes, commas, backslashes, '$', parentheses, '=', non-ASCII or control characters"
+            "brackets balanced; no quotes, commas, backslashes, '$', parentheses, '=', non-ASCII or control characters"
         )
     return s
+
+
+def _balanced(s: str) -> bool:
+    """Asterisk's MSet nests on '[': an unclosed one would swallow the variables after it."""
+    depth = 0
+    for ch in s:
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if depth < 0:
+            return False
+    return depth == 0
 
 
 def _regex(v: Any) -> re.Pattern:
