@@ -108,8 +108,7 @@ async def test_forged_callerid_is_rejected_in_step_and_logged(service, caplog, c
 async def test_captured_attack_streams(service, caplog, fixture):
     await add(service, "allow", "+86138*")
     r = await screened(service, CallSpec(raw_env=_fixture_stream(fixture)))
-    assert r.commands == [mset("reject", "116", "CLI_FORGED CLI_INVALID")] or parsed_variables(r.commands[0])[b"EDGEFILTER_ACTION"] == b"reject"
-    assert b"CLI_FORGED" in parsed_variables(r.commands[0])[b"EDGEFILTER_RULES"]
+    assert r.commands == [mset("reject", "108", "CLI_FORGED CLI_INVALID")], r.commands  # 100 + 8 ("138")
     assert r.replies[0] == b"200 result=0\n"
     assert "forged FastAGI env block" in caplog.text
 
