@@ -118,6 +118,9 @@ def test_mset_command_is_one_argument_whatever_the_values(variables):
 # -------------------------------------------------------------------------------- numbers
 caller_text = st.one_of(
     st.text(max_size=40),
+    st.builds(lambda n, c, front: c + n if front else n + c,  # a real number plus one control byte
+              st.sampled_from(["+8613800138000", "13800138000", "95588", "anonymous"]),
+              st.sampled_from(["\r", "\n", "\x00", "\x0b", "\x0c", "\x1c", "\x85", "\u2028", "\t"]), st.booleans()),
     st.text(alphabet="+0123456789 -()./", max_size=25),
     st.binary(max_size=30).map(lambda b: b.decode("utf-8", "replace")),
     st.binary(max_size=30).map(lambda b: b.decode("latin-1")),

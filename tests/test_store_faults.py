@@ -276,3 +276,22 @@ def test_describe_sqlite_error_words():
     assert "corrupt" in d("x.db", sqlite3.DatabaseError("file is not a database"))
     assert "corrupt" in d("x.db", sqlite3.DatabaseError("database disk image is malformed"))
     assert "disk I/O error" in d("x.db", sqlite3.OperationalError("disk I/O error"))
+
+
+@pytest.mark.parametrize("argv,op", [(["block", "+8613900139000"], "put"), (["remove", "+8613800138000"], "del")])
+def test_a_failure_between_the_entry_and_its_change_row_leaves_nothing(tmp_path, capsys, argv, op):
+    # Deterministic mid-transaction fault: a trigger makes the second statement (the change-feed
+    # row) fail after the entry row was written. The whole change must be rolled back, or the
+    # running service would never hear of an entry that is on disk (or of one removed).
+    db = tmp_path / "edgefilter.db"
+    cfg = write_config(tmp_path, db)
+    assert run_cli(capsys, "block", "+8613800138000", "--config", str(cfg))[0] == 0
+    con = sqlite3.connect(db, isolation_level=None)
+    before = (con.execute("SELECT list, pattern FROM entries").fetchall(), con.execute("SELECT * FROM changes").fetchall())
+    con.execute(f"CREATE TRIGGER boom BEFORE INSERT ON changes WHEN NEW.op = '{op}' "
+                "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+    rc, out, err = run_cli(capsys, *argv, "--config", str(cfg))
+    assert_one_line_error(rc, err, "disk is full")
+    after = (con.execute("SELECT list, pattern FROM entries").fetchall(), con.execute("SELECT * FROM changes").fetchall())
+    con.close()
+    assert after == before
