@@ -76,7 +76,7 @@ async def _wait_for(cond, timeout: float = 3.0) -> None:
         await asyncio.sleep(0.02)
 
 
-@pytest.mark.parametrize("fault", ["locked", "readonly", "full"])
+@pytest.mark.parametrize("fault", ["locked", "readonly", "full", "corrupt"])
 async def test_service_keeps_screening_on_a_sick_store_and_says_so_once(make_settings, caplog, fault):
     caplog.set_level(logging.INFO, logger="edgefilter.service")
     settings = make_settings(store={"busy_timeout": "100ms"})
@@ -92,17 +92,27 @@ async def test_service_keeps_screening_on_a_sick_store_and_says_so_once(make_set
             other.execute("BEGIN EXCLUSIVE")
         elif fault == "readonly":
             await svc.store.db.execute("PRAGMA query_only = 1")
-        else:
+        elif fault == "full":
             await fill_pages(svc.store)
+        else:  # garbage over every page but the header, and a cache too small to hide it
+            await svc.store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            await svc.store.db.execute("PRAGMA cache_size = 1")
+            db = Path(settings.store.path)
+            with db.open("r+b") as f:
+                f.seek(4096)
+                f.write(os.urandom(db.stat().st_size - 4096))
         # a few seconds of traffic while the store fails: every call answered within budget
         for _ in range(5):
-            await _calls(svc.port, 40, settings.screen.budget)
-            await asyncio.sleep(0.1)
+            await _calls(svc.port, 20, settings.screen.budget)
+            await asyncio.sleep(0.15)
         assert svc.calllog.failures >= 3, "the fault was not hit: the test proves nothing"
         warnings = [r for r in caplog.records if "call log write failed" in r.getMessage()]
         assert len(warnings) == 1, [r.getMessage() for r in warnings]  # once, not per retry
-        words = {"locked": "locked", "readonly": "read-only", "full": "disk is full"}[fault]
+        words = {"locked": "locked", "readonly": "read-only", "full": "disk is full", "corrupt": "corrupt"}[fault]
         assert words in warnings[0].getMessage()
+        if fault == "corrupt":  # nothing to heal; the follower says it once too
+            assert sum("list follower failed" in r.getMessage() for r in caplog.records) == 1
+            return
         # heal: everything queued is written, nothing lost, recovery logged
         if other is not None:
             other.execute("ROLLBACK")
@@ -110,9 +120,9 @@ async def test_service_keeps_screening_on_a_sick_store_and_says_so_once(make_set
             await svc.store.db.execute("PRAGMA query_only = 0")
         else:
             await svc.store.db.execute("PRAGMA max_page_count = 1073741823")
-        await _wait_for(lambda: svc.calllog.written == 3 + 200, timeout=5.0)
+        await _wait_for(lambda: svc.calllog.written == 3 + 100, timeout=5.0)
         assert "call log writes recovered" in caplog.text
-        assert len(await svc.store.recent_calls(0)) == 203
+        assert len(await svc.store.recent_calls(0)) == 103
     finally:
         if other is not None:
             other.close()
