@@ -536,3 +536,25 @@ async def test_unread_junk_reads_the_stream_buffer():
     r2 = asyncio.StreamReader()
     r2.feed_data(b"200 result=0\n")
     assert agi.unread_junk(r2) == b"200 result=0\n"
+
+
+def test_classic_agi_launcher_catches_a_block_cut_short(tmp_path):
+    # The per-process launcher reads the env on stdin: the same planted blank line in an
+    # argument must be answered forged, once, without reading the planted tail as a reply.
+    import os
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "edgefilter.toml"
+    cfg.write_text(f'[store]\npath = "{tmp_path / "e.db"}"\n')
+    env = build_env(CallSpec(callerid=b"+8613900139000", args=BLANK_IN_ARG, script="agi:///x"), truncate=False)
+    env = b"".join(line + b"\n" for line in env.split(b"\n")[:-1] if not line.startswith(b"agi_network"))
+    stdin = env + b"200 result=0\n"
+    code = "import sys; from edgefilter.launcher import main; sys.exit(main())"
+    p = subprocess.run([sys.executable, "-c", code], input=stdin, capture_output=True, timeout=30,
+                       env={**os.environ, "EDGEFILTER_CONFIG": str(cfg)})
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines(keepends=True)
+    assert len(lines) == 1, p.stdout
+    v = parsed_variables(lines[0])
+    assert v[b"EDGEFILTER_ACTION"] == b"reject" and b"CLI_FORGED" in v[b"EDGEFILTER_RULES"].split()

@@ -123,11 +123,14 @@ def unread_junk(reader: asyncio.StreamReader) -> bytes:
 async def read_env(
     reader: asyncio.StreamReader, *, max_bytes: int, timeout: float, required: frozenset[str] = _REQUIRED
 ) -> EnvBlock:
-    """Read one env block; raise ProtocolError on EOF, timeout, oversize or garbage.
+    """Read one env block; raise EnvError (a ProtocolError) on EOF, timeout, oversize or garbage.
 
+    ``timeout`` is one deadline for the whole block, not per read: a peer dribbling bytes cannot
+    extend it. The first bytes must spell ``agi_`` (a TLS or HTTP client is refused at once).
     A blank line before every always-sent key has arrived, a line that is not ``agi_key: value``,
-    a duplicate or an out-of-order key mean the block was forged through a caller-controlled
-    value: the block is read on to its real end (so later replies stay in step) and marked.
+    a duplicate, out-of-order or unknown key, or an ``agi_arg_N`` out of sequence mean the block
+    was forged through a caller-controlled value: the block is read on to its real end (so later
+    replies stay in step) and marked. Control bytes in values are noted in ``hostile``.
     """
     env = EnvBlock()
     loop = asyncio.get_running_loop()
