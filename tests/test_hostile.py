@@ -281,7 +281,6 @@ def test_dial_plan_filters_caller_text_before_use(conf):
             before = code[: m.start()]
             ok = before.endswith(("FILTER(0-9+,", "FILTER(0-9,", "FILTER(0-9A-Za-z*#+_,", "FILTER(0-9A-Za-z@_,"))
             ok = ok or "Set(CALLERID(name)=${EDGEFILTER_TAG} " in code  # Set takes the rest raw
-            ok = ok or code.strip().startswith("exten => _X.,1,Set(LOCAL(dest)=")
             assert ok, f"{conf}: unfiltered caller text {m.group(0)} in: {line.strip()}"
 
 
@@ -430,11 +429,12 @@ async def _service_times(port: int, n: int) -> list[float]:
 
 
 async def test_1000_idle_and_dribbling_peers_do_not_delay_real_calls(make_settings, many_fds, caplog):
-    # Default max_sessions (1000) and read_timeout (2s): 500 silent peers plus 500 peers that
-    # dribble a byte every 100 ms fill every session slot. Real calls must still be screened
-    # within the budget: the oldest env-less connection gives up its slot.
-    settings = make_settings()
-    assert settings.agi.max_sessions == 1000 and settings.agi.read_timeout == 2.0
+    # Default max_sessions (1000), a read_timeout long enough that no hostile peer times out
+    # during the test: 500 silent peers plus 500 peers that dribble a byte every 100 ms fill
+    # every session slot. Real calls must still be screened within the budget: the oldest
+    # env-less connection gives up its slot.
+    settings = make_settings(agi={"read_timeout": "20s"})
+    assert settings.agi.max_sessions == 1000
     svc = Service(settings, port=0)
     await svc.start()
     stop = asyncio.Event()
@@ -453,8 +453,10 @@ async def test_1000_idle_and_dribbling_peers_do_not_delay_real_calls(make_settin
                 await asyncio.sleep(0.1)
 
         task = asyncio.create_task(dribble())
-        await asyncio.sleep(0.3)
-        assert svc.server.active >= 1000
+        t0 = time.monotonic()
+        while svc.server.active < 1000:
+            assert time.monotonic() - t0 < 5, svc.server.active
+            await asyncio.sleep(0.05)
         times = await _service_times(svc.port, 30)
         budget = settings.screen.budget
         assert max(times) < budget, f"slowest real call {max(times) * 1000:.1f} ms with 1,000 hostile peers open"
