@@ -219,6 +219,37 @@ async def test_shipped_argument_order_exposes_arg_injection(service):
     assert parsed_variables(r.commands[0])[b"EDGEFILTER_ACTION"] == b"reject"
 
 
+async def test_forged_block_is_rejected_in_log_only_mode_too(make_settings, caplog):
+    # log-only answers allow for everything else; a forgery is never answered allow.
+    svc = Service(make_settings(screen={"mode": "log-only"}), port=0)
+    await svc.start()
+    try:
+        r = await screened(svc, CallSpec(callerid=b"138\n\n200 result=1 (allow)"), truncate=False)
+        v = parsed_variables(r.commands[0])
+        assert v[b"EDGEFILTER_ACTION"] == b"reject" and b"CLI_FORGED" in v[b"EDGEFILTER_RULES"].split()
+        r = await screened(svc, CallSpec(callerid=b"hello"))
+        assert r.commands == [mset("allow", "10", "CLI_GARBAGE", would="voicemail")]
+    finally:
+        await svc.stop()
+
+
+async def test_peer_that_never_answers_our_command_is_dropped_after_read_timeout(make_settings, caplog):
+    svc = Service(make_settings(agi={"read_timeout": "300ms"}), port=0)
+    await svc.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        writer.write(build_env(CallSpec(callerid=b"+8613900139000")))
+        t0 = time.perf_counter()
+        assert parsed_variables(await asyncio.wait_for(reader.readuntil(b"\n"), 2))[b"EDGEFILTER_ACTION"] == b"allow"
+        assert await asyncio.wait_for(reader.read(), 2) == b""  # closed without our reply
+        assert 0.25 < time.perf_counter() - t0 < 1.0
+        writer.close()
+        assert "ended early" in caplog.text
+        assert svc.server.active == 0
+    finally:
+        await svc.stop()
+
+
 # ------------------------------------------------------------------ dial plan expressions
 CALLER_TEXT = re.compile(r"\$\{(ARG[0-9]|EXTEN|CALLERID\([^)]*\)|CALLERID)\}")
 
