@@ -242,7 +242,7 @@ async def test_peer_that_never_answers_our_command_is_dropped_after_read_timeout
         t0 = time.perf_counter()
         assert parsed_variables(await asyncio.wait_for(reader.readuntil(b"\n"), 2))[b"EDGEFILTER_ACTION"] == b"allow"
         assert await asyncio.wait_for(reader.read(), 2) == b""  # closed without our reply
-        assert 0.25 < time.perf_counter() - t0 < 1.0
+        assert 0.25 < time.perf_counter() - t0 < 1.5
         writer.close()
         assert "ended early" in caplog.text
         assert svc.server.active == 0
@@ -522,7 +522,7 @@ async def test_dribbling_peer_cannot_extend_the_env_deadline(make_settings, capl
             except asyncio.TimeoutError:
                 pass
         writer.close()
-        assert closed_at is not None and 0.5 < closed_at < 1.0, closed_at
+        assert closed_at is not None and 0.5 < closed_at < 1.5, closed_at
         assert "env block not complete within 0.6s" in caplog.text
     finally:
         await svc.stop()
