@@ -1,7 +1,7 @@
 """Run asterisklint's dialplan-check on a dial plan, knowing the applications it lacks.
 
 asterisklint 0.4.3 (the latest release) predates PJSIPHangup (Asterisk 18.21/20.6/21.1) and has
-no SendText (core app since 1.0); registering them as plain apps keeps every other check (unknown
+no SendText (core app since 1.0) nor MSet (core since 1.6); registering them as plain apps keeps every other check (unknown
 applications, argument syntax, unbalanced brackets, goto targets) strict. Run in a subprocess: the
 linter keeps its findings in process-wide singletons.
 
@@ -18,7 +18,7 @@ from asterisklint.application import AppLoader
 from asterisklint.defines import MessageDefManager
 
 #: Applications real Asterisk 22 has and asterisklint 0.4.3 does not know.
-EXTRA_APPS = ("PJSIPHangup", "SendText")
+EXTRA_APPS = ("PJSIPHangup", "SendText", "MSet")
 
 
 def main(path: str) -> int:

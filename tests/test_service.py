@@ -134,15 +134,23 @@ async def test_silent_peer_times_out_without_blocking_others(make_settings):
 
 
 async def test_max_sessions_closes_extra_connections_at_once(make_settings):
+    # Sessions past their env block (here: peers that never answer our command) count against
+    # max_sessions and cannot be evicted; the next connection is closed at once (fails open).
+    from edgefilter.callsim import build_env
+
     svc = Service(make_settings(agi={"max_sessions": 5, "read_timeout": "2s"}), port=0)
     await svc.start()
     try:
-        idle = [await asyncio.open_connection("127.0.0.1", svc.port) for _ in range(5)]
-        await asyncio.sleep(0.05)
+        stuck = []
+        for _ in range(5):
+            r, w = await asyncio.open_connection("127.0.0.1", svc.port)
+            w.write(build_env(CallSpec(), port=svc.port))
+            await r.readuntil(b"\n")  # our MSet arrived; never answered
+            stuck.append(w)
         r = await place_call("127.0.0.1", svc.port, CallSpec(), timeout=2.0)
         assert r.closed_by_server and r.variables == {}  # dial plan fails open
-        assert svc.server.refused >= 1
-        for _, w in idle:
+        assert svc.server.refused >= 1 and svc.server.evicted == 0
+        for w in stuck:
             w.close()
     finally:
         await svc.stop()

@@ -60,8 +60,15 @@ _RESULT = re.compile(rb"^result=(-?\d+)(?: \((.*)\))?(?: (.*))?$", re.S)
 #: Characters allowed in any value we write into an AGI command. No quote, backslash, comma,
 #: '$', parentheses or control byte: nothing can end the argument, split MSet or expand.
 _SAFE_VALUE = re.compile(r"[^A-Za-z0-9_ .:+\-\[\]?!#/@*]")
-_SAFE_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
+_SAFE_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,63}\Z")  # not "$": it accepts a trailing LF
 MAX_LINE = 8192
+#: res_agi reads a command with fgets() into a 2048-byte buffer: a longer line would be split
+#: into two commands on the Asterisk side, so we never send one (line plus LF <= 2047 bytes).
+MAX_COMMAND = 2046
+#: Control bytes no real caller ID or name should carry (TAB is kept: pjsip passes it, 10/10b).
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+#: What Asterisk may legitimately have sent between the env block and our first command.
+_HANGUP = b"HANGUP\n"
 
 
 @dataclass
@@ -71,6 +78,7 @@ class EnvBlock:
     values: dict[str, str] = field(default_factory=dict)
     args: list[str] = field(default_factory=list)
     forged: list[str] = field(default_factory=list)
+    hostile: list[str] = field(default_factory=list)  # odd but in-step values (control bytes)
     size: int = 0
 
     @property
@@ -82,61 +90,114 @@ def _decode(value: bytes) -> str:
     return value.decode("utf-8", errors="replace")
 
 
+class EnvError(ProtocolError):
+    """The env block could not be read; ``hostile`` when its shape (not the network) is to blame.
+
+    ``env`` holds what was read before the failure, so that an oversize block that started
+    like a real Asterisk one can still be answered (as forged) instead of failing open.
+    """
+
+    def __init__(self, message: str, env: "EnvBlock", *, hostile: bool = False) -> None:
+        super().__init__(message)
+        self.env = env
+        self.hostile = hostile
+
+
+def unread_junk(reader: asyncio.StreamReader) -> bytes:
+    """Bytes already received that no command asked for (HANGUP lines aside).
+
+    Asterisk writes nothing between the env block and our first command, nor after the reply
+    to a command, except an unsolicited ``HANGUP``. Anything else there was planted through a
+    caller-controlled value (a blank line inside an AGI argument ends the block early and
+    pushes the rest of the real block into the reply stream). asyncio's StreamReader has no
+    public peek, so this reads its buffer (a bytearray in CPython 3.8-3.13, pinned by a test).
+    """
+    pending = bytes(getattr(reader, "_buffer", b""))
+    while pending.startswith(_HANGUP):
+        pending = pending[len(_HANGUP):]
+    if _HANGUP.startswith(pending):  # nothing, or a HANGUP line still arriving
+        return b""
+    return pending
+
+
 async def read_env(
     reader: asyncio.StreamReader, *, max_bytes: int, timeout: float, required: frozenset[str] = _REQUIRED
 ) -> EnvBlock:
-    """Read one env block; raise ProtocolError on EOF, timeout, oversize or garbage.
+    """Read one env block; raise EnvError (a ProtocolError) on EOF, timeout, oversize or garbage.
 
+    ``timeout`` is one deadline for the whole block, not per read: a peer dribbling bytes cannot
+    extend it. The first bytes must spell ``agi_`` (a TLS or HTTP client is refused at once).
     A blank line before every always-sent key has arrived, a line that is not ``agi_key: value``,
-    a duplicate or an out-of-order key mean the block was forged through a caller-controlled
-    value: the block is read on to its real end (so later replies stay in step) and marked.
+    a duplicate, out-of-order or unknown key, or an ``agi_arg_N`` out of sequence mean the block
+    was forged through a caller-controlled value: the block is read on to its real end (so later
+    replies stay in step) and marked. Control bytes in values are noted in ``hostile``.
     """
     env = EnvBlock()
     try:
-        async with asyncio.timeout(timeout):  # one deadline for the whole block: a dribbler cannot extend it
+        # One deadline for the whole block: a peer dribbling a byte at a time cannot extend it.
+        # (asyncio.timeout arms one timer; a wait_for per line would create a task per line.)
+        async with asyncio.timeout(timeout):
             return await _read_env_lines(reader, env, max_bytes, required)
     except TimeoutError:
-        raise ProtocolError(f"env block not complete within {timeout:g}s ({env.size} bytes received)") from None
+        raise EnvError(f"env block not complete within {timeout:g}s ({env.size} bytes received)", env) from None
 
 
 async def _read_env_lines(reader: asyncio.StreamReader, env: EnvBlock, max_bytes: int, required: frozenset[str]) -> EnvBlock:
     highest = -1
+    next_arg = 1
+    head = b""  # the first bytes, checked one by one: a TLS or HTTP client is refused at once
+    started = False
     while True:
         try:
+            if not started:
+                head += await reader.readexactly(1)
+                if not b"agi_".startswith(head):
+                    raise EnvError("garbage instead of an env block", env)
+                started = head == b"agi_"
+                continue
             line = await reader.readuntil(b"\n")
+            if head:
+                line, head = head + line, b""
         except asyncio.IncompleteReadError as e:
-            raise ProtocolError(f"connection closed inside the env block ({env.size + len(e.partial)} bytes received)") from None
+            raise EnvError(f"connection closed inside the env block ({env.size + len(e.partial)} bytes received)", env) from None
         except asyncio.LimitOverrunError:
-            raise ProtocolError(f"env line longer than {MAX_LINE} bytes") from None
+            raise EnvError(f"env line longer than {MAX_LINE} bytes", env, hostile=True) from None
         env.size += len(line)
         if env.size > max_bytes:
-            raise ProtocolError(f"env block larger than {max_bytes} bytes")
+            raise EnvError(f"env block larger than {max_bytes} bytes", env, hostile=True)
         if line == b"\n":
             if required.issubset(env.values):
                 return env
             if not env.values:
-                raise ProtocolError("blank line before any env key: not a FastAGI client")
+                raise EnvError("blank line before any env key: not a FastAGI client", env)
             env.forged.append(f"blank line after {len(env.values)} keys, before the end of the env block")
             continue
         m = _ENV_LINE.match(line)
         if m is None:
             if not env.values:
-                raise ProtocolError("garbage instead of an env block")
+                raise EnvError("garbage instead of an env block", env)
             env.forged.append("a line that is not 'agi_key: value' inside the env block")
             continue
         key, value = m.group(1).decode("ascii"), _decode(m.group(2))
         if key in env.values:
             env.forged.append(f"duplicate {key}")
         order = _ORDER.get(key)
+        arg = _ARG_KEY.match(key)
         if order is not None:
             if order < highest:
                 env.forged.append(f"{key} out of order")
             highest = max(highest, order)
-        arg = _ARG_KEY.match(key)
+        elif arg is None:
+            env.forged.append(f"unexpected key {key}")  # Asterisk sends no other keys
         if arg is not None:
             if "agi_threadid" not in env.values:
                 env.forged.append(f"{key} before agi_threadid")
+            if int(arg.group(1)) != next_arg:
+                env.forged.append(f"{key} out of sequence (expected agi_arg_{next_arg})")
+            next_arg += 1
             env.args.append(value)
+        if _CONTROL.search(value):
+            env.hostile.append(f"control characters in {key}")
         env.values[key] = value
 
 
@@ -178,8 +239,29 @@ def build_call(env: EnvBlock) -> Call:
 
 
 def safe_value(text: str, limit: int = 200) -> str:
-    """Strip every character that could break out of an AGI argument or split MSet."""
-    return _SAFE_VALUE.sub("", text)[:limit]
+    """Strip every character that could break out of an AGI argument or split MSet.
+
+    Brackets are kept only when balanced: MSet splits its pairs with Asterisk's
+    separate_args, where an open '[' hides every later comma (the next variables would be
+    swallowed into this value).
+    """
+    out = _SAFE_VALUE.sub("", text)[:limit]
+    if "[" in out or "]" in out:
+        if not brackets_balanced(out):
+            out = out.replace("[", "").replace("]", "")
+    return out
+
+
+def brackets_balanced(text: str) -> bool:
+    depth = 0
+    for ch in text:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                return False
+    return depth == 0
 
 
 def mset_command(variables: dict[str, str]) -> str:
@@ -215,11 +297,16 @@ class AgiSession:
         self.timeout = timeout
         self.hungup = False
         self.commands: list[str] = []
+        #: Set when bytes nobody asked for were found after the env block: the block was forged
+        #: and replies can no longer be trusted, so the route answers and closes without reading.
+        self.out_of_step = False
 
     async def command(self, line: str) -> Reply:
         """Send one command line and wait for its reply (never pipelined)."""
         if "\n" in line or "\r" in line or "\0" in line:
             raise ValueError("AGI command must be a single line")
+        if len(line.encode("utf-8")) > MAX_COMMAND:
+            raise ValueError(f"AGI command longer than {MAX_COMMAND} bytes: Asterisk would split it in two")
         self.commands.append(line)
         self.writer.write(line.encode("utf-8") + b"\n")
         await self.writer.drain()
@@ -251,23 +338,65 @@ class AgiSession:
                 return Reply(code, data=_decode(rest), hangup=hangup)
             return Reply(code, int(r.group(1)), _decode(r.group(2) or b""), hangup=hangup)
 
+    def unread_junk(self) -> bytes:
+        return unread_junk(self.reader)
+
     async def set_variables(self, variables: dict[str, str]) -> Reply:
-        """Set every variable in one round trip with ``EXEC MSet``; fall back to SET VARIABLE."""
+        """Set every variable in one round trip with ``EXEC MSet``; fall back to SET VARIABLE.
+
+        The reply must be the one MSet gives (``200 result=0``; -2 when MSet is missing; 511 on
+        a dead channel): anything else, such as a planted ``200 result=1 (allow)``, means the
+        stream is out of step and raises ProtocolError.
+        """
         reply = await self.command(mset_command(variables))
         if reply.code == 200 and reply.result == -2:  # MSet missing (very old Asterisk)
             for name, value in variables.items():
                 reply = await self.command(f'SET VARIABLE {name} "{safe_value(value)}"')
+                if not (reply.code == 200 and reply.result == 1) and reply.code != 511:
+                    raise ProtocolError(f"unexpected reply to SET VARIABLE: {reply.code} result={reply.result}")
+            return reply
+        if not (reply.code == 200 and reply.result == 0) and reply.code != 511:
+            raise ProtocolError(f"unexpected reply to EXEC MSet: {reply.code} result={reply.result} ({safe_value(reply.data, 40)})")
         return reply
 
 
 Handler = Callable[[AgiSession], Awaitable[None]]
 
 
+class _Throttle:
+    """At most one log line per reason every ``interval`` seconds, with a count of the rest.
+
+    A thousand idle or garbage connections must not become a thousand log lines; the first one
+    of each kind is always logged at once.
+    """
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, reason: str, msg: str, *args) -> None:
+        now = time.monotonic()
+        last = self._last.get(reason)
+        if last is not None and now - last < self.interval:
+            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
+            return
+        self._last[reason] = now
+        n = self._suppressed.pop(reason, 0)
+        if n:
+            msg += " (and %d more like it in the last %.0f s)"
+            args = (*args, n, now - last)
+        log.warning(msg, *args)
+
+
 class AgiServer:
     """The FastAGI listener: accepts, guards and dispatches connections to route handlers.
 
     One broken connection never affects another: each runs in its own task and every error is
-    caught and logged at the connection boundary.
+    caught and logged at the connection boundary. Connections still waiting for their env block
+    are tracked oldest first: when ``max_sessions`` is reached, the oldest of them is closed to
+    make room (a real Asterisk sends its block in well under a millisecond), so idle or dribbling
+    peers cannot lock real calls out.
     """
 
     def __init__(
@@ -289,7 +418,12 @@ class AgiServer:
         self.allow_peers = allow_peers
         self.active = 0
         self.refused = 0
+        self.evicted = 0
+        self.denied = 0
         self.server: asyncio.AbstractServer | None = None
+        self._waiting: dict[asyncio.StreamWriter, float] = {}  # insertion order = oldest first
+        self._evicting: set[asyncio.StreamWriter] = set()
+        self._throttle = _Throttle()
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._handle, self.host, self.port, limit=MAX_LINE, backlog=1024)
@@ -315,15 +449,28 @@ class AgiServer:
             addr = addr.ipv4_mapped
         return any(addr.version == n.version and addr in n for n in self.allow_peers)
 
+    def _make_room(self) -> bool:
+        """Close the oldest connection still waiting for its env block; False if there is none."""
+        for writer in self._waiting:
+            if writer not in self._evicting:
+                self._evicting.add(writer)
+                self.evicted += 1
+                writer.transport.abort()
+                return True
+        return False
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername") or ("?", 0)
         if not self._peer_allowed(peer):
-            log.warning("FastAGI connection from %s refused: not in [agi] allow_peers", peer[0])
-            writer.close()
+            self.denied += 1
+            self._throttle.warning("denied", "FastAGI connection from %s refused: not in [agi] allow_peers", peer[0])
+            writer.transport.abort()
             return
-        if self.active >= self.max_sessions:
+        if self.active - len(self._evicting) >= self.max_sessions and not self._make_room():
             self.refused += 1
-            log.warning("FastAGI connection from %s closed: %d sessions already open ([agi] max_sessions)", peer[0], self.active)
+            self._throttle.warning(
+                "full", "FastAGI connection from %s closed: %d sessions already open ([agi] max_sessions)", peer[0], self.active
+            )
             writer.close()
             return
         self.active += 1
@@ -333,27 +480,56 @@ class AgiServer:
             log.exception("FastAGI session from %s failed", peer[0])
         finally:
             self.active -= 1
+            self._waiting.pop(writer, None)
+            self._evicting.discard(writer)
             writer.close()
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer) -> None:
+        self._waiting[writer] = time.monotonic()
+        out_of_step = ""
         try:
             env = await read_env(reader, max_bytes=self.max_env_bytes, timeout=self.read_timeout)
-        except ProtocolError as e:
-            log.warning("FastAGI connection from %s closed: %s", peer[0], e)
-            return
+        except EnvError as e:
+            if writer in self._evicting:
+                self._throttle.warning(
+                    "evicted", "FastAGI connection from %s closed to make room: no env block after %.0f ms ([agi] max_sessions)",
+                    peer[0], (time.monotonic() - self._waiting.get(writer, time.monotonic())) * 1000,
+                )
+                return
+            if not (e.hostile and "agi_network_script" in e.env.values):
+                self._throttle.warning(" ".join(str(e).split()[:3]), "FastAGI connection from %s closed: %s", peer[0], e)
+                return
+            # It began like Asterisk's block, then broke its limits: answer it as forged rather
+            # than fail open, and do not read on (the stream cannot be trusted any more).
+            env = e.env
+            env.forged.append(str(e))
+            out_of_step = str(e)
+        finally:
+            self._waiting.pop(writer, None)
+        if not out_of_step:
+            junk = unread_junk(reader)
+            if junk:
+                out_of_step = f"{len(junk)} bytes after the env block before any command"
+                env.forged.append(out_of_step)
         call = build_call(env)
         if call.forged:
             log.warning(
                 "forged FastAGI env block from %s uniqueid=%s: %s", peer[0], safe_value(call.uniqueid, 40), call.forged
+            )
+        if env.hostile:
+            log.warning(
+                "hostile FastAGI env values from %s uniqueid=%s: %s", peer[0], safe_value(call.uniqueid, 40),
+                "; ".join(dict.fromkeys(env.hostile)),
             )
         handler = self.routes.get(call.route)
         if handler is None:
             log.warning("FastAGI request for unknown route %r from %s: closed (dial plan fails open)", safe_value(call.route, 40), peer[0])
             return
         session = AgiSession(reader, writer, env, call, self.read_timeout)
+        session.out_of_step = bool(out_of_step)
         try:
             await handler(session)
-        except (ProtocolError, asyncio.TimeoutError, ConnectionError, asyncio.IncompleteReadError) as e:
+        except (ProtocolError, asyncio.TimeoutError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
             log.warning("FastAGI session %s from %s ended early: %s", safe_value(call.uniqueid, 40), peer[0], e or type(e).__name__)
 
 

@@ -51,6 +51,10 @@ def parse_expires(text: str | None, now: float) -> float | None:
         raise EdgefilterError(f"--expires {text!r}: use a duration such as 30d or a date YYYY-MM-DD") from None
 
 
+def _busy(settings: Settings) -> int:
+    return int(settings.store.busy_timeout * 1000)
+
+
 def _fmt_time(ts: float | None) -> str:
     return "-" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
 
@@ -75,7 +79,7 @@ async def cmd_add(args, settings: Settings) -> int:
         created_at=now,
         expires_at=parse_expires(args.expires, now),
     )
-    async with Store.open(settings.store.path) as store:
+    async with Store.open(settings.store.path, busy_timeout_ms=_busy(settings)) as store:
         result = await store.put_entry(entry)
     exp = f", expires {_fmt_time(entry.expires_at)}" if entry.expires_at else ""
     print(f"{args.list} {pattern.text} ({pattern.kind}): {result}{exp}")
@@ -84,7 +88,7 @@ async def cmd_add(args, settings: Settings) -> int:
 
 async def cmd_remove(args, settings: Settings) -> int:
     pattern = parse_pattern(args.pattern, args.region or settings.default_region)
-    async with Store.open(settings.store.path) as store:
+    async with Store.open(settings.store.path, busy_timeout_ms=_busy(settings)) as store:
         removed = await store.remove_entry(pattern, args.list)
     if not removed:
         print(f"{pattern.text}: not on {'the ' + args.list + ' list' if args.list else 'any list'}", file=sys.stderr)
@@ -97,7 +101,7 @@ async def cmd_list(args, settings: Settings) -> int:
     if not Path(settings.store.path).exists():
         print("(no entries: the database does not exist yet)")
         return 0
-    async with Store.open(settings.store.path, create=False) as store:
+    async with Store.open(settings.store.path, create=False, busy_timeout_ms=_busy(settings)) as store:
         entries = await store.entries(args.which, include_expired=args.all)
     now = time.time()
     print(f"{'list':<6} {'pattern':<22} {'kind':<7} {'category':<16} {'expires':<17} {'source':<12} note")
@@ -125,7 +129,7 @@ async def cmd_check(args, settings: Settings) -> int:
     screener = Screener(settings)
     number = screener.decide(call, when=when).number
     if number.digits and Path(settings.store.path).exists():
-        async with Store.open(settings.store.path, create=False) as store:
+        async with Store.open(settings.store.path, create=False, busy_timeout_ms=_busy(settings)) as store:
             idx = ListIndex()
             idx.extend(await store.candidates(number.digits))
             failures = ChallengeFailures(lambda: settings)

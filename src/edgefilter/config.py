@@ -60,6 +60,8 @@ BUILTIN_RULES = (
 REJECT_CAUSES = ("21", "17", "607", "608")
 RULE_NAME = re.compile(r"^[A-Z][A-Z0-9_]{1,63}$")
 SAFE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+RULE_NAME = re.compile(r"^[A-Z][A-Z0-9_]{1,63}\Z")  # \Z: "$" would accept a trailing LF
+SAFE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
@@ -200,13 +202,21 @@ def _regex_str(pattern: str, what: str) -> Callable[[Any], str]:
         return s
 
     return check
+#: Characters a value the service echoes into the AGI stream may hold: exactly what
+#: agi.safe_value keeps, so nothing an admin writes is silently dropped on the wire. No quote,
+#: backslash, comma, '$', parenthesis, '=' or control byte: none can end the MSet argument,
+#: split it, nest or expand in the dial plan.
+ECHO_SAFE = re.compile(r"^[A-Za-z0-9_.:+\-\[\]?!#/@*]([A-Za-z0-9_ .:+\-\[\]?!#/@*]{0,38}[A-Za-z0-9_.:+\-\[\]?!#/@*])?\Z")
 
 
 def _echo_text(v: Any) -> str:
-    """Text the service echoes into the AGI stream (tags): no quotes, commas, control bytes."""
+    """Text the service echoes into the AGI stream (tags): a strict character set, 1-40 chars."""
     s = _str(v)
-    if len(s) > 40 or re.search(r'[\x00-\x1f\x7f",\\$]', s):
-        raise _Invalid(f"{s!r}: at most 40 characters, no quotes, commas, backslashes, '$' or control characters")
+    if not ECHO_SAFE.match(s) or not _balanced(s):
+        raise _Invalid(
+            f"{s!r}: 1 to 40 characters from A-Z a-z 0-9 and _ . : + - [ ] ? ! # / @ * (spaces inside only); "
+            "brackets balanced; no quotes, commas, backslashes, '$', parentheses, '=', non-ASCII or control characters"
+        )
     return s
 
 
@@ -226,6 +236,14 @@ def _mailbox(v: Any) -> str:
     if s and not re.fullmatch(r"[A-Za-z0-9_-]{1,40}(@[A-Za-z0-9_-]{1,40})?", s):
         raise _Invalid(f"{s!r}: a mailbox is \"box\" or \"box@context\" (letters, digits, '_' and '-')")
     return s
+def _balanced(s: str) -> bool:
+    """Asterisk's MSet nests on '[': an unclosed one would swallow the variables after it."""
+    depth = 0
+    for ch in s:
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if depth < 0:
+            return False
+    return depth == 0
 
 
 def _regex(v: Any) -> re.Pattern:
@@ -458,6 +476,7 @@ SCHEMA: dict[str, Any] = {
         "path": _str,
         "poll_interval": _duration,
         "history_retention": _duration,
+        "busy_timeout": _duration,
     },
     "numbers": {"default_region": _region},
     "screen": {
@@ -603,6 +622,7 @@ class StoreSettings:
     path: str
     poll_interval: float
     history_retention: float
+    busy_timeout: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -937,6 +957,10 @@ def _read_toml(path: Path) -> dict:
         raise ConfigError(f"{path}: TOML syntax error: {e}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not valid UTF-8") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: TOML nested too deeply") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}") from None
 
 
 def resolve_config_path(explicit: str | os.PathLike | None) -> Path | None:
@@ -1098,6 +1122,7 @@ def _build(m: dict, origins: dict, sources: tuple[str, ...]) -> Settings:
             path=s["path"],
             poll_interval=_duration(s["poll_interval"]),
             history_retention=_duration(s["history_retention"]),
+            busy_timeout=_duration(s["busy_timeout"]),
         ),
         default_region=_region(m["numbers"]["default_region"]),
         screen=ScreenSettings(

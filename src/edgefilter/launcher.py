@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from .agi import REQUIRED_CLASSIC, AgiSession, build_call, read_env
+from .agi import REQUIRED_CLASSIC, AgiSession, build_call, read_env, unread_junk
 from .config import load_settings
 from .decisionlog import DecisionLogger, setup_logging
 from .errors import EdgefilterError
@@ -58,6 +58,9 @@ async def run(stdin_fd: int = 0, stdout_fd: int = 1) -> int:
     reader = asyncio.StreamReader(limit=8192)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(stdin_fd, "rb", buffering=0, closefd=False))
     env = await read_env(reader, max_bytes=settings.agi.max_env_bytes, timeout=settings.agi.read_timeout, required=REQUIRED_CLASSIC)
+    junk = unread_junk(reader)  # the rest of a block cut short by a planted blank line (SECURITY.md)
+    if junk:
+        env.forged.append(f"{len(junk)} bytes after the env block before any command")
     call = build_call(env)
     screener = Screener(settings)
     number = normalize(call.callerid, settings.default_region)
@@ -67,6 +70,7 @@ async def run(stdin_fd: int = 0, stdout_fd: int = 1) -> int:
             idx.extend(await store.candidates(number.digits))
             screener.index = idx
     session = AgiSession(reader, _StdoutWriter(stdout_fd), env, call, settings.agi.read_timeout)
+    session.out_of_step = bool(junk)
     await screen_route(screener, [DecisionLogger(settings.log_format)])(session)
     return 0
 

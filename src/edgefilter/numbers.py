@@ -34,7 +34,11 @@ WITHHELD_WORDS = frozenset(
 )
 #: Separators trunks and people put inside numbers; removed before parsing.
 _VISUAL = re.compile(r"[ \-.()/]")
-_DIALABLE = re.compile(r"^\+?[0-9]+$")
+_DIALABLE = re.compile(r"^\+?[0-9]+\Z")
+#: Bytes no trunk puts in a number: a CR or other control byte is an injection attempt (09f),
+#: never something to strip away and accept.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_PAD = " "
 MAX_DIGITS = 20  # E.164 allows 15; leave room for 00 + country code + national trunk oddities
 
 
@@ -45,7 +49,7 @@ def _country_code(region: str) -> int:
 
 def strip_visual(text: str) -> str:
     """Remove visual separators (``+86-21-6123-4567``) and a ``tel:``/``sip:`` scheme."""
-    t = text.strip()
+    t = text.strip(_PAD)
     low = t[:4].lower()
     if low in ("tel:", "sip:"):
         t = t[4:]
@@ -67,7 +71,9 @@ def normalize(raw: str, region: str, *, area_code: str = "") -> Number:
 
 def _normalize(raw: str, region: str, area_code: str) -> Number:
     text = raw if isinstance(raw, str) else str(raw)
-    if text.strip().lower() in WITHHELD_WORDS:
+    if _CONTROL.search(text):
+        return Number(raw=text, kind=NumberKind.GARBAGE, reason="control characters in the caller ID")
+    if text.strip(_PAD).lower() in WITHHELD_WORDS:
         return Number(raw=text, kind=NumberKind.WITHHELD, reason="no caller ID presented")
     compact = strip_visual(text)
     if not _DIALABLE.match(compact):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from .agi import AgiSession, close_writer, mset_command
+from .agi import AgiSession, close_writer, mset_command, safe_value
 from .challenge import ChallengeBook, ChallengeRecorder, Outcome
 from .decisionlog import escape_text
 from .errors import ProtocolError
@@ -35,25 +35,39 @@ def screen_route(screener: Screener, observers: list[DecisionObserver], challeng
             except Exception:  # never fail the call: without an id the dial plan uses voicemail
                 log.exception("issuing a challenge failed")
         try:
+            if session.out_of_step:
+                # The env block was forged and the rest of it sits where replies should be:
+                # send the (forged) verdict and close without reading anything back.
+                await _send_blind(session, variables)
+                return
             await session.set_variables(variables)
+            junk = session.unread_junk()
+            if junk:
+                raise ProtocolError(f"{len(junk)} unexpected bytes after the reply")
         except ProtocolError as e:
-            # A reply that is not a reply: something in the stream was planted. Re-decide as
-            # forged and send the override without waiting (Asterisk runs commands in order,
-            # so this last MSet wins whatever it was reading before).
-            log.warning("FastAGI stream out of step for uniqueid=%s (%s): answering as forged", call.uniqueid[:40], e)
+            # A reply that is not a reply: something in the stream was planted (a blank line in
+            # an AGI argument ended the env block early). Re-decide as forged and send the
+            # override without waiting (Asterisk runs commands in order, so this last MSet wins
+            # whatever it was reading before).
+            log.warning("FastAGI stream out of step for uniqueid=%s (%s): answering as forged", safe_value(call.uniqueid, 40), e)
             decision = screener.decide(_as_forged(call, "reply out of step after the env block"))
-            pairs = channel_variables(decision, screener.settings)
-            session.writer.write(mset_command(pairs).encode() + b"\n")
-            await session.writer.drain()
+            await _send_blind(session, channel_variables(decision, screener.settings))
         finally:
             close_writer(session.writer)
-        for observe in observers:
-            try:
-                observe(decision)
-            except Exception:
-                log.exception("decision observer failed")
+            for observe in observers:
+                try:
+                    observe(decision)
+                except Exception:
+                    log.exception("decision observer failed")
 
     return handle
+
+
+async def _send_blind(session: AgiSession, variables: dict[str, str]) -> None:
+    line = mset_command(variables)
+    session.commands.append(line)
+    session.writer.write(line.encode() + b"\n")
+    await session.writer.drain()
 
 
 def _as_forged(call: Call, why: str) -> Call:
@@ -79,7 +93,7 @@ def challenge_result_route(book: ChallengeBook, recorder: ChallengeRecorder):
         try:
             await session.set_variables(outcome.variables())
         finally:
-            await close_writer(session.writer)
+            close_writer(session.writer)
         _log_outcome(call, outcome)
 
     return handle

@@ -108,6 +108,8 @@ class CallLogWriter:
         self.batch = batch
         self.dropped = 0
         self.written = 0
+        self.failures = 0
+        self.retry_every = 1.0  # seconds between attempts while the store fails
 
     def __call__(self, d: Decision) -> None:
         v = d.verdict
@@ -140,7 +142,14 @@ class CallLogWriter:
                 log.warning("call log queue full: %d records dropped (store too slow or failing)", self.dropped)
 
     async def run(self) -> None:
+        """Write queued records in batches; a failing store is logged once, then on recovery.
+
+        A failed batch is kept and retried (each batch is one transaction, so a retry never
+        duplicates rows); while the store keeps failing, one reminder a minute at most.
+        """
         pending: list[object] = []
+        failing_since: float | None = None
+        last_log = 0.0
         while True:
             if not pending:
                 pending.append(await self.queue.get())
@@ -149,9 +158,20 @@ class CallLogWriter:
             try:
                 self.written += await self.store.write_batch(pending)
                 pending = []
+                if failing_since is not None:
+                    log.info("call log writes recovered after %.0f s", time.monotonic() - failing_since)
+                    failing_since = None
             except Exception as e:
-                log.warning("call log write failed (%s); retrying in 1 s", _store_reason(self.store, e))
-                await asyncio.sleep(1.0)
+                now = time.monotonic()
+                self.failures += 1
+                if failing_since is None or now - last_log >= 60.0:
+                    log.warning(
+                        "call log write failed (%s); %d records waiting, retrying every %g s; screening continues",
+                        _store_reason(self.store, e), len(pending) + self.queue.qsize(), self.retry_every,
+                    )
+                    last_log = now
+                    failing_since = failing_since if failing_since is not None else now
+                await asyncio.sleep(self.retry_every)
             await asyncio.sleep(0.05)
 
     async def flush(self) -> None:
@@ -218,7 +238,7 @@ class Service:
         s = self.settings
         secret = load_secret(s.ami) if s.ami.enabled else ""  # a bad secret file stops us here, clearly
         warm_up(s.default_region)
-        self._store_cm = Store.open(s.store.path)
+        self._store_cm = Store.open(s.store.path, busy_timeout_ms=int(s.store.busy_timeout * 1000))
         self.store = await self._store_cm.__aenter__()
         self.follower = ListFollower(self.store, self.screener)
         if s.ami.enabled and self.ami_client is None:

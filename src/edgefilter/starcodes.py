@@ -73,7 +73,7 @@ class StarCodes:
             try:
                 await session.set_variables(result)
             finally:
-                await close_writer(session.writer)
+                close_writer(session.writer)
 
         return handle
 

@@ -245,6 +245,8 @@ def describe_sqlite_error(path: str, exc: BaseException) -> str:
         return f"{path}: disk is full"
     if "not a database" in msg or "malformed" in msg or "corrupt" in msg:
         return f"{path}: database file is corrupt or not an edgefilter database ({exc})"
+    if "disk i/o error" in msg:
+        return f"{path}: disk I/O error (disk full, failing, or the file removed under us?)"
     if "unable to open" in msg:
         return f"{path}: cannot open the database (missing directory or no permission)"
     return f"{path}: database error: {exc}"
