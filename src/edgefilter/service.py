@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -28,7 +29,8 @@ from .store import CallRecord, Store, describe_sqlite_error
 
 log = logging.getLogger("edgefilter.service")
 
-FULL_RELOAD_AFTER = 20000  # changes behind: cheaper to reload everything than to replay them
+FULL_RELOAD_AFTER = 20000
+SETTLE_HEAP_AFTER = 50000  # list entries from which a load is followed by gc.freeze (settle_heap)  # changes behind: cheaper to reload everything than to replay them
 
 
 class ListFollower:
@@ -48,8 +50,11 @@ class ListFollower:
             index.extend(batch)
         self.screener.index = index
         self.rev = rev
-        log.info("loaded %d list entries in %.0f ms (rev %d)", index.size, (time.perf_counter() - t0) * 1000, rev)
-        return index.size
+        if index.size >= SETTLE_HEAP_AFTER:
+            settle_heap()
+        del index
+        log.info("loaded %d list entries in %.0f ms (rev %d)", self.screener.index.size, (time.perf_counter() - t0) * 1000, rev)
+        return self.screener.index.size
 
     async def poll(self) -> int:
         """Apply changes made since the last poll; returns how many were applied."""
@@ -72,6 +77,19 @@ class ListFollower:
             self.rev = rev
         self.applied += len(changes)
         return len(changes)
+
+
+def settle_heap() -> None:
+    """Move everything alive now (the freshly loaded lists) out of the cyclic GC's sight.
+
+    With a million list entries in memory, every full collection walks millions of objects and
+    stalls the event loop for tens to hundreds of milliseconds: the benchmark's p99 showed it.
+    The index holds no reference cycles, so frozen objects are still freed by reference counting
+    when a reload replaces them; ``unfreeze`` first so that the old generation is looked at once.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 class CallLogWriter:
@@ -143,10 +161,13 @@ def _store_reason(store: Store, e: BaseException) -> str:
 class Service:
     """The running daemon. ``start`` then ``run_forever`` (or ``stop`` from tests)."""
 
-    def __init__(self, settings: Settings, *, config_path: str | None = None, port: int | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, config_path: str | None = None, port: int | None = None, worker: int | None = None
+    ) -> None:
         self.settings = settings
         self.config_path = config_path
         self.port_override = port
+        self.worker = worker  # index in a multi-process pool (SO_REUSEPORT), None when alone
         self.screener = Screener(settings)
         self.observers: list[DecisionObserver] = []
         self.tasks: list[asyncio.Task] = []
@@ -180,13 +201,15 @@ class Service:
             max_env_bytes=s.agi.max_env_bytes,
             max_sessions=s.agi.max_sessions,
             allow_peers=s.agi.allow_peers,
+            reuse_port=self.worker is not None,
         )
         await self.server.start()
         self.tasks = [
             asyncio.create_task(self._every(lambda: self.settings.store.poll_interval, self.follower.poll, "list follower")),
             asyncio.create_task(self.calllog.run()),
-            asyncio.create_task(self._every(lambda: 600.0, self._maintenance, "maintenance")),
         ]
+        if not self.worker:  # one maintainer per database, not one per worker
+            self.tasks.append(asyncio.create_task(self._every(lambda: 600.0, self._maintenance, "maintenance")))
 
     async def _every(self, interval: Callable[[], float], job, name: str) -> None:
         failing = False
@@ -221,8 +244,8 @@ class Service:
         except ConfigError as e:
             log.error("reload refused, old config stays in force: %s", e)
             return False
-        if new.agi.listen != self.settings.agi.listen or new.store.path != self.settings.store.path:
-            log.warning("[agi] listen and [store] path changes take effect only after a restart")
+        if (new.agi.listen, new.agi.workers, new.store.path) != (self.settings.agi.listen, self.settings.agi.workers, self.settings.store.path):
+            log.warning("[agi] listen, [agi] workers and [store] path changes take effect only after a restart")
         self.settings = new
         self.screener.reload(new)
         for obs in self.observers:
@@ -258,11 +281,22 @@ class Service:
         await self.stop()
 
 
-async def serve(config_path: str | None) -> None:
+async def serve(config_path: str | None, *, workers: int | None = None, worker: int | None = None) -> None:
+    """Run the service; with ``workers`` > 1 (or ``[agi] workers``) as a pool of processes."""
     settings = load_settings(config_path)
     setup_logging(settings.log_level)
-    log.info("edgefilter %s starting (pid %d), config: %s", _version(), os.getpid(), ", ".join(settings.sources))
-    service = Service(settings, config_path=config_path)
+    count = workers if workers is not None else settings.agi.workers
+    if worker is None and count > 1:
+        from .workers import WorkerPool
+
+        log.info("edgefilter %s starting %d workers (pid %d), config: %s", _version(), count, os.getpid(), ", ".join(settings.sources))
+        await WorkerPool(config_path, count, settings.agi.listen).run()
+        return
+    if worker is None:
+        log.info("edgefilter %s starting (pid %d), config: %s", _version(), os.getpid(), ", ".join(settings.sources))
+    else:
+        log.info("edgefilter %s worker %d starting (pid %d)", _version(), worker, os.getpid())
+    service = Service(settings, config_path=config_path, worker=worker)
     await service.start()
     await service.run_forever()
 
