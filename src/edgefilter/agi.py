@@ -416,13 +416,19 @@ class AgiServer:
 
 
 async def close_writer(writer: asyncio.StreamWriter) -> None:
-    """Close now; Asterisk sends the SIP response only after our close."""
-    writer.close()
+    """End the session now; Asterisk sends the SIP response only after our close.
+
+    ``write_eof`` sends the FIN at once (a plain ``close`` only sends it on the next turn of
+    the event loop), so Asterisk is released before the decision's log line and call record
+    are written; then the transport is closed and its teardown left to the loop.
+    """
     try:
-        async with asyncio.timeout(0.5):
-            await writer.wait_closed()
-    except (TimeoutError, ConnectionError, OSError):
+        transport = getattr(writer, "transport", None)  # the classic launcher's stdout has none
+        if transport is not None and not transport.is_closing() and writer.can_write_eof():
+            writer.write_eof()
+    except (OSError, RuntimeError):
         pass
+    writer.close()
 
 
 def monotonic_ms() -> float:
