@@ -97,6 +97,13 @@ def cpu_seconds(pid: int) -> float:
     return total / CLK_TCK
 
 
+def busy_cpu_seconds() -> float:
+    """CPU time all cores spent busy (user, nice, system, irq, softirq, steal) since boot."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)) / CLK_TCK
+
+
 def rss_mb(pid: int, key: str = "VmHWM") -> float:
     """Peak (VmHWM) or current (VmRSS) resident memory of the whole process tree, in MB."""
     total = 0
@@ -148,10 +155,18 @@ def loadgen(port: int, size: int, *, rate: float, duration: float, concurrency: 
 
 def measure(server_pid: int, port: int, size: int, cores: set[int] | None, **kw) -> dict:
     """One load generator run against one server, with the server's CPU over the run."""
-    c0 = cpu_seconds(server_pid)
+    import resource
+
+    kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    c0, b0, t0 = cpu_seconds(server_pid), busy_cpu_seconds(), time.monotonic()
     r = loadgen(port, size, cores=cores, **kw)
-    c1 = cpu_seconds(server_pid)
+    c1, b1, t1 = cpu_seconds(server_pid), busy_cpu_seconds(), time.monotonic()
+    kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     r["server_cpu_s"] = c1 - c0
+    # Whatever else kept the cores busy meanwhile (other processes on a shared machine): noise.
+    client = (kids1.ru_utime - kids0.ru_utime) + (kids1.ru_stime - kids0.ru_stime)
+    other = (b1 - b0) - (c1 - c0) - client
+    r["background_cores"] = max(0.0, other / (t1 - t0))
     return r
 
 
@@ -172,6 +187,9 @@ def merge(runs: list[dict]) -> dict:
         "calls": completed,
         "throughput": round(completed / wall, 1) if wall else 0.0,
         "cpu_ms_per_call": round(cpu * 1000 / completed, 3) if completed else None,
+        # Calls one core could take if the server had it to itself: robust to a noisy machine.
+        "capacity_per_core": round(completed / cpu) if cpu else None,
+        "background_cores": round(sum(r["background_cores"] * r["wall_s"] for r in runs) / wall, 2) if wall else 0.0,
         "client_cpu_share": round(max(r["client_cpu_share"] for r in runs), 2),
         "late_starts": sum(r["late_starts"] for r in runs),
         "max_inflight": max(r["max_inflight"] for r in runs),
@@ -229,7 +247,7 @@ def start_floor(port: int, cores: set[int] | None) -> subprocess.Popen:
 def classic_env(callerid: str) -> bytes:
     """The env block Asterisk writes on a classic AGI's stdin (no agi_network lines)."""
     env = build_env(CallSpec(callerid=callerid, script=str(ROOT / "agi" / "edgefilter-agi"), args=("1000",)))
-    return b"".join(line + b"\n" for line in env.split(b"\n")[:-1] if not line.startswith(b"agi_network")) + b"\n"
+    return b"".join(line + b"\n" for line in env.split(b"\n") if line and not line.startswith(b"agi_network")) + b"\n"
 
 
 def classic_calls(cfg: Path, size: int, count: int, rate: float, cores: set[int] | None) -> dict:
@@ -281,8 +299,8 @@ def markdown(result: dict) -> str:
         f"command: `{result['command']}`",
         "",
         "| list size | scenario | rate/s | conc. | edgefilter p50 / p90 / p99 / max ms | floor p50 / p99 ms "
-        "| ratio p50 | ratio p99 | calls/s | CPU ms/call (floor) | peak RSS MB |",
-        "| ---: | --- | ---: | ---: | --- | --- | ---: | ---: | ---: | --- | ---: |",
+        "| ratio p50 | ratio p99 | calls/s | CPU ms/call (floor) | calls/s per CPU-s | peak RSS MB | other load |",
+        "| ---: | --- | ---: | ---: | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
     for r in result["runs"]:
         e, f = r["edgefilter"], r.get("floor") or {}
@@ -291,7 +309,7 @@ def markdown(result: dict) -> str:
             f"| {fmt(e['p50'])} / {fmt(e['p90'])} / {fmt(e['p99'])} / {fmt(e['max'])} "
             f"| {fmt(f.get('p50'))} / {fmt(f.get('p99'))} | {fmt(r['ratio_p50'])} | {fmt(r['ratio_p99'])} "
             f"| {fmt(e.get('throughput'), 0)} | {fmt(e.get('cpu_ms_per_call'), 3)} ({fmt(f.get('cpu_ms_per_call'), 3)}) "
-            f"| {fmt(r.get('rss_mb'), 0)} |"
+            f"| {fmt(e.get('capacity_per_core'))} | {fmt(r.get('rss_mb'), 0)} | {fmt(e.get('background_cores'))} |"
         )
     if result.get("checks"):
         out += ["", "| target | measured | met |", "| --- | --- | --- |"]
@@ -316,6 +334,9 @@ def checks(result: dict) -> list[dict]:
         out.append({"target": f">= {TARGETS['saturation_cps']:,.0f} screenings/s on one core",
                     "measured": f"{worst['edgefilter']['throughput']:,.0f}/s ({worst['list_size']:,} entries)",
                     "met": worst["edgefilter"]["throughput"] >= TARGETS["saturation_cps"]})
+        cap = min(r["edgefilter"].get("capacity_per_core") or 0 for r in sat)
+        out.append({"target": f">= {TARGETS['saturation_cps']:,.0f} screenings per CPU-second (1000 / CPU ms per call)",
+                    "measured": f"{cap:,.0f}/s", "met": cap >= TARGETS["saturation_cps"]})
         cpu = max(r["edgefilter"]["cpu_ms_per_call"] or 0 for r in sat)
         out.append({"target": f"<= {TARGETS['cpu_ms_per_call']} ms service CPU per call", "measured": f"{cpu:.3f} ms",
                     "met": cpu <= TARGETS["cpu_ms_per_call"]})

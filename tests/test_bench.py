@@ -93,7 +93,7 @@ def test_mix_callers_are_what_they_claim():
 def test_report_percentiles_ratios_and_targets():
     assert run.pct([1.0, 2.0, 3.0, 4.0], 0.5) == 2.0 and run.pct([1.0, 2.0, 3.0, 4.0], 0.99) == 4.0
     assert math.isnan(run.pct([], 0.5))
-    ef = {"p50": 0.33, "p90": 0.5, "p99": 0.6, "max": 2.0, "throughput": 2100.0, "cpu_ms_per_call": 0.4}
+    ef = {"p50": 0.33, "p90": 0.5, "p99": 0.6, "max": 2.0, "throughput": 2100.0, "cpu_ms_per_call": 0.4, "capacity_per_core": 2500}
     fl = {"p50": 0.30, "p90": 0.4, "p99": 0.55, "max": 1.0, "throughput": 4000.0, "cpu_ms_per_call": 0.1}
     result = {
         "date": "2026-11-28 21:00 UTC", "cores": 2, "cpu_model": "x", "python": "3.11.7", "command": "make bench",
@@ -101,7 +101,10 @@ def test_report_percentiles_ratios_and_targets():
     }
     assert result["runs"][0]["ratio_p50"] == 1.1 and result["runs"][0]["ratio_p99"] == 1.09
     result["checks"] = run.checks(result)
-    assert [c["met"] for c in result["checks"]] == [True, True, True, True]
+    assert [c["met"] for c in result["checks"]] == [True, True, True, True, True]
     table = run.markdown(result)
     assert "| 1,000,000 | open | 200 | 64 | 0.33 / 0.50 / 0.60 / 2.00 | 0.30 / 0.55 | 1.10 | 1.09 |" in table
     assert "make bench" in table
+    slow = {**ef, "p99": 0.9, "throughput": 1500.0}
+    result["runs"] = [run.row(1_000_000, "open", 200, 64, slow, fl), run.row(1_000_000, "saturation", 0, 16, slow, fl)]
+    assert [c["met"] for c in run.checks(result)] == [True, False, False, True, True]

@@ -14,7 +14,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "agi" / "edgefilter-agi"
 
 def classic_env(callerid: str) -> bytes:
     env = build_env(CallSpec(callerid=callerid, script=str(SCRIPT)))
-    return b"".join(line + b"\n" for line in env.split(b"\n")[:-1] if not line.startswith(b"agi_network")) + b"\n"
+    return b"".join(line + b"\n" for line in env.split(b"\n") if line and not line.startswith(b"agi_network")) + b"\n"
 
 
 def test_launcher_answers_one_mset_and_exits(tmp_path):
