@@ -144,40 +144,47 @@ class _EnvParser:
             raise ProtocolError(f"env line longer than {MAX_LINE} bytes")
         env.size = size
         values = env.values
+        order_get = _ORDER.get
         lines = chunk.decode("utf-8", errors="replace").split("\n")
         lines.pop()  # the chunk ends with a newline: nothing after it
         for line in lines:
-            if not line:
-                if self.required.issubset(values):
-                    return True
-                if not values:
-                    raise ProtocolError("blank line before any env key: not a FastAGI client")
-                env.forged.append(f"blank line after {len(values)} keys, before the end of the env block")
-                continue
             key, sep, value = line.partition(": ")
-            order = _ORDER.get(key)
-            if order is None and (not sep or _ENV_KEY.match(key) is None):
-                if not values:
-                    raise ProtocolError("garbage instead of an env block")
-                env.forged.append("a line that is not 'agi_key: value' inside the env block")
-                continue
-            if key in values:
-                env.forged.append(f"duplicate {key}")
-            if order is not None:
-                if not sep:  # "agi_callerid" alone on a line: not a key/value line
-                    if not values:
-                        raise ProtocolError("garbage instead of an env block")
-                    env.forged.append("a line that is not 'agi_key: value' inside the env block")
-                    continue
-                if order < self.highest:
-                    env.forged.append(f"{key} out of order")
-                if order > self.highest:
-                    self.highest = order
-            elif key.startswith("agi_arg_") and _ARG_KEY.match(key) is not None:
-                if "agi_threadid" not in values:
-                    env.forged.append(f"{key} before agi_threadid")
-                env.args.append(value)
-            values[key] = value
+            order = order_get(key)
+            if order is not None and order > self.highest and sep and key not in values:
+                self.highest = order  # the usual case: the next known key, in order, once
+                values[key] = value
+            elif self._unusual(line, key, sep, value, order):
+                return True
+        return False
+
+    def _unusual(self, line: str, key: str, sep: str, value: str, order: int | None) -> bool:
+        """Every line that is not the next known key: blank lines, arguments, forgeries."""
+        env = self.env
+        values = env.values
+        if not line:
+            if self.required.issubset(values):
+                return True
+            if not values:
+                raise ProtocolError("blank line before any env key: not a FastAGI client")
+            env.forged.append(f"blank line after {len(values)} keys, before the end of the env block")
+            return False
+        if not sep or (order is None and _ENV_KEY.match(key) is None):
+            if not values:
+                raise ProtocolError("garbage instead of an env block")
+            env.forged.append("a line that is not 'agi_key: value' inside the env block")
+            return False
+        if key in values:
+            env.forged.append(f"duplicate {key}")
+        if order is not None:
+            if order < self.highest:
+                env.forged.append(f"{key} out of order")
+            if order > self.highest:
+                self.highest = order
+        elif key.startswith("agi_arg_") and _ARG_KEY.match(key) is not None:
+            if "agi_threadid" not in values:
+                env.forged.append(f"{key} before agi_threadid")
+            env.args.append(value)
+        values[key] = value
         return False
 
 
