@@ -7,6 +7,7 @@ nor drive a terminal (ESC), nor break the key=value or JSON framing that log shi
 from __future__ import annotations
 
 import json
+import re
 import logging
 import sys
 
@@ -14,6 +15,9 @@ from .screen import Decision
 
 log = logging.getLogger("edgefilter.decision")
 _MAX_TEXT = 120
+#: A value printed bare in key=value lines: printable ASCII without space, '"', '=' or '\\'.
+#: Anything else (empty included) is quoted and escaped. One regex per value: this runs per call.
+_PLAIN = re.compile(r'[!#-<>-\[\]-~]+\Z')
 
 
 def escape_text(text: str, limit: int = _MAX_TEXT) -> str:
@@ -66,7 +70,7 @@ def format_kv(d: Decision) -> str:
         if val == "" and k in ("would", "forced_by"):
             continue
         text = str(val)
-        if isinstance(val, str) and (not text or any(c in text for c in ' ="\\') or not text.isprintable() or not text.isascii()):
+        if isinstance(val, str) and _PLAIN.match(text) is None:
             text = f'"{escape_text(val)}"'
         parts.append(f"{k}={text}")
     return " ".join(parts)
