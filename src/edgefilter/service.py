@@ -30,7 +30,7 @@ from .store import CallRecord, Store, describe_sqlite_error
 log = logging.getLogger("edgefilter.service")
 
 FULL_RELOAD_AFTER = 20000
-SETTLE_HEAP_AFTER = 50000  # list entries from which a load is followed by gc.freeze (settle_heap)  # changes behind: cheaper to reload everything than to replay them
+SETTLE_HEAP_AFTER = 50000  # list entries from which settle_heap runs a full collection first  # changes behind: cheaper to reload everything than to replay them
 
 
 class ListFollower:
@@ -50,9 +50,8 @@ class ListFollower:
             index.extend(batch)
         self.screener.index = index
         self.rev = rev
-        if index.size >= SETTLE_HEAP_AFTER:
-            settle_heap()
         del index
+        settle_heap(collect=self.screener.index.size >= SETTLE_HEAP_AFTER)
         log.info("loaded %d list entries in %.0f ms (rev %d)", self.screener.index.size, (time.perf_counter() - t0) * 1000, rev)
         return self.screener.index.size
 
@@ -79,16 +78,19 @@ class ListFollower:
         return len(changes)
 
 
-def settle_heap() -> None:
+def settle_heap(collect: bool = True) -> None:
     """Move everything alive now (the freshly loaded lists) out of the cyclic GC's sight.
 
     With a million list entries in memory, every full collection walks millions of objects and
     stalls the event loop for tens to hundreds of milliseconds: the benchmark's p99 showed it.
     The index holds no reference cycles, so frozen objects are still freed by reference counting
     when a reload replaces them; ``unfreeze`` first so that the old generation is looked at once.
+    ``collect`` first clears cyclic garbage (skipped for small lists, where it would cost more
+    than the little garbage it keeps out of sight).
     """
     gc.unfreeze()
-    gc.collect()
+    if collect:
+        gc.collect()
     gc.freeze()
 
 
