@@ -97,9 +97,10 @@ async def read_env(
     value: the block is read on to its real end (so later replies stay in step) and marked.
 
     After its first line, the block is taken from the stream up to its blank line in one
-    ``readuntil`` under one deadline and split in memory: reading it line by line under ``wait_for`` cost a task and an
-    event-loop turn per line (22 of them, about 0.7 ms a call, the biggest item in the profile).
-    The reader's limit must be at least ``max_bytes`` (AgiServer sets it so).
+    ``readuntil`` under one deadline and split in memory: reading it line by line under
+    ``wait_for`` cost a task and an event-loop turn per line (22 of them, about 0.7 ms a call,
+    the biggest item in the profile). The reader's limit must exceed ``max_bytes``
+    (``stream_limit``; AgiServer and the launcher set it so).
     """
     env = EnvBlock()
     parser = _EnvParser(env, max_bytes, required)
