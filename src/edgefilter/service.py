@@ -97,10 +97,14 @@ def settle_heap(collect: bool = True) -> None:
 class CallLogWriter:
     """Bounded queue of call records written in batches; never blocks or fails a call."""
 
-    def __init__(self, store: Store, maxsize: int = 10000, batch: int = 500) -> None:
+    def __init__(self, store: Store, maxsize: int = 10000, batch: int = 500, interval: float = 0.25) -> None:
         self.store = store
         self.queue: asyncio.Queue[CallRecord] = asyncio.Queue(maxsize)
         self.batch = batch
+        # Pause between batches. Every batch is several hops to the SQLite thread, and each hop
+        # hands it the GIL while calls wait: at 50 ms the profile showed the event loop stalled
+        # in those hand-offs about 2.5% of the time, in bursts that reached the p99.
+        self.interval = interval
         self.dropped = 0
         self.written = 0
 
@@ -143,7 +147,7 @@ class CallLogWriter:
             except Exception as e:
                 log.warning("call log write failed (%s); retrying in 1 s", _store_reason(self.store, e))
                 await asyncio.sleep(1.0)
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(self.interval)
 
     async def flush(self) -> None:
         rest = []
