@@ -54,7 +54,8 @@ def strip_visual(text: str) -> str:
 
 
 #: Distinct caller IDs whose normalisation is remembered. phonenumbers' parse + validation is
-#: the largest item of a decision's CPU (about 60 us of 90 on a 2-vCPU Xeon, bench/README.md);
+#: the largest item of a decision's CPU (60 us hot, 125 us with cold caches, of a decision of
+#: 90-200 us on a 2-vCPU Xeon: docs/performance.md);
 #: harassers and regular callers call again, and a Number is immutable, so repeats cost a dict
 #: lookup. Caller IDs are at most 79 bytes (Asterisk cuts them), so the cache stays small
 #: (a few MB); flooding it with new numbers costs only the uncached time, never correctness.

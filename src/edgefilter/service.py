@@ -29,8 +29,8 @@ from .store import CallRecord, Store, describe_sqlite_error
 
 log = logging.getLogger("edgefilter.service")
 
-FULL_RELOAD_AFTER = 20000
-SETTLE_HEAP_AFTER = 50000  # list entries from which settle_heap runs a full collection first  # changes behind: cheaper to reload everything than to replay them
+FULL_RELOAD_AFTER = 20000  # changes behind: cheaper to reload everything than to replay them
+SETTLE_HEAP_AFTER = 50000  # list entries from which settle_heap runs a full collection first
 
 
 class ListFollower:
