@@ -107,7 +107,8 @@ def _normalize(raw: str, region: str, area_code: str) -> Number:
         return Number(raw=text, kind=NumberKind.INVALID, reason=f"cannot parse: {exc._msg}")
     e164 = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
     num_region = phonenumbers.region_code_for_number(parsed)
-    if phonenumbers.is_valid_number(parsed):
+    # is_valid_number(parsed) is exactly this with the region looked up again: do it once.
+    if phonenumbers.is_valid_number_for_region(parsed, num_region):
         return Number(raw=text, kind=NumberKind.VALID, e164=e164, region=num_region)
     if area_code and not compact.startswith("+") and not compact.startswith("0"):
         local = phonenumbers.parse(f"+{_country_code(region)}{area_code}{digits}", None)
