@@ -1,9 +1,12 @@
-# edgefilter: `make run` serves on the embedded SQLite default, `make test` runs the whole suite.
+# edgefilter: `make run` serves on the embedded SQLite default, `make test` runs the whole suite,
+# `make bench` measures edgefilter against the FastAGI floor (bench/README.md; not part of CI).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 CONFIG ?=
+BENCH_SIZES ?= 10000,1000000
+BENCH_ARGS ?=
 
 .PHONY: run test venv clean bench
 
@@ -23,6 +26,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	BENCH_COMMAND="make bench BENCH_SIZES=$(BENCH_SIZES)$(if $(BENCH_ARGS), BENCH_ARGS='$(BENCH_ARGS)')" \
+		$(BIN)/python bench/run.py --sizes $(BENCH_SIZES) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -418,7 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--config", metavar="FILE", help="config file (default: $EDGEFILTER_CONFIG, ./edgefilter.toml, /etc/edgefilter/edgefilter.toml, else built-in defaults)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("serve", parents=[common], help="run the FastAGI screening service")
+    p = sub.add_parser("serve", parents=[common], help="run the FastAGI screening service")
+    p.add_argument("--workers", type=int, metavar="N", help="worker processes on the listen port (overrides [agi] workers)")
+    p.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by the pool for its children
 
     for name in LISTS:
         p = sub.add_parser(name, parents=[common], help=f"add a number, prefix (+86170*) or mask (+4121560####) to the {name}list")
@@ -502,7 +504,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from .service import serve
 
-            asyncio.run(serve(args.config))
+            if args.workers is not None and not 1 <= args.workers <= 64:
+                parser.error("--workers must be between 1 and 64")
+            asyncio.run(serve(args.config, workers=args.workers, worker=args.worker))
             return 0
         settings = load_settings(args.config)
         result = args.func(args, settings)

@@ -471,6 +471,7 @@ SCHEMA: dict[str, Any] = {
         "max_env_bytes": _int(1024, 1 << 20),
         "max_sessions": _int(1, 100000),
         "allow_peers": _list_of(_network),
+        "workers": _int(1, 64),
     },
     "store": {
         "path": _str,
@@ -615,6 +616,7 @@ class AgiSettings:
     max_env_bytes: int
     max_sessions: int
     allow_peers: tuple
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -1117,6 +1119,7 @@ def _build(m: dict, origins: dict, sources: tuple[str, ...]) -> Settings:
             max_env_bytes=a["max_env_bytes"],
             max_sessions=a["max_sessions"],
             allow_peers=_list_of(_network)(a["allow_peers"]),
+            workers=a.get("workers", 1),
         ),
         store=StoreSettings(
             path=s["path"],

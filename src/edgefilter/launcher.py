@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from .agi import REQUIRED_CLASSIC, AgiSession, build_call, read_env, unread_junk
+from .agi import REQUIRED_CLASSIC, AgiSession, build_call, read_env, stream_limit, unread_junk
 from .config import load_settings
 from .decisionlog import DecisionLogger, setup_logging
 from .errors import EdgefilterError
@@ -55,7 +55,7 @@ async def run(stdin_fd: int = 0, stdout_fd: int = 1) -> int:
     settings = load_settings(None)
     setup_logging(settings.log_level)  # stderr: Asterisk logs it as AGI stderr
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=8192)
+    reader = asyncio.StreamReader(limit=stream_limit(settings.agi.max_env_bytes))
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(stdin_fd, "rb", buffering=0, closefd=False))
     env = await read_env(reader, max_bytes=settings.agi.max_env_bytes, timeout=settings.agi.read_timeout, required=REQUIRED_CLASSIC)
     junk = unread_junk(reader)  # the rest of a block cut short by a planted blank line (SECURITY.md)
