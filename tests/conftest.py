@@ -18,7 +18,10 @@ if not FIXTURES.exists():  # CI lays shared/ beside the clone; a worktree may si
 @pytest.fixture
 def make_settings(tmp_path):
     def make(extra: dict | None = None, **sections):
-        data = {"store": {"path": str(tmp_path / "edgefilter.db"), "poll_interval": "50ms"}, "agi": {"listen": "127.0.0.1:0"}}
+        data = {
+            "store": {"path": str(tmp_path / "edgefilter.db"), "poll_interval": "50ms", "spool_path": str(tmp_path / "spool.db")},
+            "agi": {"listen": "127.0.0.1:0"},
+        }
         for k, v in {**(extra or {}), **sections}.items():
             data.setdefault(k, {}).update(v) if isinstance(v, dict) and k in data else data.__setitem__(k, v)
         return settings_from_dict(data)

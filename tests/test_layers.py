@@ -7,7 +7,7 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "edgefilter"
 LAYER = {
     "errors": 0, "model": 0, "durations": 0,
     "config": 1, "numbers": 1, "signals": 1, "scoring": 1, "policy": 1, "lists": 1,
-    "store": 2, "decisionlog": 3, "screen": 3,
+    "store": 2, "pgstore": 2, "spool": 2, "stores": 2, "decisionlog": 3, "screen": 3,
     "agi": 4, "routes": 4, "callsim": 4,
     "service": 5, "cli": 5, "launcher": 5, "__main__": 5,
 }

@@ -21,7 +21,7 @@ from .lists import LISTS, MAX_NOTE, Entry, ListIndex, parse_pattern
 from .model import Call
 from .scoring import explain
 from .screen import Screener, channel_variables
-from .store import Store
+from .stores import copy_sqlite_to_postgres, open_store, store_exists
 
 
 def _parse_when(text: str) -> datetime:
@@ -74,7 +74,7 @@ async def cmd_add(args, settings: Settings) -> int:
         created_at=now,
         expires_at=parse_expires(args.expires, now),
     )
-    async with Store.open(settings.store.path) as store:
+    async with open_store(settings) as store:
         result = await store.put_entry(entry)
     exp = f", expires {_fmt_time(entry.expires_at)}" if entry.expires_at else ""
     print(f"{args.list} {pattern.text} ({pattern.kind}): {result}{exp}")
@@ -83,7 +83,7 @@ async def cmd_add(args, settings: Settings) -> int:
 
 async def cmd_remove(args, settings: Settings) -> int:
     pattern = parse_pattern(args.pattern, args.region or settings.default_region)
-    async with Store.open(settings.store.path) as store:
+    async with open_store(settings) as store:
         removed = await store.remove_entry(pattern, args.list)
     if not removed:
         print(f"{pattern.text}: not on {'the ' + args.list + ' list' if args.list else 'any list'}", file=sys.stderr)
@@ -93,10 +93,10 @@ async def cmd_remove(args, settings: Settings) -> int:
 
 
 async def cmd_list(args, settings: Settings) -> int:
-    if not Path(settings.store.path).exists():
+    if not store_exists(settings):
         print("(no entries: the database does not exist yet)")
         return 0
-    async with Store.open(settings.store.path, create=False) as store:
+    async with open_store(settings, create=False) as store:
         entries = await store.entries(args.which, include_expired=args.all)
     now = time.time()
     print(f"{'list':<6} {'pattern':<22} {'kind':<7} {'category':<16} {'expires':<17} {'source':<12} note")
@@ -123,8 +123,8 @@ async def cmd_check(args, settings: Settings) -> int:
     when = _parse_when(args.at) if args.at else None
     screener = Screener(settings)
     number = screener.decide(call, when=when).number
-    if number.digits and Path(settings.store.path).exists():
-        async with Store.open(settings.store.path, create=False) as store:
+    if number.digits and store_exists(settings):
+        async with open_store(settings, create=False) as store:
             idx = ListIndex()
             idx.extend(await store.candidates(number.digits))
         screener.index = idx
@@ -164,6 +164,43 @@ async def cmd_try_call(args, settings: Settings) -> int:
     for k, v in result.variables.items():
         print(f"{k}={v}")
     return 0 if not result.timed_out else 1
+
+
+async def cmd_db(args, settings: Settings) -> int:
+    if args.action == "migrate":
+        async with open_store(settings) as store:  # opening migrates
+            version = await store.migrate()
+            counts = await store.counts()
+        print(f"{settings.store.backend} {settings.store.where}: schema v{version}, "
+              f"{counts['block']} block / {counts['allow']} allow entries")
+        return 0
+    # copy
+    if not args.source or not args.target:
+        raise EdgefilterError("db copy needs --from SQLITE_PATH and --to POSTGRES_URL")
+    from dataclasses import replace as dc_replace
+
+    from .config import redact_url
+
+    try:
+        target = dc_replace(target, url=settings_url(args.target))
+    except ValueError as e:
+        raise EdgefilterError(f"--to: {e}") from None
+    node = args.node or settings.store.node
+    async with open_store(target) as dst:
+        report = await copy_sqlite_to_postgres(args.source, dst, node=node)
+    print(f"copied {args.source} -> {redact_url(args.target)} (calls tagged node {node})")
+    for line in report.lines():
+        print("  " + line)
+    return 0
+
+
+def settings_url(text: str) -> str:
+    """``--to`` must be a PostgreSQL URL (the SQLite side is --from)."""
+    import re
+
+    if not re.match(r"^postgres(ql)?://\S+$", text):
+        raise ValueError(f"expected postgresql://user@host:port/database, got {escape_text(text, 80)!r}")
+    return text
 
 
 def cmd_config(args, settings: Settings) -> int:
@@ -229,6 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arg", action="append", help="extra AGI argument (repeatable), e.g. cidfiltered=1")
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=cmd_try_call)
+
+    p = sub.add_parser("db", parents=[common], help="database schema and moves: migrate, copy")
+    p.add_argument("action", choices=("migrate", "copy"),
+                   help="migrate: bring the configured store's schema up to date; copy: SQLite -> PostgreSQL")
+    p.add_argument("--from", dest="source", metavar="SQLITE_PATH", help="copy: the single-box SQLite database")
+    p.add_argument("--to", dest="target", metavar="POSTGRES_URL", help="copy: postgresql://user@host:port/db (password: [store] password_file or PGPASSWORD)")
+    p.add_argument("--node", help="copy: node name the copied call records get (default: [store] node)")
+    p.set_defaults(func=cmd_db)
 
     p = sub.add_parser("config", parents=[common], help="check or dump the merged configuration")
     p.add_argument("action", choices=("check", "dump"))

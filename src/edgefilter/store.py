@@ -93,6 +93,11 @@ class CallRecord:
     rules: str
     policy: str
     elapsed_ms: float
+    # Shared-store fields (PostgreSQL): the node that screened the call and a key unique across
+    # nodes, so a retried write (spool drain, `db copy` re-run) never makes a second row. The
+    # SQLite schema has no columns for them: a single box needs neither.
+    node: str = ""
+    key: str = ""
 
     def row(self) -> tuple:
         return (
@@ -130,11 +135,24 @@ def describe_sqlite_error(path: str, exc: BaseException) -> str:
 
 
 class Store:
-    """One aiosqlite connection to the database; use ``async with Store.open(path)``."""
+    """One aiosqlite connection to the database; use ``async with Store.open(path)``.
+
+    The PostgreSQL store (pgstore.PgStore) has the same methods with the same meaning; code above
+    this layer gets either from ``stores.open_store(settings)`` and must not care which.
+    """
+
+    backend = "sqlite"
 
     def __init__(self, db: aiosqlite.Connection, path: str) -> None:
         self.db = db
         self.path = path
+        self.where = path
+
+    def describe_error(self, exc: BaseException) -> str:
+        """An admin-readable reason for a failure of this store."""
+        if isinstance(exc, StoreError):
+            return str(exc)
+        return describe_sqlite_error(self.path, exc)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -221,6 +239,14 @@ class Store:
         await self.db.execute("INSERT INTO changes (list, pattern, op) VALUES (?, ?, 'put')", (e.list, e.pattern.text))
         return "added" if old is None else "updated"
 
+    async def put_entries(self, entries: Iterable[Entry]) -> dict[str, int]:
+        """Insert or update many entries in one transaction; counts of added/updated/unchanged."""
+        counts = {"added": 0, "updated": 0, "unchanged": 0}
+        async with self.transaction():
+            for e in entries:
+                counts[await self._put(e)] += 1
+        return counts
+
     async def remove_entry(self, pattern: Pattern, list_name: str | None = None) -> list[str]:
         """Delete the pattern from one list or both; returns the lists it was removed from."""
         lists = [list_name] if list_name else ["block", "allow"]
@@ -286,6 +312,10 @@ class Store:
             out.append((r[0], r[1], r[2], r[3], entry))
         return out
 
+    async def watch_changes(self, wake) -> None:
+        """PostgreSQL pushes change notices to ``wake``; SQLite has none: the poll is the feed."""
+        return None
+
     async def purge_expired(self, now: float | None = None) -> int:
         """Delete expired entries (they already stopped matching); records 'del' changes."""
         now = time.time() if now is None else now
@@ -326,6 +356,14 @@ class Store:
             f"SELECT {CALL_COLUMNS} FROM calls WHERE ts >= ? ORDER BY ts LIMIT ?", (since, limit)
         )
         return [CallRecord(*r) for r in await cur.fetchall()]
+
+    async def calls_after(self, cursor: int, limit: int = 10000) -> list[tuple[int, CallRecord]]:
+        """Calls with id > ``cursor`` in id order, with their ids: lets an in-memory history follow
+        the call log (every node's calls on PostgreSQL) without re-reading a time window."""
+        cur = await self.db.execute(
+            f"SELECT id, {CALL_COLUMNS} FROM calls WHERE id > ? ORDER BY id LIMIT ?", (cursor, limit)
+        )
+        return [(r[0], CallRecord(*r[1:])) for r in await cur.fetchall()]
 
     async def purge_calls(self, before: float) -> int:
         async with self.transaction():

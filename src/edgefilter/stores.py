@@ -1,0 +1,114 @@
+"""Which store: ``open_store(settings)`` gives the SQLite file (one box, the embedded default) or
+PostgreSQL (``[store] url``: several PBXs sharing one memory), with the same async API.
+
+Also the move from one to the other (``copy_sqlite_to_postgres``, `edgefilter db copy`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import stat
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import AsyncIterator, Union
+
+from .config import Settings, StoreSettings
+from .errors import StoreError
+from .pgstore import PgStore
+from .store import Store
+
+AnyStore = Union[Store, PgStore]
+
+
+def read_password_file(path: str) -> str:
+    """The first line of ``path``; refused when group or others may read it (a leaked secret)."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError as e:
+        raise StoreError(f"[store] password_file {path}: cannot read it ({e.strerror})") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise StoreError(
+            f"[store] password_file {path}: readable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"run: chmod 600 {path}"
+        )
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise StoreError(f"[store] password_file {path}: cannot read it ({e})") from None
+    lines = text.splitlines()
+    if not lines or not lines[0]:
+        raise StoreError(f"[store] password_file {path}: the file is empty")
+    return lines[0]
+
+
+def store_exists(settings: Settings) -> bool:
+    """False only for a SQLite file not created yet (read-only commands then show nothing)."""
+    return bool(settings.store.url) or Path(settings.store.path).exists()
+
+
+@contextlib.asynccontextmanager
+async def open_store(settings: Settings | StoreSettings, *, create: bool = True, connect: bool = True) -> AsyncIterator[AnyStore]:
+    """The configured store, schema migrated. ``connect=False`` (the service) hands out a
+    PostgreSQL store without waiting for the server: it connects, migrates and loads when it can."""
+    st = settings.store if isinstance(settings, Settings) else settings
+    if st.url:
+        password = read_password_file(st.password_file) if st.password_file else None
+        async with PgStore.open(st.url, password=password, migrate=connect) as store:
+            yield store
+    else:
+        async with Store.open(st.path, create=create) as store:
+            yield store
+
+
+# --------------------------------------------------------------------------- db copy
+@dataclass
+class CopyReport:
+    entries: int = 0
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    calls: int = 0
+    calls_written: int = 0
+
+    def lines(self) -> list[str]:
+        return [
+            f"entries: {self.entries} read, {self.added} added, {self.updated} updated, {self.unchanged} already there",
+            f"calls: {self.calls} read, {self.calls_written} written, {self.calls - self.calls_written} already there",
+        ]
+
+
+def copied_call_key(node: str, rowid: int, row: tuple) -> str:
+    """A stable key for a SQLite call row: the same file copied twice gives the same keys, so a
+    re-run writes nothing twice (the node name is not part of it: a re-run with another --node
+    still matches)."""
+    digest = hashlib.sha256(json.dumps([rowid, *row], default=str).encode()).hexdigest()[:32]
+    return f"sqlite-{digest}"
+
+
+async def copy_sqlite_to_postgres(src_path: str, dst: PgStore, *, node: str, batch: int = 5000) -> CopyReport:
+    """Move a single-box install into PostgreSQL: every entry with all its fields (its
+    created_at too) and every call record, tagged with ``node``. Idempotent."""
+    if not Path(src_path).exists():
+        raise StoreError(f"{src_path}: no such SQLite database")
+    report = CopyReport()
+    async with Store.open(src_path, create=False) as src:
+        entries = await src.entries()
+        report.entries = len(entries)
+        counts = await dst.put_entries(entries)
+        report.added, report.updated, report.unchanged = counts["added"], counts["updated"], counts["unchanged"]
+        # Entries that already existed keep their PostgreSQL created_at on update (put semantics);
+        # a fresh copy carries the source's.
+        cursor = 0
+        while True:
+            rows = await src.calls_after(cursor, batch)
+            if not rows:
+                break
+            recs = [replace(rec, node=node, key=copied_call_key(node, rowid, rec.row())) for rowid, rec in rows]
+            report.calls += len(recs)
+            report.calls_written += await dst.record_calls(recs)
+            cursor = rows[-1][0]
+    return report
+
