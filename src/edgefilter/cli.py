@@ -182,7 +182,7 @@ async def cmd_db(args, settings: Settings) -> int:
     from .config import redact_url
 
     try:
-        target = dc_replace(target, url=settings_url(args.target))
+        target = dc_replace(settings.store, url=settings_url(args.target))
     except ValueError as e:
         raise EdgefilterError(f"--to: {e}") from None
     node = args.node or settings.store.node

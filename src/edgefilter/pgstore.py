@@ -429,7 +429,7 @@ class PgStore:
                 log.warning("change notices from %s lost (connection closed); reconnecting", self.where)
                 failing = True
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+            delay = min(delay * 2, 5.0)
 
     async def purge_expired(self, now: float | None = None) -> int:
         """Delete expired entries (they already stopped matching); records 'del' changes."""

@@ -110,7 +110,7 @@ class ListFollower:
                 if not failing:
                     log.warning("list follower failed (%s); screening continues from memory", self.store.describe_error(e))
                 failing = True
-                delay = min(max(delay * 2, 0.5), 5.0)
+                delay = min(max(delay * 2, 0.5), 2.0)
 
 
 class CallLogWriter:
@@ -226,7 +226,7 @@ class CallLogWriter:
             log.warning("call log spool %s full (%d records): %d call records dropped", self.spool.path, self.spool.max_records, dropped)
 
     def _failed(self, e: BaseException) -> None:
-        self._delay = min(max(self._delay * 2, 0.5), 30.0)
+        self._delay = min(max(self._delay * 2, 0.5), 5.0)
         self._next_try = time.monotonic() + self._delay
         if not self.failing:
             log.warning(

@@ -10,7 +10,9 @@ is wrong in words an admin can act on.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
 import os
 import sqlite3
 import time
@@ -147,6 +149,10 @@ class Store:
         self.db = db
         self.path = path
         self.where = path
+        # One connection serves every task of the service: transactions take turns (the lock) and
+        # a transaction opened inside another one, in the same task, becomes a savepoint.
+        self._tx_lock = asyncio.Lock()
+        self._tx_depth: contextvars.ContextVar[int] = contextvars.ContextVar(f"sqlite_tx_{id(self)}", default=0)
 
     def describe_error(self, exc: BaseException) -> str:
         """An admin-readable reason for a failure of this store."""
@@ -202,15 +208,36 @@ class Store:
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[None]:
-        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error: nothing partial is ever written."""
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            await self.db.rollback()
-            raise
-        else:
-            await self.db.commit()
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error: nothing partial is ever written.
+        Store methods called inside it join it (nested transactions are savepoints)."""
+        depth = self._tx_depth.get()
+        if depth:
+            name = f"sp{depth}"
+            await self.db.execute(f"SAVEPOINT {name}")
+            token = self._tx_depth.set(depth + 1)
+            try:
+                yield
+            except BaseException:
+                await self.db.execute(f"ROLLBACK TO {name}")
+                await self.db.execute(f"RELEASE {name}")
+                raise
+            else:
+                await self.db.execute(f"RELEASE {name}")
+            finally:
+                self._tx_depth.reset(token)
+            return
+        async with self._tx_lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            token = self._tx_depth.set(1)
+            try:
+                yield
+            except BaseException:
+                await self.db.rollback()
+                raise
+            else:
+                await self.db.commit()
+            finally:
+                self._tx_depth.reset(token)
 
     # -- lists ----------------------------------------------------------------------------
     async def put_entry(self, entry: Entry) -> str:
