@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import pwd
+import re
 import socket
 import subprocess
 import time
@@ -208,6 +209,10 @@ async def test_database_stopped_and_restarted_during_calls(pg_url, make_settings
         async with open_store(_pg_settings(pg_url)) as other:
             await other.put_entry(Entry("block", parse_pattern("+86139*", "CN"), created_at=time.time()))
         await wait_for(lambda: _is(action(svc, "+8613900139000"), "reject"), 6.0, "block after the restart")
+        # the change listener came back and resynchronised (a promoted standby may lack changes)
+        await wait_for(lambda: _true("change notices back" in caplog.text), 6.0, "LISTEN again after the restart")
+        await wait_for(lambda: _true(not svc.follower.stale), 3.0, "the full reload after reconnecting")
+        assert len(re.findall(r"loaded \d+ list entries", caplog.text)) >= 2  # at start, after reconnecting
         text = caplog.text
         assert "buffering call records in" in text and "takes records again" in text
     finally:

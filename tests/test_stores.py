@@ -139,3 +139,23 @@ async def test_migrate_is_idempotent_and_reopening_keeps_data(backend_settings):
         assert await s.migrate() == v
         assert [e.pattern.text for e in await s.entries()] == ["+8613800138000"]
 
+
+
+# ------------------------------------------------------------------------------ [store] keys
+def test_store_keys_select_the_backend_and_validate():
+    from edgefilter.config import dump, settings_from_dict
+    from edgefilter.errors import ConfigError
+
+    s = settings_from_dict({"store": {"path": "/srv/ef/edgefilter.db"}})
+    assert s.store.backend == "sqlite" and s.store.spool_path == "/srv/ef/edgefilter-spool.db"
+    assert s.store.node  # the host name by default
+    s = settings_from_dict({"store": {"url": "postgresql://ef:pw@db.example:5432/ef", "node": "pbx-sh-1"}})
+    assert s.store.backend == "postgresql" and s.store.node == "pbx-sh-1"
+    assert s.store.where == "postgresql://ef:***@db.example:5432/ef"
+    assert "pw@" not in dump(s) and 'url = "postgresql://ef:***@db.example:5432/ef"' in dump(s)
+    with pytest.raises(ConfigError, match=r"\[store\] url: expected \"postgresql://"):
+        settings_from_dict({"store": {"url": "mysql://x@y/z"}})
+    with pytest.raises(ConfigError, match=r"\[store\] node: .*a node name"):
+        settings_from_dict({"store": {"node": "pbx one; drop"}})
+    with pytest.raises(ConfigError, match=r"did you mean|password_file"):
+        settings_from_dict({"store": {"pasword_file": "/etc/x"}})

@@ -735,8 +735,12 @@ def _check_ascending(thr: dict[Action, float], err: Callable[[Action], ConfigErr
 
 
 def dump(settings: Settings) -> str:
-    """The merged configuration as TOML, for `edgefilter config dump`."""
-    return _to_toml(settings.raw)
+    """The merged configuration as TOML, for `edgefilter config dump` (a password written into
+    [store] url is masked: dumps end up in tickets)."""
+    raw = settings.raw
+    if raw.get("store", {}).get("url"):
+        raw = {**raw, "store": {**raw["store"], "url": redact_url(raw["store"]["url"])}}
+    return _to_toml(raw)
 
 
 def _fmt(v: Any) -> str:

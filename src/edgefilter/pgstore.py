@@ -130,6 +130,8 @@ def describe_pg_error(where: str, exc: BaseException) -> str:
         return f"{where}: the database does not exist (create it: createdb -O USER DBNAME)"
     if isinstance(exc, asyncpg.InsufficientPrivilegeError):
         return f"{where}: permission denied ({exc}); the user needs to own the database or its tables"
+    if isinstance(exc, (asyncpg.AdminShutdownError, asyncpg.CrashShutdownError)):
+        return f"{where}: the server is shutting down or restarting"
     if isinstance(exc, asyncpg.CannotConnectNowError):
         return f"{where}: the server is starting up or shutting down"
     if isinstance(exc, (asyncpg.ConnectionDoesNotExistError, asyncpg.ConnectionFailureError)):
@@ -197,9 +199,9 @@ class PgStore:
                 await store.migrate()
             yield store
         finally:
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(pool.close(), 5)
-            if not pool._closed:  # a dead server can keep close() waiting: cut the sockets
+            except Exception:  # a dead server can keep close() waiting: cut the sockets
                 pool.terminate()
 
     def describe_error(self, exc: BaseException) -> str:
@@ -383,10 +385,12 @@ class PgStore:
             )
         return [(r[0], r[1], r[2], r[3], entry_from_row(tuple(r)[4:]) if r[4] is not None else None) for r in rows]
 
-    async def watch_changes(self, wake: Callable[[], None]) -> None:
-        """Run for ever: LISTEN on the change channel and call ``wake`` on every notice (and after
-        each (re)connection, to catch up on what was missed). Reconnects with backoff; a ping
-        every 10 s notices a connection that died silently."""
+    async def watch_changes(self, wake: Callable[[], None], resync: Callable[[], None] | None = None) -> None:
+        """Run for ever: LISTEN on the change channel and call ``wake`` on every notice and after
+        connecting. After a lost connection it calls ``resync`` instead: the server may be a
+        promoted standby that lacks the last changes (asynchronous replication), which only a
+        full reload corrects. Reconnects with backoff; a ping every 10 s notices a connection
+        that died silently."""
         delay, failing = 0.5, False
         while True:
             conn = None
@@ -402,11 +406,12 @@ class PgStore:
                 await conn.add_listener(CHANGES_CHANNEL, notice)
                 self.listening = True
                 if failing:
-                    log.info("%s: change notices back; list changes from other nodes apply at once again", self.where)
+                    log.info("%s: change notices back; reloading the lists once (failover-safe), then changes apply at once again", self.where)
+                    (resync or wake)()
                 else:
                     log.info("%s: listening for list changes (LISTEN %s)", self.where, CHANGES_CHANNEL)
+                    wake()
                 failing, delay = False, 0.5
-                wake()
                 while not lost.is_set():
                     try:
                         await asyncio.wait_for(lost.wait(), 10.0)

@@ -49,10 +49,16 @@ class ListFollower:
         self.rev = 0
         self.applied = 0
         self.loaded = False
+        self.stale = False
         self.nudged = asyncio.Event()
 
     def wake(self) -> None:
         """Called by the store's change listener: a change was committed somewhere."""
+        self.nudged.set()
+
+    def resync(self) -> None:
+        """Called by the change listener after it lost the database: reload everything next."""
+        self.stale = True
         self.nudged.set()
 
     async def load(self) -> int:
@@ -69,9 +75,15 @@ class ListFollower:
 
     async def poll(self) -> int:
         """Apply changes made since the last poll; returns how many were applied."""
-        if not self.loaded:
-            await self.store.migrate()
-            return await self.load()
+        if not self.loaded or self.stale:
+            if not self.loaded:
+                await self.store.migrate()
+            self.stale = False
+            try:
+                return await self.load()
+            except BaseException:
+                self.stale = self.loaded
+                raise
         changes = await self.store.changes_since(self.rev, FULL_RELOAD_AFTER + 1)
         if not changes:
             head = await self.store.head_rev()
@@ -304,7 +316,7 @@ class Service:
         await self.server.start()
         self.tasks = [
             asyncio.create_task(self.follower.run(lambda: self.settings.store.poll_interval)),
-            asyncio.create_task(self.store.watch_changes(self.follower.wake)),
+            asyncio.create_task(self.store.watch_changes(self.follower.wake, self.follower.resync)),
             asyncio.create_task(self.calllog.run()),
             asyncio.create_task(self._every(lambda: 600.0, self._maintenance, "maintenance")),
         ]

@@ -339,7 +339,7 @@ class Store:
             out.append((r[0], r[1], r[2], r[3], entry))
         return out
 
-    async def watch_changes(self, wake) -> None:
+    async def watch_changes(self, wake, resync=None) -> None:
         """PostgreSQL pushes change notices to ``wake``; SQLite has none: the poll is the feed."""
         return None
 

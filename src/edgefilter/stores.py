@@ -95,12 +95,15 @@ async def copy_sqlite_to_postgres(src_path: str, dst: PgStore, *, node: str, bat
         raise StoreError(f"{src_path}: no such SQLite database")
     report = CopyReport()
     async with Store.open(src_path, create=False) as src:
-        entries = await src.entries()
-        report.entries = len(entries)
-        counts = await dst.put_entries(entries)
-        report.added, report.updated, report.unchanged = counts["added"], counts["updated"], counts["unchanged"]
-        # Entries that already existed keep their PostgreSQL created_at on update (put semantics);
-        # a fresh copy carries the source's.
+        # In batches, each its own transaction: memory stays flat on big lists, and a copy that
+        # stopped half way is finished by running it again. Entries that already existed keep
+        # their PostgreSQL created_at on update (put semantics); a fresh copy carries the source's.
+        async for entries in src.iter_entries(batch):
+            report.entries += len(entries)
+            counts = await dst.put_entries(entries)
+            report.added += counts["added"]
+            report.updated += counts["updated"]
+            report.unchanged += counts["unchanged"]
         cursor = 0
         while True:
             rows = await src.calls_after(cursor, batch)
