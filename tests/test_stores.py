@@ -159,3 +159,30 @@ def test_store_keys_select_the_backend_and_validate():
         settings_from_dict({"store": {"node": "pbx one; drop"}})
     with pytest.raises(ConfigError, match=r"did you mean|password_file"):
         settings_from_dict({"store": {"pasword_file": "/etc/x"}})
+
+
+def test_both_backends_offer_the_same_methods():
+    """The contract that keeps porting mechanical: every public method exists on both stores with
+    the same parameters (only how a store is opened differs)."""
+    import inspect
+
+    from edgefilter.pgstore import PgStore
+    from edgefilter.store import Store
+
+    def api(cls) -> dict[str, list[str]]:
+        return {
+            n: list(inspect.signature(getattr(cls, n)).parameters)
+            for n in dir(cls)
+            if not n.startswith("_") and callable(getattr(cls, n)) and n != "open"
+        }
+
+    assert api(Store) == api(PgStore)
+
+
+def test_both_backends_have_the_same_schema_versions():
+    """A feature's tables land on both backends under the same version number."""
+    from edgefilter import pgstore, store
+
+    missing = sorted(set(store.MIGRATIONS) - set(pgstore.MIGRATIONS))
+    assert not missing, f"port SQLite migration(s) {missing} to pgstore.MIGRATIONS (see docs/postgresql.md)"
+    assert pgstore.SCHEMA_VERSION == store.SCHEMA_VERSION

@@ -206,6 +206,10 @@ class Store:
             await self.db.executescript("BEGIN IMMEDIATE;\n" + MIGRATIONS[v] + f"\nPRAGMA user_version = {v};\nCOMMIT;")
         return SCHEMA_VERSION
 
+    async def schema_version(self) -> int:
+        (version,) = await (await self.db.execute("PRAGMA user_version")).fetchone()
+        return int(version)
+
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[None]:
         """BEGIN IMMEDIATE ... COMMIT, rolled back on any error: nothing partial is ever written.
@@ -266,7 +270,7 @@ class Store:
         await self.db.execute("INSERT INTO changes (list, pattern, op) VALUES (?, ?, 'put')", (e.list, e.pattern.text))
         return "added" if old is None else "updated"
 
-    async def put_entries(self, entries: Iterable[Entry]) -> dict[str, int]:
+    async def put_entries(self, entries: Iterable[Entry], batch: int = 5000) -> dict[str, int]:
         """Insert or update many entries in one transaction; counts of added/updated/unchanged."""
         counts = {"added": 0, "updated": 0, "unchanged": 0}
         async with self.transaction():
