@@ -370,3 +370,10 @@ async def test_two_nodes_migrating_at_once_do_not_collide(pg_url):
         assert await conn.fetchval("SELECT COUNT(*) FROM schema_version") == 1
     finally:
         await conn.close()
+
+
+def test_db_copy_usage_mistakes_are_one_line(tmp_path, capsys):
+    assert cli.main(["db", "copy", "--from", str(tmp_path / "x.db")]) == 1
+    assert "db copy needs --from SQLITE_PATH and --to POSTGRES_URL" in capsys.readouterr().err
+    assert cli.main(["db", "copy", "--from", str(tmp_path / "x.db"), "--to", "mysql://u@h/d"]) == 1
+    assert "--to: expected postgresql://" in capsys.readouterr().err

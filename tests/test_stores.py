@@ -7,7 +7,6 @@ code above them do not know which one they have.
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import pytest
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import re
 import sys
 import time
 from datetime import datetime
-from pathlib import Path
 
-from .config import Settings, dump, load_settings
+from .config import Settings, dump, load_settings, redact_url
 from .decisionlog import escape_text
 from .durations import parse_duration
 from .errors import EdgefilterError, PatternError
@@ -177,14 +178,11 @@ async def cmd_db(args, settings: Settings) -> int:
     # copy
     if not args.source or not args.target:
         raise EdgefilterError("db copy needs --from SQLITE_PATH and --to POSTGRES_URL")
-    from dataclasses import replace as dc_replace
-
-    from .config import redact_url
-
-    try:
-        target = dc_replace(settings.store, url=settings_url(args.target))
-    except ValueError as e:
-        raise EdgefilterError(f"--to: {e}") from None
+    if not re.match(r"^postgres(ql)?://\S+$", args.target):
+        raise EdgefilterError(f"--to: expected postgresql://user@host:port/database, got {escape_text(args.target, 80)!r}")
+    if args.node and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", args.node):
+        raise EdgefilterError("--node: 1-64 letters, digits, '.', '_' or '-'")
+    target = dataclasses.replace(settings.store, url=args.target)
     node = args.node or settings.store.node
     async with open_store(target) as dst:
         report = await copy_sqlite_to_postgres(args.source, dst, node=node)
@@ -192,15 +190,6 @@ async def cmd_db(args, settings: Settings) -> int:
     for line in report.lines():
         print("  " + line)
     return 0
-
-
-def settings_url(text: str) -> str:
-    """``--to`` must be a PostgreSQL URL (the SQLite side is --from)."""
-    import re
-
-    if not re.match(r"^postgres(ql)?://\S+$", text):
-        raise ValueError(f"expected postgresql://user@host:port/database, got {escape_text(text, 80)!r}")
-    return text
 
 
 def cmd_config(args, settings: Settings) -> int:
