@@ -52,11 +52,13 @@ LOCK_CALLS = 0x65646765666903
 # feature's tables land on both backends under the same number.
 MIGRATIONS: dict[int, str] = {
     1: """
+    -- COLLATE "C": byte order as in SQLite, whatever the server's locale ('+', '*' and '#' are
+    -- not ignored), so listings and the keyset scans of iter_entries agree on both backends.
     CREATE TABLE entries (
-        list       TEXT NOT NULL CHECK (list IN ('block', 'allow')),
-        pattern    TEXT NOT NULL,
+        list       TEXT COLLATE "C" NOT NULL CHECK (list IN ('block', 'allow')),
+        pattern    TEXT COLLATE "C" NOT NULL,
         kind       TEXT NOT NULL CHECK (kind IN ('exact', 'prefix', 'mask')),
-        key        TEXT NOT NULL,
+        key        TEXT COLLATE "C" NOT NULL,
         category   TEXT NOT NULL DEFAULT '',
         note       TEXT NOT NULL DEFAULT '',
         source     TEXT NOT NULL DEFAULT 'cli',
