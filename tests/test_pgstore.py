@@ -8,6 +8,7 @@ skip. The outage test stops and starts that server with pg_ctl (EDGEFILTER_TEST_
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import pwd
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -26,7 +28,7 @@ from edgefilter.callsim import CallSpec, place_call
 from edgefilter.errors import StoreError
 from edgefilter.lists import Entry, parse_pattern
 from edgefilter.service import Service
-from edgefilter.store import SCHEMA_VERSION, CallRecord, Store
+from edgefilter.store import SCHEMA_VERSION, CallOutcome, CallRecord, ContactSeen, Refusal, ReputationRow, Store
 from edgefilter.stores import open_store, read_password_file
 
 from .conftest import PG_BIN, PG_DATA, PG_URL
@@ -124,6 +126,75 @@ async def test_every_node_sees_every_nodes_calls(nodes):
     await wait_for(one_more, 3.0, "the next call after the cursor")
     [(_, rec)] = await a.store.calls_after(page[-1][0])
     assert (rec.node, rec.uniqueid) == ("pbx-b", "1700000002.2")
+
+
+# ------------------------------------------------------------------ behaviour across nodes
+@pytest.fixture
+async def behaving_nodes(pg_url, make_settings, tmp_path):
+    """Two services on one database with the behaviour rules on (the default 250ms poll)."""
+    started = []
+    try:
+        for name in ("pbx-a", "pbx-b"):
+            svc = Service(make_settings(store={
+                "url": pg_url, "node": name, "poll_interval": "250ms", "spool_path": str(tmp_path / f"{name}-spool.db"),
+            }), port=0)
+            await svc.start()
+            started.append(svc)
+        yield started
+    finally:
+        for svc in started:
+            await svc.stop()
+
+
+async def _rules(svc: Service, callerid: str, exten: str = "1000") -> list[str]:
+    r = await call(svc, callerid, args=[f"exten={exten}"])
+    return r.variables.get("EDGEFILTER_RULES", "").split()
+
+
+async def test_a_burst_split_across_two_nodes_escalates(behaving_nodes):
+    a, b = behaving_nodes
+    burster = "+8613512345678"
+    for svc in (a, b, a, b):  # 4 calls, 2 per node: neither node alone reaches burst_calls = 5
+        assert "RATE_BURST" not in await _rules(svc, burster)
+    await wait_for(lambda: _true(b.memory.calls_applied >= 2), 3.0, "node b follows node a's calls")
+    assert len(list(b.behaviour.history.from_caller(burster, 0))) == 4  # its own 2 and a's 2, once each
+    rules = await _rules(b, burster)
+    assert "RATE_BURST" in rules, rules
+    # node a follows b's calls the same way
+    await wait_for(lambda: _true(a.memory.calls_applied >= 3), 3.0, "node a follows node b's calls")
+    assert "RATE_BURST" in await _rules(a, burster)
+
+
+async def test_a_refusal_on_one_node_blocks_the_caller_on_the_other(behaving_nodes):
+    a, b = behaving_nodes
+    pest = "+8613612345678"
+    assert await _rules(a, pest) == []
+
+    async def star(svc: Service, route: str) -> dict:
+        r = await place_call("127.0.0.1", svc.port, CallSpec(callerid="1000", script=route, args=["callee=1000"]), timeout=3.0)
+        return r.variables
+
+    assert await star(a, "refuse") == {"EDGEFILTER_RESULT": "ok", "EDGEFILTER_NUMBER": pest}
+
+    async def refused_on_b() -> bool:
+        return "REFUSED_BEFORE" in await _rules(b, pest)
+
+    took = await wait_for(refused_on_b, 3.0, "the refusal recorded on node a reaches node b")
+    assert took < 1.5, took
+    # undone on a: b lets the caller through again
+    assert (await star(a, "undo-last"))["EDGEFILTER_RESULT"] == "undone"
+
+    async def free_on_b() -> bool:
+        return "REFUSED_BEFORE" not in await _rules(b, pest, exten="1000")
+
+    await wait_for(free_on_b, 3.0, "the undo reaches node b")
+    # and the other way round: a refusal recorded on node b reaches node a
+    assert (await star(b, "refuse"))["EDGEFILTER_NUMBER"] == pest
+    await wait_for(lambda: _refused_on(a, pest), 3.0, "node b's refusal reaches node a")
+
+
+async def _refused_on(svc: Service, caller: str) -> bool:
+    return "REFUSED_BEFORE" in await _rules(svc, caller)
 
 
 async def test_a_retried_batch_is_stored_once(pg_url):
@@ -322,9 +393,22 @@ async def test_db_copy_moves_a_single_box_install_and_is_idempotent(pg_url, tmp_
         Entry("allow", parse_pattern("+8613912345678", "CN"), "", "mum", "cli", 1700000004.0, None),
     ]
     calls = [_record(i) for i in range(7)]
+    refusal = Refusal(0, "+8613800138000", "1000", 1700000005.0, "block", "fraud", "starcode:1000", "u1")
+    answer = ReputationRow("+8613800138000", "fast", 80.0, "scam", "listed", 1700000006.0, 1900000000.0)
     async with Store.open(str(src)) as box:
         await box.put_entries(rows)
         await box.record_calls(calls)
+        # every other table: outcomes on the calls, the ledger (one undone), contacts, challenge
+        # outcomes (one from before schema v6, without a key), the reputation cache
+        await box.write_batch([CallOutcome("u1", "l1", True, 42.5, 16, "Normal Clearing", "ANSWER", 1700000050.0),
+                               ContactSeen("+8613900139000", 1700000007.0, "outbound")])
+        await box.add_refusal(refusal)
+        await box.add_refusal(dataclasses.replace(refusal, callee="1001", kind="refuse", ts=1700000008.0))
+        await box.undo_last_refusal("1001", 1700000009.0)
+        await box.record_challenges([SimpleNamespace(ts=1700000010.0, uniqueid="u2", caller_e164="+8613700137000", outcome="fail")])
+        await box.db.execute("UPDATE challenge_outcomes SET key = ''")
+        await box.db.commit()
+        await box.put_reputation([answer])
     cfg = tmp_path / "edgefilter.toml"
     cfg.write_text('[store]\nnode = "box-1"\n')
 
@@ -335,6 +419,9 @@ async def test_db_copy_moves_a_single_box_install_and_is_idempotent(pg_url, tmp_
     out = await asyncio.to_thread(copy)
     assert "entries: 4 read, 4 added, 0 updated, 0 already there" in out
     assert "calls: 7 read, 7 written, 0 already there" in out
+    assert "refusals: 2 read, 2 written, 0 already there" in out
+    assert "contacts: 1 read" in out and "challenge outcomes: 1 read, 1 written" in out
+    assert "reputation answers: 1 read, 1 written" in out
     assert ":***@" in out and PG_URL.split("@")[0].split(":")[-1] not in out.replace(":***@", "")
     async with open_store(_pg_settings(pg_url)) as pg:
         assert await pg.entries() == sorted(rows, key=lambda e: (e.list, e.pattern.text))
@@ -342,12 +429,22 @@ async def test_db_copy_moves_a_single_box_install_and_is_idempotent(pg_url, tmp_
         strip = lambda r: r.row()  # noqa: E731 - every column but node/key
         assert [strip(r) for r in got] == [strip(r) for r in calls]
         assert {r.node for r in got} == {"box-1"}
+        assert (await pg.outcome_of("u1"))["talk_seconds"] == 42.5
+        assert [(r.callee, r.kind, r.undone_at) for r in await pg.refusals()] == [
+            ("1000", "block", None), ("1001", "refuse", 1700000009.0)]
+        assert await pg.contacts(0) == [("+8613900139000", 1700000007.0)]
+        assert await pg.challenge_failures_since(0) == [("8613700137000", 1700000010.0)]
+        assert await pg.reputation_rows() == [answer]
         rev = await pg.head_rev()
     out = await asyncio.to_thread(copy)  # again: nothing new, nothing twice
     assert "entries: 4 read, 0 added, 0 updated, 4 already there" in out
     assert "calls: 7 read, 0 written, 7 already there" in out
+    assert "refusals: 2 read, 0 written, 2 already there" in out
+    assert "challenge outcomes: 1 read, 0 written, 1 already there" in out
+    assert "reputation answers: 1 read, 0 written" in out
     async with open_store(_pg_settings(pg_url)) as pg:
         assert len(await pg.recent_calls(0)) == 7 and await pg.head_rev() == rev
+        assert len(await pg.refusals()) == 2 and len(await pg.challenge_failures_since(0)) == 1
 
 
 def test_db_migrate_on_both_backends(tmp_path, capsys, store_backend):

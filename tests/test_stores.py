@@ -10,8 +10,9 @@ import dataclasses
 
 import pytest
 
+from edgefilter.errors import StoreError
 from edgefilter.lists import Entry, parse_pattern
-from edgefilter.store import CallRecord
+from edgefilter.store import CallOutcome, CallRecord, ContactSeen, Refusal
 from edgefilter.stores import open_store
 
 
@@ -140,6 +141,149 @@ async def test_migrate_is_idempotent_and_reopening_keeps_data(backend_settings):
 
 
 
+# ------------------------------------------------------------------ features ported from SQLite
+async def test_write_batch_keeps_queue_order_and_a_retry_changes_nothing(store):
+    store.node = "pbx-a"
+    batch = [
+        record(1, key="k1"),
+        CallOutcome("1700000000.1", "l1", True, 12.0, 16, "Normal Clearing", "ANSWER", 1700000030.0, node="pbx-a"),
+        CallOutcome("1700000000.1", talk_seconds=13.5, node="pbx-a"),  # refines the talk time only
+        CallOutcome("1700000000.1", answered=False, node="pbx-b"),  # another node's call of that uniqueid: not ours
+        ContactSeen("+8613900139000", 1700000100.0, "outbound"),
+        ContactSeen("+8613900139000", 1700000050.0, "talked"),  # older: the newest time stays
+        record(2, key=""),  # no key: one is drawn
+    ]
+    assert await store.write_batch(batch) == len(batch)
+    assert await store.write_batch(batch[:6]) == 6  # the spool drains a batch twice: no second row
+    o = await store.outcome_of("1700000000.1")
+    assert (o["linkedid"], o["answered"], o["talk_seconds"], o["hangup_cause"], o["dial_status"]) == ("l1", 1, 13.5, 16, "ANSWER")
+    assert await store.contacts(0) == [("+8613900139000", 1700000100.0)]
+    got = await store.recent_calls(0)
+    assert [(r.uniqueid, r.node) for r in got] == [("1700000000.1", "pbx-a"), ("1700000000.2", "pbx-a")]
+    assert got[0].key == "k1" and len(got[1].key) == 32
+    calls = await store.calls_from(got[0].caller_e164, 0)
+    assert calls[0]["talk_seconds"] == 13.5 and calls[0]["uniqueid"] == "1700000000.1"
+
+
+async def test_history_rows_up_to_an_id_then_calls_after_it(store):
+    await store.record_calls([record(i) for i in range(3)])
+    head = await store.calls_head()
+    await store.record_calls([record(i) for i in range(3, 5)])
+    rows = await store.history_rows(0, through_id=head)
+    assert [r[1] for r in rows] == ["1700000000.0", "1700000000.1", "1700000000.2"]
+    assert rows[0] == (1700000000.0, "1700000000.0", "+8613800138000", "mobile", "1000", "1000", None, None, "allow")
+    assert [r.uniqueid for _, r in await store.calls_after(head)] == ["1700000000.3", "1700000000.4"]
+    assert [r[1] for r in await store.history_rows(0, limit=2)] == ["1700000000.3", "1700000000.4"]
+    assert await store.calls_head() > head
+    batches = [[r.uniqueid for r in b] async for b in store.iter_calls(1700000001.0, 1700000004.0, batch=2)]
+    assert batches == [["1700000000.1", "1700000000.2"], ["1700000000.3"]]
+    assert sorted(await store.last_callers()) == [("1000", 1700000004.0, "1700000000.4", "+8613800138004", "1000")]
+
+
+async def test_refusal_ledger_with_its_entry_and_version(store):
+    v0 = await store.refusals_version()
+    blocked = entry("block", "+8617012345678", source="starcode:1000")
+    rid = await store.add_refusal(Refusal(0, "+8617012345678", "1000", 1700000000.0, "block", "", "starcode:1000", "u1"), blocked)
+    v1 = await store.refusals_version()
+    assert rid > 0 and v1 != v0
+    assert [e.pattern.text for e in await store.entries("block")] == ["+8617012345678"]
+    rev = await store.head_rev()
+    # an admin's entry is never taken over by a star code: the ledger row keeps no pattern
+    await store.put_entry(entry("block", "+8613700137000", source="cli"))
+    await store.add_refusal(Refusal(0, "+8613700137000", "1000", 1700000001.0, "refuse", source="starcode:1000"),
+                            entry("block", "+8613700137000", source="starcode:1000"))
+    assert [r.pattern for r in await store.refusals()] == ["+8617012345678", ""]
+    undone = await store.undo_last_refusal("1000", 1700000002.0)
+    assert undone.caller_e164 == "+8613700137000" and undone.undone_at == 1700000002.0
+    assert [e.source for e in await store.entries("block")] == ["cli", "starcode:1000"]
+    undone = await store.undo_last_refusal("1000", 1700000003.0)
+    assert undone.caller_e164 == "+8617012345678"
+    assert [e.pattern.text for e in await store.entries("block")] == ["+8613700137000"]
+    assert [(c[1], c[3]) for c in await store.changes_since(rev, 10)][-1] == ("del", "+8617012345678")
+    assert await store.undo_last_refusal("1000", 1700000004.0) is None
+    assert await store.refusals(active_only=True) == []
+    assert [r.callee for r in await store.refusals(caller="+8617012345678")] == ["1000"]
+    assert await store.refusals_version() not in (v0, v1)
+
+
+async def test_challenge_outcomes_are_stored_once_per_key(store):
+    from edgefilter.challenge import OutcomeRecord
+
+    fail = OutcomeRecord(1700000000.0, "u1", "+8613800138000", "fail")
+    assert await store.record_challenges([fail, OutcomeRecord(1700000001.0, "u2", "+8613900139000", "pass")]) == 2
+    assert await store.record_challenges([fail]) == 0  # the retry of a write that did commit
+    assert await store.challenge_failures_since(0) == [("8613800138000", 1700000000.0)]
+    assert await store.challenge_failures_since(0, "+8613900139000") == []
+    assert await store.purge_challenges(1700000000.5) == 1
+    assert await store.challenge_failures_since(0) == []
+
+
+async def test_reputation_cache_upserts_reads_and_purges(store):
+    from edgefilter.store import ReputationRow
+
+    a = ReputationRow("+8613800138000", "fast", 80.0, "scam", "listed", 1700000000.0, 1700086400.0)
+    b = ReputationRow("+8613800138000", "slow", None, None, "unlisted", 1700000001.0, 1700000100.0)
+    assert await store.put_reputation([a, b]) == 2
+    newer = dataclasses.replace(a, score=90.0, fetched_at=1700000002.0)
+    assert await store.put_reputation([newer]) == 1
+    assert await store.get_reputation("fast", "+8613800138000") == newer
+    assert await store.get_reputation("fast", "+8613900139000") is None
+    assert await store.reputation_rows() == [newer, b]
+    assert await store.reputation_rows(number="+8613800138000", fresh_at=1700000200.0) == [newer]
+    assert await store.purge_reputation(expired_at=1700000200.0) == 1
+    assert await store.purge_reputation(source="fast") == 1
+    assert await store.reputation_rows() == []
+
+
+# ------------------------------------------------------------------ call log spool, every kind
+class _Failing:
+    """The store seen through an outage: write_batch fails while ``down``."""
+
+    def __init__(self, store) -> None:
+        self.store, self.down, self.where = store, True, store.where
+
+    def describe_error(self, e: BaseException) -> str:
+        return str(e)
+
+    async def write_batch(self, items) -> int:
+        if self.down:
+            raise StoreError(f"{self.where}: connection lost")
+        return await self.store.write_batch(items)
+
+
+async def test_call_log_spools_calls_outcomes_and_contacts_in_order_during_an_outage(store, tmp_path):
+    from edgefilter.service import CallLogWriter
+    from edgefilter.spool import Spool
+
+    path = str(tmp_path / "spool.db")
+    spool = await Spool.open(path, 1000)
+    failing = _Failing(store)
+    writer = CallLogWriter(failing, spool, "pbx-a", batch=3)
+    for item in [record(1, key="k1"), CallOutcome("1700000000.1", "l1", True, 30.0),
+                 ContactSeen("+8613900139000", 1700000010.0, "outbound"),
+                 record(2, key="k2"), CallOutcome("1700000000.2", answered=False)]:
+        writer.submit(item)
+    await writer.write(writer._take())  # the store fails: to the spool
+    await writer.write(writer._take())  # a backlog: behind it, in order
+    assert writer.failing and spool.count == 5 and writer.dropped == 0
+    await spool.close()  # a restart during the outage: the spool is on disk
+    spool = await Spool.open(path, 1000)
+    kinds = [type(item).__name__ for _, item in await spool.peek(10)]
+    assert kinds == ["CallRecord", "CallOutcome", "ContactSeen", "CallRecord", "CallOutcome"]
+    assert (await spool.peek(10))[1][1].node == "pbx-a"  # outcomes are stamped with the node on submit
+    failing.down = False
+    writer = CallLogWriter(failing, spool, "pbx-a", batch=2)
+    await writer.drain()
+    assert spool.count == 0 and not writer.failing
+    await spool.close()
+    assert [(r.uniqueid, r.key) for r in await store.recent_calls(0)] == [("1700000000.1", "k1"), ("1700000000.2", "k2")]
+    assert (await store.outcome_of("1700000000.1"))["talk_seconds"] == 30.0  # applied after its call's insert
+    assert (await store.outcome_of("1700000000.2"))["answered"] == 0
+    assert await store.contacts(0) == [("+8613900139000", 1700000010.0)]
+    await writer.drain()  # nothing left: nothing written twice
+    assert len(await store.recent_calls(0)) == 2
+
+
 # ------------------------------------------------------------------------------ [store] keys
 def test_store_keys_select_the_backend_and_validate():
     from edgefilter.config import dump, settings_from_dict
@@ -162,20 +306,35 @@ def test_store_keys_select_the_backend_and_validate():
 
 def test_both_backends_offer_the_same_methods():
     """The contract that keeps porting mechanical: every public method exists on both stores with
-    the same parameters (only how a store is opened differs)."""
+    the same parameters, defaults and kind (coroutine, async iterator, context manager...); only
+    how a store is opened differs."""
     import inspect
 
     from edgefilter.pgstore import PgStore
     from edgefilter.store import Store
 
-    def api(cls) -> dict[str, list[str]]:
+    def kind(f) -> str:
+        f = inspect.unwrap(f)
+        if inspect.isasyncgenfunction(f):
+            return "async iterator"
+        return "coroutine" if inspect.iscoroutinefunction(f) else "plain"
+
+    def api(cls) -> dict[str, tuple]:
         return {
-            n: list(inspect.signature(getattr(cls, n)).parameters)
+            n: (kind(getattr(cls, n)), [(p.name, p.kind, p.default) for p in inspect.signature(getattr(cls, n)).parameters.values()])
             for n in dir(cls)
             if not n.startswith("_") and callable(getattr(cls, n)) and n != "open"
         }
 
     assert api(Store) == api(PgStore)
+    # what the features above the store use (a method lost on both sides fails here too)
+    for name in ("write_batch", "record_calls", "calls_after", "calls_head", "history_rows", "last_callers",
+                 "calls_from", "outcome_of", "iter_calls", "add_refusal", "undo_last_refusal", "refusals",
+                 "refusals_version", "contacts", "record_challenges", "challenge_failures_since",
+                 "purge_challenges", "put_reputation", "get_reputation", "reputation_rows", "purge_reputation",
+                 "watch_changes", "describe_error", "schema_version"):
+        assert name in api(Store), name
+    assert Store.backend == "sqlite" and PgStore.backend == "postgresql"
 
 
 def test_both_backends_have_the_same_schema_versions():

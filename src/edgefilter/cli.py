@@ -352,7 +352,7 @@ async def cmd_evidence(args, settings: Settings) -> int:
     now = time.time()
     since = _parse_since(args.since, now)
     if not store_exists(settings):
-        raise EdgefilterError(f"{settings.store.path}: database does not exist (no calls recorded yet)")
+        raise EdgefilterError(f"{settings.store.where}: database does not exist (no calls recorded yet)")
     async with open_store(settings, create=False) as store:
         calls = await store.calls_from(number.e164, since)
         refusals = await store.refusals(caller=number.e164)
