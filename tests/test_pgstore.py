@@ -287,7 +287,7 @@ async def test_database_stopped_and_restarted_during_calls(pg_url, make_settings
         await wait_for(lambda: _true(not svc.follower.stale), 3.0, "the full reload after reconnecting")
         assert len(re.findall(r"loaded \d+ list entries", caplog.text)) >= 2  # at start, after reconnecting
         text = caplog.text
-        assert "buffering call records in" in text and "takes records again" in text
+        assert "buffering call records, outcomes and contacts in" in text and "takes records again" in text
     finally:
         if not _server_up(pg_url):
             await asyncio.to_thread(_pg_ctl, "-l", str(Path(PG_DATA).parent / "server.log"), "start")

@@ -256,7 +256,7 @@ class CallLogWriter:
             await self.spool.remove_through(rows[-1][0])  # only after the store committed them
             moved += len(rows)
         if self.failing or moved:
-            log.info("call log: %s takes records again; %d buffered call records written", self.store.where, moved)
+            log.info("call log: %s takes records again; %d buffered items (calls, outcomes, contacts) written", self.store.where, moved)
         self.failing, self._delay, self._next_try = False, 0.0, 0.0
 
     async def _to_spool(self, records: list[object]) -> None:
@@ -264,17 +264,17 @@ class CallLogWriter:
             dropped = await self.spool.add(records)
         except Exception as e:
             dropped = len(records)
-            log.error("call log spool %s failed (%s): %d call records lost", self.spool.path, e, dropped)
+            log.error("call log spool %s failed (%s): %d call-log items lost", self.spool.path, e, dropped)
         if dropped:
             self.dropped += dropped
-            log.warning("call log spool %s full (%d records): %d call records dropped", self.spool.path, self.spool.max_records, dropped)
+            log.warning("call log spool %s full (%d items): %d call-log items dropped", self.spool.path, self.spool.max_records, dropped)
 
     def _failed(self, e: BaseException) -> None:
         self._delay = min(max(self._delay * 2, 0.5), 5.0)
         self._next_try = time.monotonic() + self._delay
         if not self.failing:
             log.warning(
-                "call log: cannot write to the store (%s); buffering call records in %s, retrying with backoff",
+                "call log: cannot write to the store (%s); buffering call records, outcomes and contacts in %s, retrying with backoff",
                 self.store.describe_error(e), self.spool.path,
             )
         self.failing = True

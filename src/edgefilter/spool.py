@@ -6,8 +6,8 @@ Items keep their order (a sequence number), so an outcome is still applied after
 its call; draining the spool after an outage neither loses nor duplicates anything: a batch is
 deleted from the spool only after the database committed it, and a batch written twice (a crash
 between the two) is harmless (call records are skipped by their unique key, outcomes and
-contacts are idempotent updates). The spool is bounded by count; past the bound new records are dropped
-and counted, never blocking a call. It runs in aiosqlite's thread, off the event loop.
+contacts are idempotent updates). The spool is bounded by count; past the bound new items are
+dropped and counted, never blocking a call. It runs in aiosqlite's thread, off the event loop.
 """
 
 from __future__ import annotations
