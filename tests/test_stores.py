@@ -344,3 +344,40 @@ def test_both_backends_have_the_same_schema_versions():
     missing = sorted(set(store.MIGRATIONS) - set(pgstore.MIGRATIONS))
     assert not missing, f"port SQLite migration(s) {missing} to pgstore.MIGRATIONS (see docs/postgresql.md)"
     assert pgstore.SCHEMA_VERSION == store.SCHEMA_VERSION
+
+
+# ------------------------------------------------------------------ behaviour memory follower
+async def test_memory_follower_brings_in_other_nodes_calls_refusals_and_contacts(store):
+    """What a node learns from the shared store (memory.MemoryFollower): other nodes' calls once
+    each, never its own again, the refusal ledger as it is now, recent contacts."""
+    from edgefilter.behaviour import BehaviourRules
+    from edgefilter.config import settings_from_dict
+    from edgefilter.memory import MemoryFollower
+
+    settings = settings_from_dict({})
+    now = 1700000100.0
+    behaviour = BehaviourRules(lambda: settings)
+    h = behaviour.history
+    await store.record_calls([record(1, ts=now - 50, caller_kind="valid", node="pbx-b", key="b1")])  # before start: loaded
+    follower = MemoryFollower(store, behaviour, lambda: settings, "pbx-a", clock=lambda: now)
+    await follower.poll()  # the first poll loads
+    assert follower.loaded and [c.uniqueid for c in h.from_caller("+8613800138001", 0)] == ["1700000000.1"]
+    await store.record_calls([record(2, ts=now - 40, caller_kind="valid", node="pbx-a", key="a2"), record(3, ts=now - 30, caller_kind="valid", node="pbx-b", key="b3")])
+    assert await follower.poll() == 1  # b's call; a's own was remembered at its decision
+    assert [c.uniqueid for c in h.from_caller("+8613800138003", 0)] == ["1700000000.3"]
+    assert list(h.from_caller("+8613800138002", 0)) == []
+    assert await follower.poll() == 0  # nothing new: nothing twice
+    await store.add_refusal(Refusal(0, "+8613800138003", "1000", now - 20, "refuse", source="starcode:1000"))
+    await store.write_batch([ContactSeen("+8613900139000", now - 10, "outbound")])
+    await follower.poll()
+    assert h.refused("+8613800138003", "1000") and h.known_since("+8613900139000") == now - 10
+    await store.undo_last_refusal("1000", now - 5)
+    await follower.poll()
+    assert not h.refused("+8613800138003", None)
+    # the table emptied and refilled (SQLite reuses ids): the follower starts over, misses nothing
+    await store.purge_calls(now + 1)
+    await follower.poll()
+    await store.record_calls([record(4, ts=now - 1, caller_kind="valid", node="pbx-b", key="b4")])
+    await follower.poll()
+    await follower.poll()
+    assert [c.uniqueid for c in h.from_caller("+8613800138004", 0)] == ["1700000000.4"]

@@ -110,6 +110,11 @@ class MemoryFollower:
                 added += 1
             if len(rows) < BATCH:
                 break
+        if not rows and self.cursor and (head := await self.store.calls_head()) < self.cursor:
+            # ids went back: the table was emptied and refilled (SQLite reuses ids once every
+            # row is purged) or the database replaced; every row there now is new to us
+            log.info("call ids went back (%d < %d): following from the start", head, self.cursor)
+            self.cursor = 0
         self.calls_applied += added
         version = await self.store.refusals_version()
         if version != self.refusals_seen:

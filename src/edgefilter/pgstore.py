@@ -574,7 +574,9 @@ class PgStore:
                     if kind is CallRecord:
                         await self._insert_calls(c, [keyed_row(r, self.node) for r in run])
                     elif kind is CallOutcome:
-                        await c.executemany(_OUTCOME_SQL, [_outcome_args(o) for o in run if o.uniqueid])
+                        args = [_outcome_args(o) for o in run if o.uniqueid]
+                        if args:
+                            await c.executemany(_OUTCOME_SQL, args)
                     elif kind is ContactSeen:
                         await c.executemany(
                             "INSERT INTO contacts (e164, last_ts, how) VALUES ($1, $2, $3) ON CONFLICT (e164) DO UPDATE "
