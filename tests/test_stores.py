@@ -381,3 +381,23 @@ async def test_memory_follower_brings_in_other_nodes_calls_refusals_and_contacts
     await follower.poll()
     await follower.poll()
     assert [c.uniqueid for c in h.from_caller("+8613800138004", 0)] == ["1700000000.4"]
+
+
+async def test_a_late_first_load_does_not_count_calls_decided_meanwhile_twice(store):
+    """A node that started with the database away decided calls from memory; when the database
+    answers, its first load must not add those calls (now written from the spool) again."""
+    from edgefilter.behaviour import BehaviourRules
+    from edgefilter.config import settings_from_dict
+    from edgefilter.history import RecentCall
+    from edgefilter.memory import MemoryFollower
+
+    settings = settings_from_dict({})
+    now = 1700000100.0
+    behaviour = BehaviourRules(lambda: settings)
+    behaviour.history.add(RecentCall(now - 49.5, "1700000000.1", "+8613800138001", "1000"), now)  # decided meanwhile
+    await store.record_calls([record(1, ts=now - 50, caller_kind="valid", node="pbx-a", key="a1"),
+                              record(2, ts=now - 50, caller_kind="valid", node="pbx-b", key="b2")])
+    follower = MemoryFollower(store, behaviour, lambda: settings, "pbx-a", clock=lambda: now)
+    await follower.poll()
+    assert len(list(behaviour.history.from_caller("+8613800138001", 0))) == 1
+    assert len(list(behaviour.history.from_caller("+8613800138002", 0))) == 1

@@ -78,6 +78,8 @@ class MemoryFollower:
         for ts, uid, e164, kind, called, exten, answered, talk, action in await self.store.history_rows(
             now - b.horizon, b.memory_calls, through_id=head
         ):
+            if uid and h.by_uniqueid(uid) is not None:
+                continue  # decided here while the database was away (a late first load): known
             h.add(recent_call(ts, uid, e164, kind, exten or called, answered, talk, action, b.campaign_block_digits), now)
         for exten, ts, uid, e164, called in await self.store.last_callers():
             h.last_by_target.setdefault(exten, RecentCall(ts, uid, e164, exten))
