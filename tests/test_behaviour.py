@@ -244,3 +244,21 @@ def test_behaviour_config_is_validated():
     for rule in ("RATE_BURST", "RATE_SPREAD", "RATE_SHORT", "RANGE_CAMPAIGN", "CLI_NEIGHBOUR", "KNOWN_CONTACT",
                  "STIR_A", "STIR_B", "STIR_C", "STIR_FAILED", "REFUSED_BEFORE"):
         assert s.rules[rule].description and s.rules[rule].group
+
+
+def test_a_late_call_from_another_node_takes_its_place_in_time():
+    """Another node's call arrives (from the shared store) after newer local ones: the indexes
+    stay in time order, so window scans neither stop early nor miss it."""
+    from edgefilter.history import CallHistory, RecentCall
+
+    h = CallHistory(horizon=3600.0, max_calls=100)
+    h.add(RecentCall(100.0, "a", "+8613800138000", "1000", "+86138001"), 100.0)
+    h.add(RecentCall(130.0, "c", "+8613800138000", "1001", "+86138001"), 130.0)
+    h.add(RecentCall(120.0, "b", "+8613800138000", "1002", "+86138001"), 131.0)  # late
+    assert [c.uniqueid for c in h.from_caller("+8613800138000", 110.0)] == ["c", "b"]
+    assert [c.uniqueid for c in h.from_block("+86138001", 0.0)] == ["c", "b", "a"]
+    assert h.last_by_target["1002"].uniqueid == "b"
+    h.add(RecentCall(90.0, "z", "+8613800138000", "1001", None), 132.0)  # older than the newest for 1001
+    assert h.last_by_target["1001"].uniqueid == "c"
+    h.expire(125.0 + 3600.0)  # z, a and b gone, c stays
+    assert [c.uniqueid for c in h.from_caller("+8613800138000", 0.0)] == ["c"] and len(h) == 1

@@ -1,4 +1,5 @@
-"""Star codes through the FastAGI double, the refusal ledger, and the evidence export."""
+"""Star codes through the FastAGI double, the refusal ledger, and the evidence export, on each
+store backend (SQLite, and PostgreSQL when a test server is set)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import io
 import time
 from datetime import timezone
 
+import pytest
+
 from edgefilter import cli
 from edgefilter.callsim import CallSpec, place_call
 from edgefilter.evidence import build, to_csv, to_html
@@ -15,6 +18,16 @@ from edgefilter.service import Service
 from edgefilter.store import Refusal
 
 SPAMMER = "+8617012345678"
+
+
+@pytest.fixture
+async def service(backend_settings):
+    svc = Service(backend_settings(), port=0)
+    await svc.start()
+    try:
+        yield svc
+    finally:
+        await svc.stop()
 
 
 async def screen(svc: Service, caller=SPAMMER, exten="1000", **kw):
@@ -41,7 +54,8 @@ async def settle(svc: Service) -> None:
 
 def evidence_csv(svc: Service, tmp_path, number=SPAMMER):
     cfg = tmp_path / "ev.toml"
-    cfg.write_text(f'[store]\npath = "{svc.settings.store.path}"\n[screen]\ntimezone = "Asia/Shanghai"\n')
+    st = svc.settings.store
+    cfg.write_text(f'[store]\npath = "{st.path}"\nurl = "{st.url}"\n[screen]\ntimezone = "Asia/Shanghai"\n')
     out = tmp_path / "ev.csv"
     assert cli.main(["evidence", number, "--config", str(cfg), "--output", str(out)]) == 0
     text = out.read_text()
@@ -145,8 +159,8 @@ async def test_outbound_call_makes_a_known_contact(service):
     assert [e for e, _ in await service.store.contacts(0)] == ["+8613800138000"]
 
 
-async def test_refusals_and_last_callers_survive_a_restart(make_settings):
-    settings = make_settings()
+async def test_refusals_and_last_callers_survive_a_restart(backend_settings):
+    settings = backend_settings()
     svc = Service(settings, port=0)
     await svc.start()
     try:

@@ -178,12 +178,12 @@ async def test_200_concurrent_sessions_all_answered_correctly(service):
         assert r.variables["EDGEFILTER_ACTION"] == expected, c
 
 
-async def test_cli_changes_reach_the_running_service_within_a_second(make_settings, tmp_path):
+async def test_cli_changes_reach_the_running_service_within_a_second(backend_settings, tmp_path):
     # The same number calls in a tight loop: keep the behaviour rules (RATE_BURST) out of it.
-    svc = Service(make_settings(store={"poll_interval": "250ms"}, behaviour={"enabled": False}), port=0)
+    svc = Service(backend_settings(store={"poll_interval": "250ms"}, behaviour={"enabled": False}), port=0)
     await svc.start()
     cfg = tmp_path / "edgefilter.toml"
-    cfg.write_text(f'[store]\npath = "{svc.settings.store.path}"\n')
+    cfg.write_text(f'[store]\npath = "{svc.settings.store.path}"\nurl = "{svc.settings.store.url}"\n')
     try:
         assert (await call(svc, "+8613700137000")).variables["EDGEFILTER_ACTION"] == "allow"
         assert await asyncio.to_thread(cli.main, ["block", "+86137*", "--config", str(cfg)]) == 0
@@ -261,7 +261,19 @@ async def test_unknown_route_closes_without_variables(service):
     assert r.variables == {} and r.commands == []
 
 
-async def test_store_records_every_call(service):
+@pytest.fixture
+async def any_service(backend_settings):
+    """The running service on each store backend."""
+    svc = Service(backend_settings(), port=0)
+    await svc.start()
+    try:
+        yield svc
+    finally:
+        await svc.stop()
+
+
+async def test_store_records_every_call(any_service):
+    service = any_service
     await add(service, "block", "+86170*")
     await call(service, "+8617012345678")
     await call(service, "anonymous")

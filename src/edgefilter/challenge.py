@@ -20,6 +20,7 @@ import asyncio
 import logging
 import secrets
 import time
+import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -236,6 +237,8 @@ class OutcomeRecord:
     uniqueid: str
     caller_e164: str
     outcome: str  # pass | fail | hangup
+    # unique across nodes and drawn once: the retry of a write that did commit is stored once
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 @dataclass

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import re
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
 from .challenge import ChallengeFailures
-from .config import Settings, dump, load_settings
+from .config import Settings, dump, load_settings, redact_url
 from .decisionlog import escape_text
 from .durations import parse_duration
 from .errors import EdgefilterError, PatternError
@@ -22,7 +24,7 @@ from .lists import LISTS, MAX_NOTE, Entry, ListIndex, parse_pattern
 from .model import Call
 from .scoring import explain
 from .screen import Screener, channel_variables
-from .store import Store
+from .stores import copy_sqlite_to_postgres, open_store, store_exists
 
 
 def _parse_when(text: str) -> datetime:
@@ -51,10 +53,6 @@ def parse_expires(text: str | None, now: float) -> float | None:
         raise EdgefilterError(f"--expires {text!r}: use a duration such as 30d or a date YYYY-MM-DD") from None
 
 
-def _busy(settings: Settings) -> int:
-    return int(settings.store.busy_timeout * 1000)
-
-
 def _fmt_time(ts: float | None) -> str:
     return "-" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
 
@@ -79,7 +77,7 @@ async def cmd_add(args, settings: Settings) -> int:
         created_at=now,
         expires_at=parse_expires(args.expires, now),
     )
-    async with Store.open(settings.store.path, busy_timeout_ms=_busy(settings)) as store:
+    async with open_store(settings) as store:
         result = await store.put_entry(entry)
     exp = f", expires {_fmt_time(entry.expires_at)}" if entry.expires_at else ""
     print(f"{args.list} {pattern.text} ({pattern.kind}): {result}{exp}")
@@ -88,7 +86,7 @@ async def cmd_add(args, settings: Settings) -> int:
 
 async def cmd_remove(args, settings: Settings) -> int:
     pattern = parse_pattern(args.pattern, args.region or settings.default_region)
-    async with Store.open(settings.store.path, busy_timeout_ms=_busy(settings)) as store:
+    async with open_store(settings) as store:
         removed = await store.remove_entry(pattern, args.list)
     if not removed:
         print(f"{pattern.text}: not on {'the ' + args.list + ' list' if args.list else 'any list'}", file=sys.stderr)
@@ -98,10 +96,10 @@ async def cmd_remove(args, settings: Settings) -> int:
 
 
 async def cmd_list(args, settings: Settings) -> int:
-    if not Path(settings.store.path).exists():
+    if not store_exists(settings):
         print("(no entries: the database does not exist yet)")
         return 0
-    async with Store.open(settings.store.path, create=False, busy_timeout_ms=_busy(settings)) as store:
+    async with open_store(settings, create=False) as store:
         entries = await store.entries(args.which, include_expired=args.all)
     now = time.time()
     print(f"{'list':<6} {'pattern':<22} {'kind':<7} {'category':<16} {'expires':<17} {'source':<12} note")
@@ -128,8 +126,8 @@ async def cmd_check(args, settings: Settings) -> int:
     when = _parse_when(args.at) if args.at else None
     screener = Screener(settings)
     number = screener.decide(call, when=when).number
-    if number.digits and Path(settings.store.path).exists():
-        async with Store.open(settings.store.path, create=False, busy_timeout_ms=_busy(settings)) as store:
+    if number.digits and store_exists(settings):
+        async with open_store(settings, create=False) as store:
             idx = ListIndex()
             idx.extend(await store.candidates(number.digits))
             failures = ChallengeFailures(lambda: settings)
@@ -138,7 +136,7 @@ async def cmd_check(args, settings: Settings) -> int:
         screener.index = idx
     d = screener.decide(call, when=when)
     notes: list[str] = []
-    if settings.reputation.active and Path(settings.store.path).exists():
+    if settings.reputation.active and store_exists(settings):
         extra, notes = await _cached_reputation(settings, screener, d)
         if extra:
             d = screener.decide(call, when=when, extra=extra)
@@ -162,7 +160,7 @@ async def _cached_reputation(settings: Settings, screener: Screener, d) -> tuple
     why = private_reason(d.call, d.number, now, screener.index, never_block_index(settings))
     if why is not None:
         return [], []
-    async with Store.open(settings.store.path, create=False) as store:
+    async with open_store(settings, create=False) as store:
         rows = {r.source: r for r in await store.reputation_rows(number=d.number.e164, fresh_at=now)}
     hits, notes = [], []
     for src in settings.reputation.active:
@@ -221,8 +219,8 @@ async def cmd_stats(args, settings: Settings) -> int:
     until = time.time()
     since = until - span
     builder = StatsBuilder(since=since, until=until, tz=settings.tz, top=args.top)
-    if Path(settings.store.path).exists():
-        async with Store.open(settings.store.path, create=False) as store:
+    if store_exists(settings):
+        async with open_store(settings, create=False) as store:
             async for batch in store.iter_calls(since, until):
                 for row in batch:
                     builder.add(row)
@@ -239,6 +237,9 @@ async def cmd_stats(args, settings: Settings) -> int:
             raise EdgefilterError(f"--html {args.html}: cannot write: {e.strerror}") from None
         if not args.json:
             print(f"report written to {out}")
+    return 0
+
+
 def _reputation_sources(args, settings: Settings):
     sources = list(settings.reputation.sources)
     if args.source:
@@ -271,7 +272,7 @@ async def cmd_lookup(args, settings: Settings) -> int:
     if number.kind is not NumberKind.VALID:
         print("not looked up: only valid public numbers are ever sent to a reputation source")
         return 0
-    async with Store.open(settings.store.path) as store:
+    async with open_store(settings) as store:
         index = ListIndex()
         index.extend(await store.candidates(number.digits))
         why = private_reason(Call(callerid=number.e164), number, time.time(), index, never_block_index(settings))
@@ -314,11 +315,11 @@ async def cmd_lookup(args, settings: Settings) -> int:
 
 
 async def cmd_cache(args, settings: Settings) -> int:
-    if not Path(settings.store.path).exists():
+    if not store_exists(settings):
         print("(no cached answers: the database does not exist yet)")
         return 0
     now = time.time()
-    async with Store.open(settings.store.path, create=False) as store:
+    async with open_store(settings, create=False) as store:
         if args.action == "purge":
             n = await store.purge_reputation(source=args.source, expired_at=now if args.expired else None)
             what = ("expired " if args.expired else "") + "reputation answers" + (f" of {args.source}" if args.source else "")
@@ -350,9 +351,9 @@ async def cmd_evidence(args, settings: Settings) -> int:
         raise EdgefilterError(f"{escape_text(args.number, 40)}: {number.reason or 'not a phone number'}")
     now = time.time()
     since = _parse_since(args.since, now)
-    if not Path(settings.store.path).exists():
-        raise EdgefilterError(f"{settings.store.path}: database does not exist (no calls recorded yet)")
-    async with Store.open(settings.store.path, create=False) as store:
+    if not store_exists(settings):
+        raise EdgefilterError(f"{settings.store.where}: database does not exist (no calls recorded yet)")
+    async with open_store(settings, create=False) as store:
         calls = await store.calls_from(number.e164, since)
         refusals = await store.refusals(caller=number.e164)
     tz = settings.tz or datetime.now().astimezone().tzinfo
@@ -380,6 +381,31 @@ def _parse_since(text: str, now: float) -> float:
         return datetime.strptime(text, "%Y-%m-%d").timestamp()
     except ValueError:
         raise EdgefilterError(f"--since {text!r}: use a duration such as 90d or a date YYYY-MM-DD") from None
+
+
+async def cmd_db(args, settings: Settings) -> int:
+    if args.action == "migrate":
+        async with open_store(settings) as store:  # opening migrates
+            version = await store.migrate()
+            counts = await store.counts()
+        print(f"{settings.store.backend} {settings.store.where}: schema v{version}, "
+              f"{counts['block']} block / {counts['allow']} allow entries")
+        return 0
+    # copy
+    if not args.source or not args.target:
+        raise EdgefilterError("db copy needs --from SQLITE_PATH and --to POSTGRES_URL")
+    if not re.match(r"^postgres(ql)?://\S+$", args.target):
+        raise EdgefilterError(f"--to: expected postgresql://user@host:port/database, got {escape_text(args.target, 80)!r}")
+    if args.node and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", args.node):
+        raise EdgefilterError("--node: 1-64 letters, digits, '.', '_' or '-'")
+    target = dataclasses.replace(settings.store, url=args.target)
+    node = args.node or settings.store.node
+    async with open_store(target) as dst:
+        report = await copy_sqlite_to_postgres(args.source, dst, node=node)
+    print(f"copied {args.source} -> {redact_url(args.target)} (calls tagged node {node})")
+    for line in report.lines():
+        print("  " + line)
+    return 0
 
 
 def cmd_config(args, settings: Settings) -> int:
@@ -490,6 +516,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="FILE", help="write here instead of standard output")
     p.add_argument("--region", help="ISO region for a national-format NUMBER (default: [numbers] default_region)")
     p.set_defaults(func=cmd_evidence)
+
+    p = sub.add_parser("db", parents=[common], help="database schema and moves: migrate, copy")
+    p.add_argument("action", choices=("migrate", "copy"),
+                   help="migrate: bring the configured store's schema up to date; copy: SQLite -> PostgreSQL")
+    p.add_argument("--from", dest="source", metavar="SQLITE_PATH", help="copy: the single-box SQLite database")
+    p.add_argument("--to", dest="target", metavar="POSTGRES_URL", help="copy: postgresql://user@host:port/db (password: [store] password_file or PGPASSWORD)")
+    p.add_argument("--node", help="copy: node name the copied call records get (default: [store] node)")
+    p.set_defaults(func=cmd_db)
 
     p = sub.add_parser("config", parents=[common], help="check or dump the merged configuration")
     p.add_argument("action", choices=("check", "dump"))

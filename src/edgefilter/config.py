@@ -176,6 +176,20 @@ def _app_name(v: Any) -> str:
     return s
 
 
+def _pg_url(v: Any) -> str:
+    s = _str(v).strip()
+    if s and not re.match(r"^postgres(ql)?://[^\s]+$", s):
+        raise _Invalid(f"expected \"postgresql://user@host:port/database\" (or empty for SQLite), got {s!r}")
+    return s
+
+
+def _node_name(v: Any) -> str:
+    s = _str(v).strip()
+    if s and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", s):
+        raise _Invalid(f"{s!r}: a node name is 1-64 letters, digits, '.', '_' or '-' (e.g. \"pbx-beijing-1\")")
+    return s
+
+
 def _list_of(item: Callable[[Any], Any]) -> Callable[[Any], tuple]:
     def check(v: Any) -> tuple:
         if isinstance(v, str):
@@ -478,6 +492,11 @@ SCHEMA: dict[str, Any] = {
         "poll_interval": _duration,
         "history_retention": _duration,
         "busy_timeout": _duration,
+        "url": _pg_url,
+        "password_file": _str,
+        "node": _node_name,
+        "spool_path": _str,
+        "spool_max": _int(100, 100_000_000),
     },
     "numbers": {"default_region": _region},
     "screen": {
@@ -625,6 +644,25 @@ class StoreSettings:
     poll_interval: float
     history_retention: float
     busy_timeout: float = 5.0
+    url: str = ""  # postgresql://... selects PostgreSQL; empty: the SQLite file at ``path``
+    password_file: str = ""
+    node: str = ""  # this node's name in shared call records (default: the host name)
+    spool_path: str = "var/edgefilter-spool.db"  # default: beside the SQLite `path`
+    spool_max: int = 100000
+
+    @property
+    def backend(self) -> str:
+        return "postgresql" if self.url else "sqlite"
+
+    @property
+    def where(self) -> str:
+        """The database in words for logs: the SQLite path or the URL without its password."""
+        return redact_url(self.url) if self.url else self.path
+
+
+def redact_url(url: str) -> str:
+    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db`` (for logs and errors)."""
+    return re.sub(r"^(\w+://[^:/@]*):[^@]*@", r"\1:***@", url)
 
 
 @dataclass(frozen=True)
@@ -1126,6 +1164,11 @@ def _build(m: dict, origins: dict, sources: tuple[str, ...]) -> Settings:
             poll_interval=_duration(s["poll_interval"]),
             history_retention=_duration(s["history_retention"]),
             busy_timeout=_duration(s["busy_timeout"]),
+            url=_pg_url(s.get("url", "")),
+            password_file=s.get("password_file", ""),
+            node=_node_name(s.get("node", "")) or _default_node(),
+            spool_path=s.get("spool_path", "") or str(Path(s["path"]).parent / "edgefilter-spool.db"),
+            spool_max=s.get("spool_max", 100000),
         ),
         default_region=_region(m["numbers"]["default_region"]),
         screen=ScreenSettings(
@@ -1337,6 +1380,14 @@ def _build_behaviour(b: dict, fail: Callable[[str, str], ConfigError]) -> Behavi
     return out
 
 
+def _default_node() -> str:
+    """The host name, cut to a valid node name (several PBXs sharing a database tell calls apart by it)."""
+    import socket
+
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0])[:64].strip("-._")
+    return name or "node"
+
+
 _SHIPPED_RULES: frozenset[str] | None = None
 
 
@@ -1357,8 +1408,12 @@ def _check_ascending(thr: dict[Action, float], err: Callable[[Action], ConfigErr
 
 
 def dump(settings: Settings) -> str:
-    """The merged configuration as TOML, for `edgefilter config dump`."""
-    return _to_toml(settings.raw)
+    """The merged configuration as TOML, for `edgefilter config dump` (a password written into
+    [store] url is masked: dumps end up in tickets)."""
+    raw = settings.raw
+    if raw.get("store", {}).get("url"):
+        raw = {**raw, "store": {**raw["store"], "url": redact_url(raw["store"]["url"])}}
+    return _to_toml(raw)
 
 
 def _fmt(v: Any) -> str:

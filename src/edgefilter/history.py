@@ -51,11 +51,22 @@ class CallHistory:
 
     # -- calls --------------------------------------------------------------------------
     def add(self, call: RecentCall, now: float) -> None:
-        self._all.append(call)
+        """Remember a call. Calls normally come in time order; one that does not (another node's,
+        read from a shared store a moment later) is put in its place, so every index stays in
+        time order and the window scans stay exact."""
+        if self._all and call.ts < self._all[-1].ts:
+            i = len(self._all)
+            while i > 0 and self._all[i - 1].ts > call.ts:
+                i -= 1
+            self._all.insert(i, call)
+        else:
+            self._all.append(call)
         if call.caller:
             self._push(self._by_caller, call.caller, call)
             if call.target:
-                self.last_by_target[call.target] = call
+                last = self.last_by_target.get(call.target)
+                if last is None or last.ts <= call.ts:
+                    self.last_by_target[call.target] = call
         if call.block:
             self._push(self._by_block, call.block, call)
         if call.uniqueid:
@@ -68,7 +79,10 @@ class CallHistory:
         if q is None:
             index[key] = [call]
             return
-        q.append(call)
+        i = len(q)
+        while i > 0 and q[i - 1].ts > call.ts:  # a late arrival (see add); usually no step at all
+            i -= 1
+        q.insert(i, call)
         if len(q) > PER_KEY_LIMIT:
             del q[0]
 
@@ -146,3 +160,9 @@ class CallHistory:
     def load_refusals(self, pairs: Iterable[tuple[str, str]]) -> None:
         for caller, callee in pairs:
             self.refuse(caller, callee)
+
+    def replace_refusals(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """The refusals in force, as the shared ledger now says (other nodes' star codes too)."""
+        self._refused.clear()
+        self._refused_any.clear()
+        self.load_refusals(pairs)

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import os
 import sys
-from pathlib import Path
 
 from .agi import REQUIRED_CLASSIC, AgiSession, build_call, read_env, stream_limit, unread_junk
 from .config import load_settings
@@ -21,7 +20,7 @@ from .lists import ListIndex
 from .numbers import normalize
 from .routes import screen_route
 from .screen import Screener
-from .store import Store
+from .stores import open_store, store_exists
 
 log = logging.getLogger("edgefilter.launcher")
 
@@ -64,8 +63,8 @@ async def run(stdin_fd: int = 0, stdout_fd: int = 1) -> int:
     call = build_call(env)
     screener = Screener(settings)
     number = normalize(call.callerid, settings.default_region)
-    if number.digits and Path(settings.store.path).exists():
-        async with Store.open(settings.store.path, create=False) as store:
+    if number.digits and store_exists(settings):
+        async with open_store(settings, create=False) as store:
             idx = ListIndex()
             idx.extend(await store.candidates(number.digits))
             screener.index = idx

@@ -11,31 +11,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import dataclasses
 import logging
 import os
 import signal
 import time
+import uuid
 from typing import Callable
 
 from .agi import AgiServer
 from .ami import AmiListener, load_secret
-from .behaviour import KEYED_KINDS, RANG_ACTIONS, BehaviourRules, block_of
+from .behaviour import BehaviourRules
 from .challenge import RESULT_ROUTE, ChallengeBook, ChallengeFailures, ChallengeRecorder
 from .config import Settings, load_settings
 from .decisionlog import DecisionLogger, escape_text, setup_logging
-from .errors import AmiError, ConfigError, StoreError
+from .errors import AmiError, ConfigError
 from .events import Output, build_udp_outputs
-from .history import RecentCall
 from .lists import ListIndex, Pattern
+from .memory import MemoryFollower
 from .mirror import AmiClient, BlockMirror
-from .model import Number, NumberKind
+from .model import NumberKind
 from .numbers import warm_up
 from .outcomes import OutcomeTracker
 from .reputation import ReputationClient, ReputationLookup
 from .routes import DecisionObserver, challenge_result_route, screen_route
 from .screen import Decision, Screener
+from .spool import Spool
 from .starcodes import StarCodes
-from .store import CallOutcome, CallRecord, ContactSeen, Store, describe_sqlite_error
+from .store import CallOutcome, CallRecord, ContactSeen
+from .stores import AnyStore, open_store
 
 log = logging.getLogger("edgefilter.service")
 
@@ -44,9 +48,15 @@ SETTLE_HEAP_AFTER = 50000  # list entries from which settle_heap runs a full col
 
 
 class ListFollower:
-    """Keeps the in-memory index in step with the database through the change feed."""
+    """Keeps the in-memory index in step with the database through the change feed.
 
-    def __init__(self, store: Store, screener: Screener) -> None:
+    ``run`` applies changes whenever the store nudges it (``wake``: PostgreSQL's LISTEN/NOTIFY)
+    and at least every poll interval (the fallback, and SQLite's only feed). When the database
+    is not there at start, the service screens with empty lists and the follower loads them as
+    soon as it answers.
+    """
+
+    def __init__(self, store: AnyStore, screener: Screener) -> None:
         self.store = store
         self.screener = screener
         self.rev = 0
@@ -55,6 +65,18 @@ class ListFollower:
         self.on_change: list[Callable[[str, str, object], None]] = []
         #: called after a full (re)load of the index
         self.on_load: list[Callable[[], None]] = []
+        self.loaded = False
+        self.stale = False
+        self.nudged = asyncio.Event()
+
+    def wake(self) -> None:
+        """Called by the store's change listener: a change was committed somewhere."""
+        self.nudged.set()
+
+    def resync(self) -> None:
+        """Called by the change listener after it lost the database: reload everything next."""
+        self.stale = True
+        self.nudged.set()
 
     async def load(self) -> int:
         t0 = time.perf_counter()
@@ -64,6 +86,7 @@ class ListFollower:
             index.extend(batch)
         self.screener.index = index
         self.rev = rev
+        self.loaded = True
         del index
         settle_heap(collect=self.screener.index.size >= SETTLE_HEAP_AFTER)
         log.info("loaded %d list entries in %.0f ms (rev %d)", self.screener.index.size, (time.perf_counter() - t0) * 1000, rev)
@@ -73,6 +96,15 @@ class ListFollower:
 
     async def poll(self) -> int:
         """Apply changes made since the last poll; returns how many were applied."""
+        if not self.loaded or self.stale:
+            if not self.loaded:
+                await self.store.migrate()
+            self.stale = False
+            try:
+                return await self.load()
+            except BaseException:
+                self.stale = self.loaded
+                raise
         changes = await self.store.changes_since(self.rev, FULL_RELOAD_AFTER + 1)
         if not changes:
             head = await self.store.head_rev()
@@ -98,6 +130,26 @@ class ListFollower:
         self.applied += len(changes)
         return len(changes)
 
+    async def run(self, interval: Callable[[], float]) -> None:
+        """Poll on every nudge and every ``interval()`` seconds; back off while the store fails."""
+        failing, delay = False, 0.0
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.nudged.wait(), max(interval(), delay))
+            self.nudged.clear()
+            try:
+                await self.poll()
+                if failing:
+                    log.info("list follower recovered (%s)", self.store.where)
+                failing, delay = False, 0.0
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if not failing:
+                    log.warning("list follower failed (%s); screening continues from memory", self.store.describe_error(e))
+                failing = True
+                delay = min(max(delay * 2, 0.5), 2.0)
+
 
 def settle_heap(collect: bool = True) -> None:
     """Move everything alive now (the freshly loaded lists) out of the cyclic GC's sight.
@@ -119,11 +171,19 @@ class CallLogWriter:
     """Bounded queue of call records written in batches; never blocks or fails a call.
 
     AMI outcomes and known contacts go through the same queue, so an outcome is always written
-    after the insert of its call.
+    after the insert of its call (and, during an outage, spooled behind it).
+
+    When the store cannot take a batch, it goes to the on-disk spool (bounded by count) and so do
+    the batches after it, in order, until a drain (retried with backoff) has emptied the spool
+    into the store. Each record carries a unique key, so a batch written twice is stored once.
     """
 
-    def __init__(self, store: Store, maxsize: int = 10000, batch: int = 500, interval: float = 0.25) -> None:
+    def __init__(
+        self, store: AnyStore, spool: Spool, node: str = "", maxsize: int = 10000, batch: int = 500, interval: float = 0.25
+    ) -> None:
         self.store = store
+        self.spool = spool
+        self.node = node
         self.queue: asyncio.Queue[object] = asyncio.Queue(maxsize)
         self.batch = batch
         # Pause between batches. Every batch is several hops to the SQLite thread, and each hop
@@ -132,12 +192,15 @@ class CallLogWriter:
         self.interval = interval
         self.dropped = 0
         self.written = 0
-        self.failures = 0
-        self.retry_every = 1.0  # seconds between attempts while the store fails
+        self.failing = False
+        self.failures = 0  # failed attempts to write (each backs off further, up to max_delay)
+        self.max_delay = 5.0
+        self._delay = 0.0
+        self._next_try = 0.0
 
     def __call__(self, d: Decision) -> None:
         v = d.verdict
-        rec = CallRecord(
+        rec = CallRecord(  # node + a unique key: a retried write (spool drain) is stored once
             ts=time.time(),
             uniqueid=d.call.uniqueid[:64],
             caller=d.call.callerid[:128],
@@ -153,11 +216,16 @@ class CallLogWriter:
             rules=" ".join(v.rules),
             policy=v.policy,
             elapsed_ms=round(d.elapsed_ms, 3),
+            node=self.node,
+            key=uuid.uuid4().hex,
         )
         self.submit(rec)
 
     def submit(self, rec: object) -> None:
-        """Queue a CallRecord, CallOutcome or ContactSeen; dropped (and counted) when full."""
+        """Queue a CallRecord, CallOutcome or ContactSeen; dropped (and counted) when full.
+        An outcome is stamped with this node: on a shared store it updates this node's call only."""
+        if isinstance(rec, CallOutcome) and not rec.node:
+            rec = dataclasses.replace(rec, node=self.node)
         try:
             self.queue.put_nowait(rec)
         except asyncio.QueueFull:
@@ -165,52 +233,94 @@ class CallLogWriter:
             if self.dropped in (1, 100) or self.dropped % 10000 == 0:
                 log.warning("call log queue full: %d records dropped (store too slow or failing)", self.dropped)
 
-    async def run(self) -> None:
-        """Write queued records in batches; a failing store is logged once, then on recovery.
+    def _take(self, first: object | None = None) -> list[object]:
+        pending = [first] if first is not None else []
+        while len(pending) < self.batch and not self.queue.empty():
+            pending.append(self.queue.get_nowait())
+        return pending
 
-        A failed batch is kept and retried (each batch is one transaction, so a retry never
-        duplicates rows); while the store keeps failing, one reminder a minute at most.
-        """
-        pending: list[object] = []
-        failing_since: float | None = None
-        last_log = 0.0
+    async def run(self) -> None:
         while True:
-            if not pending:
-                pending.append(await self.queue.get())
-            while len(pending) < self.batch and not self.queue.empty():
-                pending.append(self.queue.get_nowait())
-            try:
-                self.written += await self.store.write_batch(pending)
-                pending = []
-                if failing_since is not None:
-                    log.info("call log writes recovered after %.0f s", time.monotonic() - failing_since)
-                    failing_since = None
-            except Exception as e:
-                now = time.monotonic()
-                self.failures += 1
-                if failing_since is None or now - last_log >= 60.0:
-                    log.warning(
-                        "call log write failed (%s); %d records waiting, retrying every %g s; screening continues",
-                        _store_reason(self.store, e), len(pending) + self.queue.qsize(), self.retry_every,
-                    )
-                    last_log = now
-                    failing_since = failing_since if failing_since is not None else now
-                await asyncio.sleep(self.retry_every)
+            if self.spool.count:  # a backlog: wake up to retry the drain even with no new calls
+                wait = max(0.05, self._next_try - time.monotonic())
+                try:
+                    pending = self._take(await asyncio.wait_for(self.queue.get(), wait))
+                except asyncio.TimeoutError:
+                    pending = []
+            else:
+                pending = self._take(await self.queue.get())
+            await self.write(pending)
             await asyncio.sleep(self.interval)
 
-    async def flush(self) -> None:
-        rest = []
-        while not self.queue.empty():
-            rest.append(self.queue.get_nowait())
-        if rest:
-            with contextlib.suppress(Exception):
-                self.written += await self.store.write_batch(rest)
+    async def write(self, pending: list[object]) -> None:
+        """Store a batch, or spool it behind the backlog; then try to drain the backlog."""
+        if pending and not self.spool.count and not self.failing:
+            try:
+                self.written += await self.store.write_batch(pending)
+                return
+            except Exception as e:
+                self._failed(e)
+        if pending:
+            await self._to_spool(pending)
+        await self.drain()
 
+    async def drain(self) -> None:
+        """Move spooled records to the store, oldest first, until empty or the store fails."""
+        if time.monotonic() < self._next_try:
+            return
+        if not self.spool.count:
+            self.failing = False  # nothing waits (the spool itself failed): try the store again
+            return
+        moved = 0
+        while self.spool.count:
+            rows = await self.spool.peek(self.batch)
+            if not rows:
+                break
+            try:
+                self.written += await self.store.write_batch([r for _, r in rows])
+            except Exception as e:
+                self._failed(e)
+                return
+            await self.spool.remove_through(rows[-1][0])  # only after the store committed them
+            moved += len(rows)
+        if self.failing or moved:
+            log.info("call log writes recovered: %s takes records again; %d buffered items (calls, outcomes, contacts) written", self.store.where, moved)
+        self.failing, self._delay, self._next_try = False, 0.0, 0.0
 
-def _store_reason(store: Store, e: BaseException) -> str:
-    if isinstance(e, StoreError):
-        return str(e)
-    return describe_sqlite_error(store.path, e)
+    async def _to_spool(self, records: list[object]) -> None:
+        try:
+            dropped = await self.spool.add(records)
+        except Exception as e:
+            dropped = len(records)
+            log.error("call log spool %s failed (%s): %d call-log items lost", self.spool.path, e, dropped)
+        if dropped:
+            self.dropped += dropped
+            log.warning("call log spool %s full (%d items): %d call-log items dropped", self.spool.path, self.spool.max_records, dropped)
+
+    def _failed(self, e: BaseException) -> None:
+        self.failures += 1
+        self._delay = min(max(self._delay * 2, 0.5), self.max_delay)
+        self._next_try = time.monotonic() + self._delay
+        if not self.failing:  # once per outage, not per retry
+            log.warning(
+                "call log write failed (%s); buffering call records, outcomes and contacts in %s, "
+                "retrying with backoff; screening continues",
+                self.store.describe_error(e), self.spool.path,
+            )
+        self.failing = True
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        """At stop: what is still queued goes to the store, else to the spool (next start drains it)."""
+        rest = self._take()
+        if not rest:
+            return
+        if not self.spool.count and not self.failing:
+            try:
+                self.written += await asyncio.wait_for(self.store.write_batch(rest), timeout)
+                return
+            except Exception as e:
+                self._failed(e)
+        await self._to_spool(rest)
 
 
 class Service:
@@ -233,10 +343,13 @@ class Service:
         self.observers: list[DecisionObserver] = []
         self.tasks: list[asyncio.Task] = []
         self.server: AgiServer | None = None
-        self.store: Store | None = None
+        self.store: AnyStore | None = None
+        self.spool: Spool | None = None
         self._store_cm = None
         self._stopped = asyncio.Event()
         self.follower: ListFollower | None = None
+        self.memory: MemoryFollower | None = None
+        self._memory_loaded = False
         self.calllog: CallLogWriter | None = None
         self.outputs: list[Output] = []  # StatsD / syslog / Prometheus outputs ([outputs]); also observers
         self._outputs_lock = asyncio.Lock()
@@ -264,8 +377,11 @@ class Service:
         s = self.settings
         secret = load_secret(s.ami) if s.ami.enabled else ""  # a bad secret file stops us here, clearly
         warm_up(s.default_region)
-        self._store_cm = Store.open(s.store.path, busy_timeout_ms=int(s.store.busy_timeout * 1000))
+        self._store_cm = open_store(s, connect=False)
         self.store = await self._store_cm.__aenter__()
+        self.spool = await Spool.open(s.store.spool_path, s.store.spool_max)
+        if self.spool.count:
+            log.info("call log spool %s holds %d records from before; writing them when the store answers", self.spool.path, self.spool.count)
         self.follower = ListFollower(self.store, self.screener)
         if s.ami.enabled and self.ami_client is None:
             self.ami = AmiListener(s.ami, secret, self.tracker.feed)
@@ -274,13 +390,21 @@ class Service:
             self.mirror = BlockMirror(ami_client, lambda: self.settings, lambda: self.screener.index)
             self.follower.on_load.append(self.mirror.resync)
             self.follower.on_change.append(self.mirror.on_change)
-        await self.follower.load()
-        await self._load_history()
+        self.memory = MemoryFollower(self.store, self.behaviour, lambda: self.settings, s.store.node, clock=self.screener.clock)
+        if self.store.backend == "sqlite":
+            await self.follower.load()  # a local file: failures here are for the admin, at once
+            await self._load_memory()
+        else:
+            try:
+                await asyncio.wait_for(self.follower.poll(), 15.0)  # migrate + load
+                await asyncio.wait_for(self._load_memory(), 15.0)
+            except Exception as e:
+                reason = self.store.describe_error(e) if not isinstance(e, asyncio.TimeoutError) else f"{s.store.where}: no answer in 15 s"
+                log.error("cannot load the lists or the call history (%s); screening without them until the database answers", reason)
         self.screener.sources.append(self.behaviour)
-        self.calllog = CallLogWriter(self.store)
+        self.calllog = CallLogWriter(self.store, self.spool, s.store.node)
         self.observers.extend([DecisionLogger(s.log_format), self.calllog, self._remember])
         await self._start_outputs(s)
-        self.challenge_failures.load(await self.store.challenge_failures_since(time.time() - s.challenge.fail_window))
         self.challenge_recorder = ChallengeRecorder(
             lambda: self.settings, lambda: self.screener.index, self.challenge_failures, self.store
         )
@@ -306,7 +430,8 @@ class Service:
         if self.ami is not None:
             self.ami.start()
         self.tasks = [
-            asyncio.create_task(self._every(lambda: self.settings.store.poll_interval, self.follower.poll, "list follower")),
+            asyncio.create_task(self.follower.run(lambda: self.settings.store.poll_interval)),
+            asyncio.create_task(self.store.watch_changes(self.follower.wake, self.follower.resync)),
             asyncio.create_task(self.calllog.run()),
             asyncio.create_task(self._every(lambda: self.settings.outputs.gauge_interval, self._gauges, "gauges")),
             asyncio.create_task(self.challenge_recorder.run()),
@@ -314,6 +439,10 @@ class Service:
         ]
         if not self.worker:  # one maintainer per database, not one per worker
             self.tasks.append(asyncio.create_task(self._every(lambda: 600.0, self._maintenance, "maintenance")))
+        if self.store.backend != "sqlite" or not self._memory_loaded:
+            # a shared store: other nodes' calls and refusals (a single box has only its own)
+            self.tasks.append(asyncio.create_task(
+                self._every(lambda: max(self.settings.store.poll_interval, 0.25), self._follow_memory, "behaviour memory follower")))
         if self.mirror is not None:
             self.tasks.append(asyncio.create_task(self.mirror.run()))
             self.tasks.append(asyncio.create_task(self._every(lambda: 60.0, self._expire_mirror, "mirror expiry")))
@@ -375,31 +504,23 @@ class Service:
         self.screener.async_sources.append(self.reputation_lookup)
         log.info("reputation sources: %s", ", ".join(src.name for src in s.reputation.active))
 
-    async def _load_history(self) -> None:
-        """Fill the behaviour rules' memory from the store: recent calls, last caller per
-        extension, refusals in force, known contacts."""
-        assert self.store is not None
-        t0 = time.perf_counter()
-        b = self.settings.behaviour
-        h = self.behaviour.history
-        now = self.screener.clock()
-        for ts, uid, e164, kind, called, exten, answered, talk, action in await self.store.history_rows(now - b.horizon, b.memory_calls):
-            try:
-                nk = NumberKind(kind)
-            except ValueError:
-                nk = NumberKind.GARBAGE
-            num = Number("", nk, e164)
-            h.add(RecentCall(ts, uid, e164 if nk in KEYED_KINDS else None, exten or called,
-                             block_of(num, b.campaign_block_digits),
-                             None if answered is None else bool(answered), talk, action in RANG_ACTIONS), now)
-        for exten, ts, uid, e164, called in await self.store.last_callers():
-            h.last_by_target.setdefault(exten, RecentCall(ts, uid, e164, exten))
-        active = await self.store.refusals(active_only=True)
-        h.load_refusals((r.caller_e164, r.callee) for r in active)
-        for e164, ts in await self.store.contacts(now - b.known_contact_ttl):
-            h.add_contact(e164, ts)
-        log.info("behaviour memory: %d recent calls, %d extensions, %d refusals, %d contacts in %.0f ms",
-                 len(h), len(h.last_by_target), len(active), len(h.contacts), (time.perf_counter() - t0) * 1000)
+    async def _load_memory(self) -> None:
+        """Fill the behaviour rules' memory (memory.MemoryFollower.load) and the challenge
+        failures from the store."""
+        assert self.store is not None and self.memory is not None
+        s = self.settings
+        await self.memory.load()
+        self.challenge_failures.load(await self.store.challenge_failures_since(time.time() - s.challenge.fail_window))
+        self._memory_loaded = True
+
+    async def _follow_memory(self) -> None:
+        """Background: other nodes' calls, refusals and contacts (shared store), or the first
+        load when the database was not there at start."""
+        assert self.memory is not None
+        if not self._memory_loaded:
+            await self._load_memory()
+        else:
+            await self.memory.poll()
 
     def _remember(self, d: Decision) -> None:
         """Decision observer: feed the history and the AMI outcome tracker; note violations."""
@@ -450,7 +571,7 @@ class Service:
                 raise
             except Exception as e:
                 if not failing:
-                    log.warning("%s failed (%s); screening continues from memory", name, _store_reason(self.store, e))
+                    log.warning("%s failed (%s); screening continues from memory", name, self.store.describe_error(e))
                 failing = True
 
     async def _expire_mirror(self) -> None:
@@ -481,11 +602,13 @@ class Service:
         except ConfigError as e:
             log.error("reload refused, old config stays in force: %s", e)
             return False
+        old = self.settings.store
+        restart_keys = (new.agi.listen, new.agi.workers, new.store.path, new.store.url, new.store.spool_path)
+        if restart_keys != (self.settings.agi.listen, self.settings.agi.workers, old.path, old.url, old.spool_path):
+            log.warning("[agi] listen/workers and [store] path/url/spool_path changes take effect only after a restart")
         outputs_changed = new.outputs != self.settings.outputs
         if new.ami != self.settings.ami:
             log.warning("[ami] changes take effect only after a restart")
-        if (new.agi.listen, new.agi.workers, new.store.path) != (self.settings.agi.listen, self.settings.agi.workers, self.settings.store.path):
-            log.warning("[agi] listen, [agi] workers and [store] path changes take effect only after a restart")
         self.settings = new
         if outputs_changed:
             try:
@@ -525,6 +648,9 @@ class Service:
             await self.calllog.flush()
         if self.challenge_recorder is not None:
             await self.challenge_recorder.flush()
+        if self.spool is not None:
+            await self.spool.close()
+            self.spool = None
         if self._store_cm is not None:
             await self._store_cm.__aexit__(None, None, None)
             self._store_cm = None

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import os
 import sqlite3
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Iterable, Sequence
@@ -24,7 +26,7 @@ import aiosqlite
 from .errors import StoreError
 from .lists import Entry, Pattern
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -129,6 +131,17 @@ MIGRATIONS: dict[int, str] = {
     ) WITHOUT ROWID;
     CREATE INDEX IF NOT EXISTS contacts_last ON contacts (last_ts);
     """,
+    # 6: rows written per node carry the node and a key unique across nodes (PostgreSQL shares
+    # the tables between PBXs; a retried write - spool drain, `db copy` re-run - is stored once).
+    # Rows from before keep key '' (outside the unique index).
+    6: """
+    ALTER TABLE calls ADD COLUMN node TEXT NOT NULL DEFAULT '';
+    ALTER TABLE calls ADD COLUMN key TEXT NOT NULL DEFAULT '';
+    CREATE UNIQUE INDEX IF NOT EXISTS calls_key ON calls (key) WHERE key != '';
+    ALTER TABLE challenge_outcomes ADD COLUMN node TEXT NOT NULL DEFAULT '';
+    ALTER TABLE challenge_outcomes ADD COLUMN key TEXT NOT NULL DEFAULT '';
+    CREATE UNIQUE INDEX IF NOT EXISTS challenge_outcomes_key ON challenge_outcomes (key) WHERE key != '';
+    """,
 }
 
 ENTRY_COLUMNS = "list, pattern, kind, key, category, note, source, created_at, expires_at"
@@ -170,6 +183,10 @@ class CallRecord:
     rules: str
     policy: str
     elapsed_ms: float
+    # The node that screened the call and a key unique across nodes, so a retried write (spool
+    # drain, `db copy` re-run) never makes a second row (both backends, SQLite since schema v6).
+    node: str = ""
+    key: str = ""
 
     def row(self) -> tuple:
         return (
@@ -183,6 +200,14 @@ CALL_COLUMNS = (
     "ts, uniqueid, caller, caller_e164, caller_kind, caller_name, called, extension, context, "
     "action, would, score, rules, policy, elapsed_ms"
 )
+#: Every CallRecord field: CALL_COLUMNS then node, key (``CallRecord(*row)`` reads them back).
+KEYED_CALL_COLUMNS = CALL_COLUMNS + ", node, key"
+
+
+def keyed_row(r: CallRecord, node: str = "") -> tuple:
+    """The row to insert: every field, the store's node when the record names none, a fresh key
+    when it has none (a record without a key cannot be deduplicated, but still gets one)."""
+    return r.row() + (r.node or node, r.key or uuid.uuid4().hex)
 
 
 @dataclass(frozen=True)
@@ -197,6 +222,7 @@ class CallOutcome:
     hangup_text: str = ""
     dial_status: str = ""
     ended_at: float | None = None
+    node: str = ""  # the node whose call it is (a shared store: uniqueids of two PBXs may collide)
 
 
 @dataclass(frozen=True)
@@ -253,17 +279,29 @@ def describe_sqlite_error(path: str, exc: BaseException) -> str:
 
 
 class Store:
-    """One aiosqlite connection to the database; use ``async with Store.open(path)``."""
+    """One aiosqlite connection to the database; use ``async with Store.open(path)``.
+
+    The PostgreSQL store (pgstore.PgStore) has the same methods with the same meaning; code above
+    this layer gets either from ``stores.open_store(settings)`` and must not care which.
+    """
+
+    backend = "sqlite"
 
     def __init__(self, db: aiosqlite.Connection, path: str) -> None:
         self.db = db
         self.path = path
-        # One connection is shared by the service's writers (call log, challenge outcomes,
-        # reputation cache, maintenance): their BEGIN ... COMMIT must not interleave on it
-        # ("cannot start a transaction within a transaction").
-        # One connection is shared by the call-log writer, maintenance and the star-code routes:
-        # transactions on it must not interleave ("cannot start a transaction within a transaction").
+        self.where = path
+        self.node = ""  # this node's name, for rows that name none (stores.open_store sets it)
+        # One connection serves every task of the service: transactions take turns (the lock) and
+        # a transaction opened inside another one, in the same task, becomes a savepoint.
         self._tx_lock = asyncio.Lock()
+        self._tx_depth: contextvars.ContextVar[int] = contextvars.ContextVar(f"sqlite_tx_{id(self)}", default=0)
+
+    def describe_error(self, exc: BaseException) -> str:
+        """An admin-readable reason for a failure of this store."""
+        if isinstance(exc, StoreError):
+            return str(exc)
+        return describe_sqlite_error(self.path, exc)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -313,11 +351,33 @@ class Store:
             await self.db.executescript("BEGIN IMMEDIATE;\n" + MIGRATIONS[v] + f"\nPRAGMA user_version = {v};\nCOMMIT;")
         return SCHEMA_VERSION
 
+    async def schema_version(self) -> int:
+        (version,) = await (await self.db.execute("PRAGMA user_version")).fetchone()
+        return int(version)
+
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[None]:
-        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error: nothing partial is ever written."""
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error: nothing partial is ever written.
+        Store methods called inside it join it (nested transactions are savepoints)."""
+        depth = self._tx_depth.get()
+        if depth:
+            name = f"sp{depth}"
+            await self.db.execute(f"SAVEPOINT {name}")
+            token = self._tx_depth.set(depth + 1)
+            try:
+                yield
+            except BaseException:
+                await self.db.execute(f"ROLLBACK TO {name}")
+                await self.db.execute(f"RELEASE {name}")
+                raise
+            else:
+                await self.db.execute(f"RELEASE {name}")
+            finally:
+                self._tx_depth.reset(token)
+            return
         async with self._tx_lock:
             await self.db.execute("BEGIN IMMEDIATE")
+            token = self._tx_depth.set(1)
             try:
                 yield
             except BaseException:
@@ -325,6 +385,8 @@ class Store:
                 raise
             else:
                 await self.db.commit()
+            finally:
+                self._tx_depth.reset(token)
 
     # -- lists ----------------------------------------------------------------------------
     async def put_entry(self, entry: Entry) -> str:
@@ -352,6 +414,14 @@ class Store:
             )
         await self.db.execute("INSERT INTO changes (list, pattern, op) VALUES (?, ?, 'put')", (e.list, e.pattern.text))
         return "added" if old is None else "updated"
+
+    async def put_entries(self, entries: Iterable[Entry], batch: int = 5000) -> dict[str, int]:
+        """Insert or update many entries in one transaction; counts of added/updated/unchanged."""
+        counts = {"added": 0, "updated": 0, "unchanged": 0}
+        async with self.transaction():
+            for e in entries:
+                counts[await self._put(e)] += 1
+        return counts
 
     async def remove_entry(self, pattern: Pattern, list_name: str | None = None) -> list[str]:
         """Delete the pattern from one list or both; returns the lists it was removed from."""
@@ -418,6 +488,10 @@ class Store:
             out.append((r[0], r[1], r[2], r[3], entry))
         return out
 
+    async def watch_changes(self, wake, resync=None) -> None:
+        """PostgreSQL pushes change notices to ``wake``; SQLite has none: the poll is the feed."""
+        return None
+
     async def purge_expired(self, now: float | None = None) -> int:
         """Delete expired entries (they already stopped matching); records 'del' changes."""
         now = time.time() if now is None else now
@@ -444,24 +518,30 @@ class Store:
 
     # -- call log -------------------------------------------------------------------------
     async def record_calls(self, records: Iterable[CallRecord]) -> int:
-        rows = [r.row() for r in records]
+        """Write call records; a record whose key is already there is skipped (a retry).
+        Returns how many rows were new."""
+        rows = [keyed_row(r, self.node) for r in records]
         if not rows:
             return 0
         async with self.transaction():
-            await self.db.executemany(
-                f"INSERT INTO calls ({CALL_COLUMNS}) VALUES ({', '.join('?' * 15)})", rows
-            )
-        return len(rows)
+            return await self._insert_calls(rows)
+
+    async def _insert_calls(self, rows: list[tuple]) -> int:
+        before = self.db.total_changes
+        await self.db.executemany(
+            f"INSERT INTO calls ({KEYED_CALL_COLUMNS}) VALUES ({', '.join('?' * 17)}) ON CONFLICT DO NOTHING", rows
+        )
+        return self.db.total_changes - before
 
     async def recent_calls(self, since: float, limit: int = 1000000) -> list[CallRecord]:
         cur = await self.db.execute(
-            f"SELECT {CALL_COLUMNS} FROM calls WHERE ts >= ? ORDER BY ts LIMIT ?", (since, limit)
+            f"SELECT {KEYED_CALL_COLUMNS} FROM calls WHERE ts >= ? ORDER BY ts LIMIT ?", (since, limit)
         )
         return [CallRecord(*r) for r in await cur.fetchall()]
 
     async def iter_calls(self, since: float, until: float | None = None, batch: int = 10000) -> AsyncIterator[list[CallRecord]]:
         """Call records with since <= ts (< until), oldest first, in batches (`edgefilter stats`)."""
-        sql = f"SELECT {CALL_COLUMNS} FROM calls WHERE ts >= ?"
+        sql = f"SELECT {KEYED_CALL_COLUMNS} FROM calls WHERE ts >= ?"
         args: list[float] = [since]
         if until is not None:
             sql += " AND ts < ?"
@@ -474,15 +554,19 @@ class Store:
             yield [CallRecord(*r) for r in rows]
     # -- challenge outcomes ---------------------------------------------------------------
     async def record_challenges(self, records: Iterable) -> int:
-        """Store challenge outcomes (objects with ts, uniqueid, caller_e164, outcome)."""
-        rows = [(r.ts, r.uniqueid, r.caller_e164, r.outcome) for r in records]
+        """Store challenge outcomes (objects with ts, uniqueid, caller_e164, outcome and, optionally,
+        key: a retried write of the same outcome is stored once). Returns how many were new."""
+        rows = [(r.ts, r.uniqueid, r.caller_e164, r.outcome, self.node, getattr(r, "key", "") or uuid.uuid4().hex)
+                for r in records]
         if not rows:
             return 0
         async with self.transaction():
+            before = self.db.total_changes
             await self.db.executemany(
-                "INSERT INTO challenge_outcomes (ts, uniqueid, caller_e164, outcome) VALUES (?, ?, ?, ?)", rows
+                "INSERT INTO challenge_outcomes (ts, uniqueid, caller_e164, outcome, node, key) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING", rows
             )
-        return len(rows)
+            return self.db.total_changes - before
 
     async def challenge_failures_since(self, since: float, caller_e164: str | None = None) -> list[tuple[str, float]]:
         """(E.164 digits without '+', ts) of every failed challenge since ``since``, oldest first."""
@@ -498,6 +582,19 @@ class Store:
         async with self.transaction():
             cur = await self.db.execute("DELETE FROM challenge_outcomes WHERE ts < ?", (before,))
         return cur.rowcount
+
+    async def calls_after(self, cursor: int, limit: int = 10000) -> list[tuple[int, CallRecord]]:
+        """Calls with id > ``cursor`` in id order, with their ids: lets an in-memory history follow
+        the call log (every node's calls on PostgreSQL) without re-reading a time window."""
+        cur = await self.db.execute(
+            f"SELECT id, {KEYED_CALL_COLUMNS} FROM calls WHERE id > ? ORDER BY id LIMIT ?", (cursor, limit)
+        )
+        return [(r[0], CallRecord(*r[1:])) for r in await cur.fetchall()]
+
+    async def calls_head(self) -> int:
+        """The largest call id (0 when none): where a follower of ``calls_after`` starts."""
+        (head,) = await (await self.db.execute("SELECT COALESCE(MAX(id), 0) FROM calls")).fetchone()
+        return int(head)
 
     async def purge_calls(self, before: float) -> int:
         async with self.transaction():
@@ -565,10 +662,10 @@ class Store:
             run: list[tuple] = []  # consecutive call records go in one executemany
             for item in [*items, None]:
                 if isinstance(item, CallRecord):
-                    run.append(item.row())
+                    run.append(keyed_row(item, self.node))
                     continue
                 if run:
-                    await self.db.executemany(f"INSERT INTO calls ({CALL_COLUMNS}) VALUES ({', '.join('?' * 15)})", run)
+                    await self._insert_calls(run)
                     run = []
                 if item is None:
                     break
@@ -594,20 +691,22 @@ class Store:
                    hangup_text = CASE WHEN ? != '' THEN ? ELSE hangup_text END,
                    dial_status = CASE WHEN ? != '' THEN ? ELSE dial_status END,
                    ended_at = COALESCE(?, ended_at)
-               WHERE uniqueid = ?""",
+               WHERE uniqueid = ? AND (? = '' OR node = ?)""",
             (
                 o.linkedid, o.linkedid, None if o.answered is None else int(o.answered), o.talk_seconds,
                 o.hangup_cause, o.hangup_text, o.hangup_text, o.dial_status, o.dial_status, o.ended_at, o.uniqueid,
+                o.node, o.node,
             ),
         )
 
-    async def history_rows(self, since: float, limit: int = 1000000) -> list[tuple]:
+    async def history_rows(self, since: float, limit: int = 1000000, through_id: int | None = None) -> list[tuple]:
         """Recent calls for the in-memory history: (ts, uniqueid, caller_e164, caller_kind,
-        called, extension, answered, talk_seconds, action), oldest first, newest ``limit`` kept."""
+        called, extension, answered, talk_seconds, action), oldest first, newest ``limit`` kept;
+        only ids up to ``through_id`` when given (``calls_after(through_id)`` follows on)."""
         cur = await self.db.execute(
             """SELECT ts, uniqueid, caller_e164, caller_kind, called, extension, answered, talk_seconds, action
-               FROM (SELECT * FROM calls WHERE ts >= ? ORDER BY ts DESC LIMIT ?) ORDER BY ts""",
-            (since, limit),
+               FROM (SELECT * FROM calls WHERE ts >= ? AND id <= ? ORDER BY ts DESC LIMIT ?) ORDER BY ts""",
+            (since, through_id if through_id is not None else 2**62, limit),
         )
         return [tuple(r) for r in await cur.fetchall()]
 
@@ -693,6 +792,13 @@ class Store:
             sql += " WHERE " + " AND ".join(cond)
         cur = await self.db.execute(sql + " ORDER BY ts, id", args)
         return [Refusal(*r) for r in await cur.fetchall()]
+
+    async def refusals_version(self) -> tuple[int, int, int]:
+        """(rows, largest id, rows undone): changes whenever a refusal is recorded or undone on
+        any node (the ledger is never purged), so a follower re-reads the ledger only then."""
+        cur = await self.db.execute("SELECT COUNT(*), COALESCE(MAX(id), 0), COUNT(undone_at) FROM refusals")
+        n, head, undone = await cur.fetchone()
+        return int(n), int(head), int(undone)
 
     async def contacts(self, since: float) -> list[tuple[str, float]]:
         cur = await self.db.execute("SELECT e164, last_ts FROM contacts WHERE last_ts >= ?", (since,))

@@ -1,0 +1,403 @@
+"""The store API, once per backend: SQLite (always) and PostgreSQL (when a test server is set).
+
+Both stores must mean the same thing by every method: the service, the CLI and the follower
+code above them do not know which one they have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from edgefilter.errors import StoreError
+from edgefilter.lists import Entry, parse_pattern
+from edgefilter.store import CallOutcome, CallRecord, ContactSeen, Refusal
+from edgefilter.stores import open_store
+
+
+def entry(list_name: str, text: str, **kw) -> Entry:
+    kw.setdefault("created_at", 1700000000.0)
+    return Entry(list_name, parse_pattern(text, "CN"), **kw)
+
+
+def record(i: int, ts: float = 1700000000.0, **kw) -> CallRecord:
+    base = dict(
+        ts=ts + i, uniqueid=f"1700000000.{i}", caller=f"+86138001380{i:02d}", caller_e164=f"+86138001380{i:02d}",
+        caller_kind="mobile", caller_name="Zhang", called="1000", extension="1000", context="from-trunk",
+        action="allow", would=None, score=0.5, rules="CLI_SHORT", policy="", elapsed_ms=0.4, node="pbx-a", key=f"k{i}",
+    )
+    base.update(kw)
+    return CallRecord(**base)
+
+
+@pytest.fixture
+async def store(backend_settings):
+    async with open_store(backend_settings()) as s:
+        yield s
+
+
+async def test_put_update_unchanged_remove_and_the_change_feed(store):
+    e = entry("block", "+8613800138000", category="harassment", note="ex", source="cli", expires_at=1800000000.0)
+    assert await store.put_entry(e) == "added"
+    assert await store.put_entry(e) == "unchanged"
+    assert await store.put_entry(dataclasses.replace(e, note="ex-partner")) == "updated"
+    assert await store.put_entry(entry("allow", "+8613800138000")) == "added"
+    rev = await store.head_rev()
+    changes = await store.changes_since(0, 100)
+    assert [(c[1], c[2], c[3]) for c in changes] == [
+        ("put", "block", "+8613800138000"), ("put", "block", "+8613800138000"), ("put", "allow", "+8613800138000"),
+    ]
+    assert changes[-1][0] == rev
+    assert changes[0][4].note == "ex-partner"  # the change carries the entry's current row
+    assert await store.remove_entry(parse_pattern("+8613800138000", "CN"), "block") == ["block"]
+    assert await store.remove_entry(parse_pattern("+8613800138000", "CN")) == ["allow"]
+    assert await store.remove_entry(parse_pattern("+8613800138000", "CN")) == []
+    tail = await store.changes_since(rev, 100)
+    assert [(c[1], c[2], c[4]) for c in tail] == [("del", "block", None), ("del", "allow", None)]
+    assert await store.counts() == {"block": 0, "allow": 0}
+
+
+async def test_every_field_survives_and_candidates_find_exact_prefix_and_mask(store):
+    rows = [
+        entry("block", "+8613800138000", category="fraud", note="caller said \"bank\"", source="import:cnfeed", created_at=1700000001.5, expires_at=1900000000.25),
+        entry("block", "+86170*", category="marketing"),
+        entry("block", "+861390013####"),
+        entry("allow", "+8613912345678", note="mum"),
+        entry("block", "+4930*"),
+    ]
+    counts = await store.put_entries(rows)
+    assert counts == {"added": 5, "updated": 0, "unchanged": 0}
+    assert await store.put_entries(rows) == {"added": 0, "updated": 0, "unchanged": 5}
+    got = await store.entries()
+    assert sorted(got, key=lambda e: (e.list, e.pattern.text)) == sorted(rows, key=lambda e: (e.list, e.pattern.text))
+    assert [e.pattern.text for e in await store.entries("allow")] == ["+8613912345678"]
+    # exact and prefix entries by key, plus every mask of the same length (the index decides)
+    found = {e.pattern.text for e in await store.candidates("8617012345678")}
+    assert found == {"+86170*", "+861390013####"}
+    assert {e.pattern.text for e in await store.candidates("8613800138000")} == {"+8613800138000", "+861390013####"}
+    assert {e.pattern.text for e in await store.candidates("493012345")} == {"+4930*"}
+    batches = [b async for b in store.iter_entries(batch=2)]
+    assert [len(b) for b in batches] == [2, 2, 1]
+    assert await store.counts() == {"block": 4, "allow": 1}
+
+
+async def test_expiry_purge_records_deletions(store):
+    now = 1800000000.0
+    await store.put_entries([
+        entry("block", "+8613800138001", expires_at=now - 1),
+        entry("block", "+8613800138002", expires_at=now + 3600),
+        entry("block", "+8613800138003"),
+    ])
+    active = await store.entries(include_expired=False, now=now)
+    assert [e.pattern.text for e in active] == ["+8613800138002", "+8613800138003"]
+    rev = await store.head_rev()
+    assert await store.purge_expired(now=now) == 1
+    assert [(c[1], c[3]) for c in await store.changes_since(rev, 10)] == [("del", "+8613800138001")]
+    assert len(await store.entries()) == 2
+
+
+async def test_a_failed_transaction_leaves_nothing(store):
+    rev = await store.head_rev()
+    with pytest.raises(RuntimeError):
+        async with store.transaction():
+            await store.put_entry(entry("block", "+8613800138000"))
+            await store.put_entry(entry("allow", "+8613900139000"))
+            raise RuntimeError("import failed half way")
+    assert await store.entries() == []
+    assert await store.head_rev() == rev
+
+
+async def test_trim_changes_keeps_the_newest(store):
+    await store.put_entries([entry("block", f"+86138001380{i:02d}") for i in range(10)])
+    head = await store.head_rev()
+    await store.trim_changes(keep=3)
+    assert [c[0] for c in await store.changes_since(0, 100)] == [head - 2, head - 1, head]
+
+
+async def test_call_log_recent_cursor_and_purge(store):
+    await store.record_calls([record(i) for i in range(5)])
+    recent = await store.recent_calls(1700000002.0)
+    assert [r.uniqueid for r in recent] == ["1700000000.2", "1700000000.3", "1700000000.4"]
+    assert recent[0].caller_name == "Zhang" and recent[0].elapsed_ms == 0.4 and recent[0].would is None
+    page = await store.calls_after(0, limit=2)
+    assert [r.uniqueid for _, r in page] == ["1700000000.0", "1700000000.1"]
+    rest = await store.calls_after(page[-1][0])
+    assert [r.uniqueid for _, r in rest] == ["1700000000.2", "1700000000.3", "1700000000.4"]
+    assert await store.calls_after(rest[-1][0]) == []
+    assert await store.purge_calls(1700000003.0) == 3
+    assert [r.uniqueid for r in await store.recent_calls(0)] == ["1700000000.3", "1700000000.4"]
+
+
+async def test_migrate_is_idempotent_and_reopening_keeps_data(backend_settings):
+    settings = backend_settings()
+    async with open_store(settings) as s:
+        v = await s.migrate()
+        assert v >= 1 and await s.migrate() == v
+        await s.put_entry(entry("block", "+8613800138000"))
+    async with open_store(settings) as s:
+        assert await s.migrate() == v
+        assert [e.pattern.text for e in await s.entries()] == ["+8613800138000"]
+
+
+
+# ------------------------------------------------------------------ features ported from SQLite
+async def test_write_batch_keeps_queue_order_and_a_retry_changes_nothing(store):
+    store.node = "pbx-a"
+    batch = [
+        record(1, key="k1"),
+        CallOutcome("1700000000.1", "l1", True, 12.0, 16, "Normal Clearing", "ANSWER", 1700000030.0, node="pbx-a"),
+        CallOutcome("1700000000.1", talk_seconds=13.5, node="pbx-a"),  # refines the talk time only
+        CallOutcome("1700000000.1", answered=False, node="pbx-b"),  # another node's call of that uniqueid: not ours
+        ContactSeen("+8613900139000", 1700000100.0, "outbound"),
+        ContactSeen("+8613900139000", 1700000050.0, "talked"),  # older: the newest time stays
+        record(2, key=""),  # no key: one is drawn
+    ]
+    assert await store.write_batch(batch) == len(batch)
+    assert await store.write_batch(batch[:6]) == 6  # the spool drains a batch twice: no second row
+    o = await store.outcome_of("1700000000.1")
+    assert (o["linkedid"], o["answered"], o["talk_seconds"], o["hangup_cause"], o["dial_status"]) == ("l1", 1, 13.5, 16, "ANSWER")
+    assert await store.contacts(0) == [("+8613900139000", 1700000100.0)]
+    got = await store.recent_calls(0)
+    assert [(r.uniqueid, r.node) for r in got] == [("1700000000.1", "pbx-a"), ("1700000000.2", "pbx-a")]
+    assert got[0].key == "k1" and len(got[1].key) == 32
+    calls = await store.calls_from(got[0].caller_e164, 0)
+    assert calls[0]["talk_seconds"] == 13.5 and calls[0]["uniqueid"] == "1700000000.1"
+
+
+async def test_history_rows_up_to_an_id_then_calls_after_it(store):
+    await store.record_calls([record(i) for i in range(3)])
+    head = await store.calls_head()
+    await store.record_calls([record(i) for i in range(3, 5)])
+    rows = await store.history_rows(0, through_id=head)
+    assert [r[1] for r in rows] == ["1700000000.0", "1700000000.1", "1700000000.2"]
+    assert rows[0] == (1700000000.0, "1700000000.0", "+8613800138000", "mobile", "1000", "1000", None, None, "allow")
+    assert [r.uniqueid for _, r in await store.calls_after(head)] == ["1700000000.3", "1700000000.4"]
+    assert [r[1] for r in await store.history_rows(0, limit=2)] == ["1700000000.3", "1700000000.4"]
+    assert await store.calls_head() > head
+    batches = [[r.uniqueid for r in b] async for b in store.iter_calls(1700000001.0, 1700000004.0, batch=2)]
+    assert batches == [["1700000000.1", "1700000000.2"], ["1700000000.3"]]
+    assert sorted(await store.last_callers()) == [("1000", 1700000004.0, "1700000000.4", "+8613800138004", "1000")]
+
+
+async def test_refusal_ledger_with_its_entry_and_version(store):
+    v0 = await store.refusals_version()
+    blocked = entry("block", "+8617012345678", source="starcode:1000")
+    rid = await store.add_refusal(Refusal(0, "+8617012345678", "1000", 1700000000.0, "block", "", "starcode:1000", "u1"), blocked)
+    v1 = await store.refusals_version()
+    assert rid > 0 and v1 != v0
+    assert [e.pattern.text for e in await store.entries("block")] == ["+8617012345678"]
+    rev = await store.head_rev()
+    # an admin's entry is never taken over by a star code: the ledger row keeps no pattern
+    await store.put_entry(entry("block", "+8613700137000", source="cli"))
+    await store.add_refusal(Refusal(0, "+8613700137000", "1000", 1700000001.0, "refuse", source="starcode:1000"),
+                            entry("block", "+8613700137000", source="starcode:1000"))
+    assert [r.pattern for r in await store.refusals()] == ["+8617012345678", ""]
+    undone = await store.undo_last_refusal("1000", 1700000002.0)
+    assert undone.caller_e164 == "+8613700137000" and undone.undone_at == 1700000002.0
+    assert [e.source for e in await store.entries("block")] == ["cli", "starcode:1000"]
+    undone = await store.undo_last_refusal("1000", 1700000003.0)
+    assert undone.caller_e164 == "+8617012345678"
+    assert [e.pattern.text for e in await store.entries("block")] == ["+8613700137000"]
+    assert [(c[1], c[3]) for c in await store.changes_since(rev, 10)][-1] == ("del", "+8617012345678")
+    assert await store.undo_last_refusal("1000", 1700000004.0) is None
+    assert await store.refusals(active_only=True) == []
+    assert [r.callee for r in await store.refusals(caller="+8617012345678")] == ["1000"]
+    assert await store.refusals_version() not in (v0, v1)
+
+
+async def test_challenge_outcomes_are_stored_once_per_key(store):
+    from edgefilter.challenge import OutcomeRecord
+
+    fail = OutcomeRecord(1700000000.0, "u1", "+8613800138000", "fail")
+    assert await store.record_challenges([fail, OutcomeRecord(1700000001.0, "u2", "+8613900139000", "pass")]) == 2
+    assert await store.record_challenges([fail]) == 0  # the retry of a write that did commit
+    assert await store.challenge_failures_since(0) == [("8613800138000", 1700000000.0)]
+    assert await store.challenge_failures_since(0, "+8613900139000") == []
+    assert await store.purge_challenges(1700000000.5) == 1
+    assert await store.challenge_failures_since(0) == []
+
+
+async def test_reputation_cache_upserts_reads_and_purges(store):
+    from edgefilter.store import ReputationRow
+
+    a = ReputationRow("+8613800138000", "fast", 80.0, "scam", "listed", 1700000000.0, 1700086400.0)
+    b = ReputationRow("+8613800138000", "slow", None, None, "unlisted", 1700000001.0, 1700000100.0)
+    assert await store.put_reputation([a, b]) == 2
+    newer = dataclasses.replace(a, score=90.0, fetched_at=1700000002.0)
+    assert await store.put_reputation([newer]) == 1
+    assert await store.get_reputation("fast", "+8613800138000") == newer
+    assert await store.get_reputation("fast", "+8613900139000") is None
+    assert await store.reputation_rows() == [newer, b]
+    assert await store.reputation_rows(number="+8613800138000", fresh_at=1700000200.0) == [newer]
+    assert await store.purge_reputation(expired_at=1700000200.0) == 1
+    assert await store.purge_reputation(source="fast") == 1
+    assert await store.reputation_rows() == []
+
+
+# ------------------------------------------------------------------ call log spool, every kind
+class _Failing:
+    """The store seen through an outage: write_batch fails while ``down``."""
+
+    def __init__(self, store) -> None:
+        self.store, self.down, self.where = store, True, store.where
+
+    def describe_error(self, e: BaseException) -> str:
+        return str(e)
+
+    async def write_batch(self, items) -> int:
+        if self.down:
+            raise StoreError(f"{self.where}: connection lost")
+        return await self.store.write_batch(items)
+
+
+async def test_call_log_spools_calls_outcomes_and_contacts_in_order_during_an_outage(store, tmp_path):
+    from edgefilter.service import CallLogWriter
+    from edgefilter.spool import Spool
+
+    path = str(tmp_path / "spool.db")
+    spool = await Spool.open(path, 1000)
+    failing = _Failing(store)
+    writer = CallLogWriter(failing, spool, "pbx-a", batch=3)
+    for item in [record(1, key="k1"), CallOutcome("1700000000.1", "l1", True, 30.0),
+                 ContactSeen("+8613900139000", 1700000010.0, "outbound"),
+                 record(2, key="k2"), CallOutcome("1700000000.2", answered=False)]:
+        writer.submit(item)
+    await writer.write(writer._take())  # the store fails: to the spool
+    await writer.write(writer._take())  # a backlog: behind it, in order
+    assert writer.failing and spool.count == 5 and writer.dropped == 0
+    await spool.close()  # a restart during the outage: the spool is on disk
+    spool = await Spool.open(path, 1000)
+    kinds = [type(item).__name__ for _, item in await spool.peek(10)]
+    assert kinds == ["CallRecord", "CallOutcome", "ContactSeen", "CallRecord", "CallOutcome"]
+    assert (await spool.peek(10))[1][1].node == "pbx-a"  # outcomes are stamped with the node on submit
+    failing.down = False
+    writer = CallLogWriter(failing, spool, "pbx-a", batch=2)
+    await writer.drain()
+    assert spool.count == 0 and not writer.failing
+    await spool.close()
+    assert [(r.uniqueid, r.key) for r in await store.recent_calls(0)] == [("1700000000.1", "k1"), ("1700000000.2", "k2")]
+    assert (await store.outcome_of("1700000000.1"))["talk_seconds"] == 30.0  # applied after its call's insert
+    assert (await store.outcome_of("1700000000.2"))["answered"] == 0
+    assert await store.contacts(0) == [("+8613900139000", 1700000010.0)]
+    await writer.drain()  # nothing left: nothing written twice
+    assert len(await store.recent_calls(0)) == 2
+
+
+# ------------------------------------------------------------------------------ [store] keys
+def test_store_keys_select_the_backend_and_validate():
+    from edgefilter.config import dump, settings_from_dict
+    from edgefilter.errors import ConfigError
+
+    s = settings_from_dict({"store": {"path": "/srv/ef/edgefilter.db"}})
+    assert s.store.backend == "sqlite" and s.store.spool_path == "/srv/ef/edgefilter-spool.db"
+    assert s.store.node  # the host name by default
+    s = settings_from_dict({"store": {"url": "postgresql://ef:pw@db.example:5432/ef", "node": "pbx-sh-1"}})
+    assert s.store.backend == "postgresql" and s.store.node == "pbx-sh-1"
+    assert s.store.where == "postgresql://ef:***@db.example:5432/ef"
+    assert "pw@" not in dump(s) and 'url = "postgresql://ef:***@db.example:5432/ef"' in dump(s)
+    with pytest.raises(ConfigError, match=r"\[store\] url: expected \"postgresql://"):
+        settings_from_dict({"store": {"url": "mysql://x@y/z"}})
+    with pytest.raises(ConfigError, match=r"\[store\] node: .*a node name"):
+        settings_from_dict({"store": {"node": "pbx one; drop"}})
+    with pytest.raises(ConfigError, match=r"did you mean|password_file"):
+        settings_from_dict({"store": {"pasword_file": "/etc/x"}})
+
+
+def test_both_backends_offer_the_same_methods():
+    """The contract that keeps porting mechanical: every public method exists on both stores with
+    the same parameters, defaults and kind (coroutine, async iterator, context manager...); only
+    how a store is opened differs."""
+    import inspect
+
+    from edgefilter.pgstore import PgStore
+    from edgefilter.store import Store
+
+    def kind(f) -> str:
+        f = inspect.unwrap(f)
+        if inspect.isasyncgenfunction(f):
+            return "async iterator"
+        return "coroutine" if inspect.iscoroutinefunction(f) else "plain"
+
+    def api(cls) -> dict[str, tuple]:
+        return {
+            n: (kind(getattr(cls, n)), [(p.name, p.kind, p.default) for p in inspect.signature(getattr(cls, n)).parameters.values()])
+            for n in dir(cls)
+            if not n.startswith("_") and callable(getattr(cls, n)) and n != "open"
+        }
+
+    assert api(Store) == api(PgStore)
+    # what the features above the store use (a method lost on both sides fails here too)
+    for name in ("write_batch", "record_calls", "calls_after", "calls_head", "history_rows", "last_callers",
+                 "calls_from", "outcome_of", "iter_calls", "add_refusal", "undo_last_refusal", "refusals",
+                 "refusals_version", "contacts", "record_challenges", "challenge_failures_since",
+                 "purge_challenges", "put_reputation", "get_reputation", "reputation_rows", "purge_reputation",
+                 "watch_changes", "describe_error", "schema_version"):
+        assert name in api(Store), name
+    assert Store.backend == "sqlite" and PgStore.backend == "postgresql"
+
+
+def test_both_backends_have_the_same_schema_versions():
+    """A feature's tables land on both backends under the same version number."""
+    from edgefilter import pgstore, store
+
+    missing = sorted(set(store.MIGRATIONS) - set(pgstore.MIGRATIONS))
+    assert not missing, f"port SQLite migration(s) {missing} to pgstore.MIGRATIONS (see docs/postgresql.md)"
+    assert pgstore.SCHEMA_VERSION == store.SCHEMA_VERSION
+
+
+# ------------------------------------------------------------------ behaviour memory follower
+async def test_memory_follower_brings_in_other_nodes_calls_refusals_and_contacts(store):
+    """What a node learns from the shared store (memory.MemoryFollower): other nodes' calls once
+    each, never its own again, the refusal ledger as it is now, recent contacts."""
+    from edgefilter.behaviour import BehaviourRules
+    from edgefilter.config import settings_from_dict
+    from edgefilter.memory import MemoryFollower
+
+    settings = settings_from_dict({})
+    now = 1700000100.0
+    behaviour = BehaviourRules(lambda: settings)
+    h = behaviour.history
+    await store.record_calls([record(1, ts=now - 50, caller_kind="valid", node="pbx-b", key="b1")])  # before start: loaded
+    follower = MemoryFollower(store, behaviour, lambda: settings, "pbx-a", clock=lambda: now)
+    await follower.poll()  # the first poll loads
+    assert follower.loaded and [c.uniqueid for c in h.from_caller("+8613800138001", 0)] == ["1700000000.1"]
+    await store.record_calls([record(2, ts=now - 40, caller_kind="valid", node="pbx-a", key="a2"), record(3, ts=now - 30, caller_kind="valid", node="pbx-b", key="b3")])
+    assert await follower.poll() == 1  # b's call; a's own was remembered at its decision
+    assert [c.uniqueid for c in h.from_caller("+8613800138003", 0)] == ["1700000000.3"]
+    assert list(h.from_caller("+8613800138002", 0)) == []
+    assert await follower.poll() == 0  # nothing new: nothing twice
+    await store.add_refusal(Refusal(0, "+8613800138003", "1000", now - 20, "refuse", source="starcode:1000"))
+    await store.write_batch([ContactSeen("+8613900139000", now - 10, "outbound")])
+    await follower.poll()
+    assert h.refused("+8613800138003", "1000") and h.known_since("+8613900139000") == now - 10
+    await store.undo_last_refusal("1000", now - 5)
+    await follower.poll()
+    assert not h.refused("+8613800138003", None)
+    # the table emptied and refilled (SQLite reuses ids): the follower starts over, misses nothing
+    await store.purge_calls(now + 1)
+    await follower.poll()
+    await store.record_calls([record(4, ts=now - 1, caller_kind="valid", node="pbx-b", key="b4")])
+    await follower.poll()
+    await follower.poll()
+    assert [c.uniqueid for c in h.from_caller("+8613800138004", 0)] == ["1700000000.4"]
+
+
+async def test_a_late_first_load_does_not_count_calls_decided_meanwhile_twice(store):
+    """A node that started with the database away decided calls from memory; when the database
+    answers, its first load must not add those calls (now written from the spool) again."""
+    from edgefilter.behaviour import BehaviourRules
+    from edgefilter.config import settings_from_dict
+    from edgefilter.history import RecentCall
+    from edgefilter.memory import MemoryFollower
+
+    settings = settings_from_dict({})
+    now = 1700000100.0
+    behaviour = BehaviourRules(lambda: settings)
+    behaviour.history.add(RecentCall(now - 49.5, "1700000000.1", "+8613800138001", "1000"), now)  # decided meanwhile
+    await store.record_calls([record(1, ts=now - 50, caller_kind="valid", node="pbx-a", key="a1"),
+                              record(2, ts=now - 50, caller_kind="valid", node="pbx-b", key="b2")])
+    follower = MemoryFollower(store, behaviour, lambda: settings, "pbx-a", clock=lambda: now)
+    await follower.poll()
+    assert len(list(behaviour.history.from_caller("+8613800138001", 0))) == 1
+    assert len(list(behaviour.history.from_caller("+8613800138002", 0))) == 1
