@@ -24,7 +24,7 @@ from .lists import ListIndex, Pattern
 from .numbers import warm_up
 from .routes import DecisionObserver, screen_route
 from .screen import Decision, Screener
-from .store import CallRecord, Store, describe_sqlite_error
+from .store import CallRecord, Store, describe_sqlite_error, load_index
 
 log = logging.getLogger("edgefilter.service")
 
@@ -42,10 +42,13 @@ class ListFollower:
 
     async def load(self) -> int:
         t0 = time.perf_counter()
-        rev = await self.store.head_rev()
-        index = ListIndex()
-        async for batch in self.store.iter_entries():
-            index.extend(batch)
+        if self.store.path == ":memory:":
+            rev = await self.store.head_rev()
+            index = ListIndex()
+            async for batch in self.store.iter_entries():
+                index.extend(batch)
+        else:  # a worker thread with its own connection: calls keep being answered meanwhile
+            rev, index = await asyncio.to_thread(load_index, self.store.path)
         self.screener.index = index
         self.rev = rev
         log.info("loaded %d list entries in %.0f ms (rev %d)", index.size, (time.perf_counter() - t0) * 1000, rev)

@@ -14,6 +14,7 @@ import contextlib
 import os
 import sqlite3
 import time
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Iterable, Sequence
@@ -21,9 +22,30 @@ from typing import AsyncIterator, Iterable, Sequence
 import aiosqlite
 
 from .errors import StoreError
-from .lists import Entry, Pattern
+from .lists import LISTS, Entry, ListIndex, Pattern, exact_num
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 3
+
+
+def _num_sql(row: str = "") -> str:
+    """SQL for the compact int64 key of a canonical exact number (lists.exact_num), else NULL."""
+    r = row
+    return (
+        f"CASE WHEN {r}kind = 'exact' AND {r}pattern = '+' || {r}key AND length({r}key) BETWEEN 1 AND 18 "
+        f"AND {r}key NOT GLOB '*[^0-9]*' THEN CAST('1' || {r}key AS INTEGER) END"
+    )
+
+
+#: Every entry of an import shares its metadata; the service loads (num, profile) pairs only.
+PROFILE_SIG = "json_array(list, category, note, source, created_at, expires_at)"
+ASSIGN_PROFILES = f"""
+    INSERT OR IGNORE INTO profiles (sig, list, category, note, source, created_at, expires_at)
+        SELECT {PROFILE_SIG}, list, category, note, source, created_at, expires_at
+        FROM entries WHERE num IS NOT NULL AND profile IS NULL;
+    UPDATE entries SET profile = (SELECT p.id FROM profiles p WHERE p.sig = json_array(
+            entries.list, entries.category, entries.note, entries.source, entries.created_at, entries.expires_at))
+        WHERE num IS NOT NULL AND profile IS NULL;
+"""
 MIGRATIONS: dict[int, str] = {
     1: """
     CREATE TABLE IF NOT EXISTS entries (
@@ -68,6 +90,34 @@ MIGRATIONS: dict[int, str] = {
     CREATE INDEX IF NOT EXISTS calls_ts ON calls (ts);
     CREATE INDEX IF NOT EXISTS calls_caller ON calls (caller_e164, ts);
     CREATE INDEX IF NOT EXISTS calls_uniqueid ON calls (uniqueid);
+    """,
+    # v3 (issue 6, lists at scale): exact numbers get an int64 key (num) and a shared metadata
+    # profile so that the service loads 10 million entries as two arrays, not 10 million rows of
+    # text. Triggers keep num/profile right for writers that do not know about them.
+    3: f"""
+    ALTER TABLE entries ADD COLUMN num INTEGER;
+    ALTER TABLE entries ADD COLUMN profile INTEGER;
+    CREATE TABLE IF NOT EXISTS profiles (
+        id         INTEGER PRIMARY KEY,
+        sig        TEXT NOT NULL UNIQUE,
+        list       TEXT NOT NULL,
+        category   TEXT NOT NULL,
+        note       TEXT NOT NULL,
+        source     TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL
+    );
+    UPDATE entries SET num = {_num_sql()};
+    CREATE INDEX IF NOT EXISTS entries_num ON entries (list, num, profile) WHERE num IS NOT NULL;
+    CREATE INDEX IF NOT EXISTS entries_loose ON entries (list, pattern) WHERE num IS NULL;
+    CREATE INDEX IF NOT EXISTS entries_unprofiled ON entries (list, pattern) WHERE num IS NOT NULL AND profile IS NULL;
+    CREATE TRIGGER IF NOT EXISTS entries_num_insert AFTER INSERT ON entries
+        WHEN NEW.num IS NULL AND NEW.kind = 'exact'
+        BEGIN UPDATE entries SET num = {_num_sql("NEW.")} WHERE list = NEW.list AND pattern = NEW.pattern; END;
+    CREATE TRIGGER IF NOT EXISTS entries_profile_stale AFTER UPDATE OF category, note, source, created_at, expires_at ON entries
+        WHEN NEW.profile IS NOT NULL
+        BEGIN UPDATE entries SET profile = NULL WHERE list = NEW.list AND pattern = NEW.pattern; END;
+    {ASSIGN_PROFILES}
     """,
 }
 
@@ -179,7 +229,8 @@ class Store:
                 f"{self.path}: database schema v{version} is newer than this edgefilter (v{SCHEMA_VERSION}); upgrade edgefilter"
             )
         for v in range(version + 1, SCHEMA_VERSION + 1):
-            await self.db.executescript("BEGIN IMMEDIATE;\n" + MIGRATIONS[v] + f"\nPRAGMA user_version = {v};\nCOMMIT;")
+            # a version reserved for another branch may be absent here: it is a no-op step
+            await self.db.executescript("BEGIN IMMEDIATE;\n" + MIGRATIONS.get(v, "") + f"\nPRAGMA user_version = {v};\nCOMMIT;")
         return SCHEMA_VERSION
 
     @contextlib.asynccontextmanager
@@ -210,16 +261,23 @@ class Store:
             return "unchanged"
         if old is None:
             await self.db.execute(
-                f"INSERT INTO entries ({ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (e.list, e.pattern.text, e.pattern.kind, e.pattern.key, e.category, e.note, e.source, e.created_at, e.expires_at),
+                f"INSERT INTO entries ({ENTRY_COLUMNS}, num) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (e.list, e.pattern.text, e.pattern.kind, e.pattern.key, e.category, e.note, e.source, e.created_at,
+                 e.expires_at, exact_num(e.pattern)),
             )
         else:
             await self.db.execute(
-                "UPDATE entries SET category = ?, note = ?, source = ?, expires_at = ? WHERE list = ? AND pattern = ?",
+                "UPDATE entries SET category = ?, note = ?, source = ?, expires_at = ?, profile = NULL WHERE list = ? AND pattern = ?",
                 (e.category, e.note, e.source, e.expires_at, e.list, e.pattern.text),
             )
+        await self._assign_profiles()
         await self.db.execute("INSERT INTO changes (list, pattern, op) VALUES (?, ?, 'put')", (e.list, e.pattern.text))
         return "added" if old is None else "updated"
+
+    async def _assign_profiles(self) -> None:
+        for stmt in ASSIGN_PROFILES.split(";"):
+            if stmt.strip():
+                await self.db.execute(stmt)
 
     async def remove_entry(self, pattern: Pattern, list_name: str | None = None) -> list[str]:
         """Delete the pattern from one list or both; returns the lists it was removed from."""
@@ -232,6 +290,137 @@ class Store:
                     removed.append(name)
                     await self.db.execute("INSERT INTO changes (list, pattern, op) VALUES (?, ?, 'del')", (name, pattern.text))
         return removed
+
+    # -- bulk import (issue 6) ----------------------------------------------------------
+    async def begin_import(self) -> None:
+        """Create the empty staging table an import is collected in (TEMP: this connection only).
+
+        Staging writes nothing to the database file, so a killed import leaves no trace and
+        parsing a big file does not hold the write lock the running service's writers need.
+        """
+        await self.db.execute("DROP TABLE IF EXISTS temp.import_stage")
+        await self.db.execute(
+            "CREATE TEMP TABLE import_stage (list TEXT NOT NULL, pattern TEXT NOT NULL, kind TEXT NOT NULL, "
+            "key TEXT NOT NULL, category TEXT NOT NULL, note TEXT NOT NULL, source TEXT NOT NULL, "
+            "created_at REAL NOT NULL, expires_at REAL, st TEXT, PRIMARY KEY (list, pattern)) WITHOUT ROWID"
+        )
+        await self.db.commit()
+
+    async def stage_import(self, entries: Iterable[Entry]) -> None:
+        """Add entries to the staging table (the first of a duplicate pattern wins)."""
+        await self.db.executemany(
+            "INSERT OR IGNORE INTO temp.import_stage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+            [(e.list, e.pattern.text, e.pattern.kind, e.pattern.key, e.category, e.note, e.source, e.created_at, e.expires_at)
+             for e in entries],
+        )
+        await self.db.commit()
+
+    async def apply_import(
+        self, *, replace_source: str | None = None, lists: Sequence[str] = LISTS, dry_run: bool = False
+    ) -> "ImportResult":
+        """Apply the staged entries in ONE transaction, with change-feed rows for the service.
+
+        Counts compare category, note, source and expiry: re-running the same import reports
+        everything unchanged and writes nothing. ``replace_source`` also deletes that source's
+        entries on ``lists`` that are not staged (a feed replaced wholesale). ``dry_run`` computes
+        the same counts and rolls back.
+        """
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            await self.db.execute(
+                """UPDATE temp.import_stage AS s SET st = COALESCE((
+                       SELECT CASE WHEN e.category IS s.category AND e.note IS s.note AND e.source IS s.source
+                                    AND e.expires_at IS s.expires_at THEN 'same' ELSE 'upd' END
+                       FROM main.entries e WHERE e.list = s.list AND e.pattern = s.pattern), 'add')"""
+            )
+            await self.db.execute(
+                f"""INSERT INTO main.entries ({ENTRY_COLUMNS}, num)
+                    SELECT {ENTRY_COLUMNS}, {_num_sql()} FROM temp.import_stage WHERE st = 'add'"""
+            )
+            await self.db.execute(
+                """UPDATE main.entries SET category = s.category, note = s.note, source = s.source,
+                       expires_at = s.expires_at, profile = NULL
+                   FROM temp.import_stage AS s
+                   WHERE s.st = 'upd' AND entries.list = s.list AND entries.pattern = s.pattern"""
+            )
+            await self.db.execute(
+                "INSERT INTO main.changes (list, pattern, op) SELECT list, pattern, 'put' FROM temp.import_stage "
+                "WHERE st IN ('add', 'upd') ORDER BY list, pattern"
+            )
+            removed = 0
+            if replace_source is not None:
+                marks = ", ".join("?" * len(lists))
+                gone = (
+                    f"FROM main.entries AS e WHERE e.source = ? AND e.list IN ({marks}) AND NOT EXISTS "
+                    "(SELECT 1 FROM temp.import_stage s WHERE s.list = e.list AND s.pattern = e.pattern)"
+                )
+                await self.db.execute(
+                    f"INSERT INTO main.changes (list, pattern, op) SELECT e.list, e.pattern, 'del' {gone}",
+                    (replace_source, *lists),
+                )
+                cur = await self.db.execute(
+                    f"DELETE FROM main.entries WHERE (list, pattern) IN (SELECT e.list, e.pattern {gone})",
+                    (replace_source, *lists),
+                )
+                removed = cur.rowcount
+            await self._assign_profiles()
+            cur = await self.db.execute("SELECT st, COUNT(*) FROM temp.import_stage GROUP BY st")
+            by = dict(await cur.fetchall())
+        except BaseException:
+            await self.db.rollback()
+            raise
+        if dry_run:
+            await self.db.rollback()
+        else:
+            await self.db.commit()
+        await self.db.execute("DROP TABLE IF EXISTS temp.import_stage")
+        await self.db.commit()
+        return ImportResult(by.get("add", 0), by.get("upd", 0), by.get("same", 0), removed)
+
+    async def import_entries(
+        self, entries: Iterable[Entry], *, replace_source: str | None = None, lists: Sequence[str] = LISTS,
+        dry_run: bool = False,
+    ) -> "ImportResult":
+        """Stage and apply in one go (see apply_import)."""
+        await self.begin_import()
+        batch: list[Entry] = []
+        for e in entries:
+            batch.append(e)
+            if len(batch) >= 20000:
+                await self.stage_import(batch)
+                batch = []
+        await self.stage_import(batch)
+        return await self.apply_import(replace_source=replace_source, lists=lists, dry_run=dry_run)
+
+    async def remove_source(self, source: str, list_name: str | None = None) -> int:
+        """Delete every entry a source brought in (one transaction, with 'del' changes)."""
+        cond, args = "source = ?", [source]
+        if list_name:
+            cond += " AND list = ?"
+            args.append(list_name)
+        async with self.transaction():
+            await self.db.execute(f"INSERT INTO changes (list, pattern, op) SELECT list, pattern, 'del' FROM entries WHERE {cond}", args)
+            cur = await self.db.execute(f"DELETE FROM entries WHERE {cond}", args)
+        return cur.rowcount
+
+    async def export_entries(
+        self, list_name: str | None = None, source: str | None = None, batch: int = 20000
+    ) -> AsyncIterator[list[Entry]]:
+        """Entries in list/pattern order, in batches (export streams; it never holds a whole list)."""
+        cond, args = [], []
+        if list_name:
+            cond.append("list = ?")
+            args.append(list_name)
+        if source:
+            cond.append("source = ?")
+            args.append(source)
+        sql = f"SELECT {ENTRY_COLUMNS} FROM entries" + (" WHERE " + " AND ".join(cond) if cond else "") + " ORDER BY list, pattern"
+        cur = await self.db.execute(sql, args)
+        while True:
+            rows = await cur.fetchmany(batch)
+            if not rows:
+                break
+            yield [entry_from_row(r) for r in rows]
 
     async def entries(self, list_name: str | None = None, *, include_expired: bool = True, now: float | None = None) -> list[Entry]:
         sql = f"SELECT {ENTRY_COLUMNS} FROM entries"
@@ -331,6 +520,55 @@ class Store:
         async with self.transaction():
             cur = await self.db.execute("DELETE FROM calls WHERE ts < ?", (before,))
         return cur.rowcount
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    added: int
+    updated: int
+    unchanged: int
+    removed: int = 0
+
+
+def load_index(path: str, *, busy_timeout_ms: int = 30000) -> tuple[int, ListIndex]:
+    """Read every list entry into a new ListIndex with the change-feed revision it reflects.
+
+    Synchronous on a connection of its own, so the service runs it in a worker thread and keeps
+    answering calls while it loads. Exact numbers arrive as (num, profile) integer pairs in key
+    order (a covering index) straight into arrays: no Python object per entry is kept.
+    """
+    con = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, isolation_level=None)
+    try:
+        con.execute("BEGIN")  # one read snapshot for the revision and the entries
+        (rev,) = con.execute("SELECT COALESCE(MAX(rev), 0) FROM changes").fetchone()
+        profiles = {
+            r[0]: tuple(r[1:])
+            for r in con.execute("SELECT id, category, note, source, created_at, expires_at FROM profiles")
+        }
+        index = ListIndex()
+        for name in LISTS:
+            keys, pids = array("q"), array("I")
+            cur = con.execute(
+                "SELECT num, profile FROM entries INDEXED BY entries_num "
+                "WHERE list = ? AND num IS NOT NULL AND profile IS NOT NULL ORDER BY num",
+                (name,),
+            )
+            while rows := cur.fetchmany(65536):
+                keys.extend([r[0] for r in rows])
+                pids.extend([r[1] for r in rows])
+            index.load_compact(name, keys, pids, profiles)
+        for sql in (
+            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE num IS NULL",
+            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE num IS NOT NULL AND profile IS NULL",
+        ):
+            for r in con.execute(sql):
+                index.put(entry_from_row(r))
+        con.execute("COMMIT")
+        return int(rev), index
+    except sqlite3.Error as e:
+        raise StoreError(describe_sqlite_error(path, e)) from None
+    finally:
+        con.close()
 
 
 def check_path_writable(path: str) -> None:
