@@ -21,6 +21,7 @@ from .lists import LISTS, MAX_NOTE, Entry, ListIndex, parse_pattern
 from .model import Call
 from .scoring import explain
 from .screen import Screener, channel_variables
+from .imports import add_parsers as add_import_parsers, parse_expires
 from .store import Store
 
 
@@ -34,20 +35,6 @@ def _parse_when(text: str) -> datetime:
             t = datetime.now().replace(hour=t.hour, minute=t.minute, second=0, microsecond=0)
         return t
     raise EdgefilterError(f"--at {text!r}: expected \"YYYY-MM-DD HH:MM\" or \"HH:MM\"")
-
-
-def parse_expires(text: str | None, now: float) -> float | None:
-    """``--expires 30d`` (from now) or ``--expires 2026-12-31`` (a date, local midnight)."""
-    if not text:
-        return None
-    try:
-        return now + parse_duration(text)
-    except ValueError:
-        pass
-    try:
-        return datetime.strptime(text, "%Y-%m-%d").timestamp()
-    except ValueError:
-        raise EdgefilterError(f"--expires {text!r}: use a duration such as 30d or a date YYYY-MM-DD") from None
 
 
 def _fmt_time(ts: float | None) -> str:
@@ -229,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arg", action="append", help="extra AGI argument (repeatable), e.g. cidfiltered=1")
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=cmd_try_call)
+
+    add_import_parsers(sub, common, LISTS)
 
     p = sub.add_parser("config", parents=[common], help="check or dump the merged configuration")
     p.add_argument("action", choices=("check", "dump"))
