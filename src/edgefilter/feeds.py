@@ -122,11 +122,12 @@ def detect_format(name: str, text: str) -> str:
 def _sniff_delimiter(sample: list[str]) -> str | None:
     """The delimiter most sample lines share (outside quotes), or None for one-column data."""
     best, best_n = None, 0
+    bodies = [_COMMENT.split(_unquoted(ln), 1)[0] for ln in sample]  # "+86170*  # a, b": text
     for d in DELIMITERS:
-        n = sum(1 for ln in sample if d in _unquoted(ln))
+        n = sum(1 for ln in bodies if d in ln)
         if n > best_n:
             best, best_n = d, n
-    if best is None or best_n < max(1, int(len(sample) * 0.6)):
+    if best is None or best_n * 10 < len(sample) * 6:
         return None
     return best
 
@@ -155,19 +156,21 @@ _FAST = re.compile(r"(\+|00)([1-9][0-9]{6,14})")
 
 
 @lru_cache(maxsize=1024)
-def _cc_prefix(digits3: str) -> tuple[int, tuple[re.Pattern, ...]] | None:
-    """(country code length, what phonenumbers strips after it) for the leading digits.
+def _cc_prefix(digits3: str) -> tuple[int, tuple[re.Pattern, ...], int | None] | None:
+    """(country code length, what phonenumbers strips after it, how many digits that can span).
 
     The strip patterns are every region's trunk prefix and ``national_prefix_for_parsing``
     (CN's includes carrier-selection codes such as 11627): a number whose national part starts
-    with one of them is left to phonenumbers.
+    with one of them is left to phonenumbers. When the patterns can only ever look at the first
+    few digits (no anchors, bounded width) the verdict is cached on those digits.
     """
     for n in (1, 2, 3):
         regions = phonenumbers.COUNTRY_CODE_TO_REGION_CODE.get(int(digits3[:n]))
         if regions:
             if "001" in regions:
                 return None  # non-geographic: leave it to phonenumbers
-            pats = []
+            pats: list[re.Pattern] = []
+            width: int | None = 1
             for r in regions:
                 meta = phonenumbers.PhoneMetadata.metadata_for_region(r)
                 if meta is None:
@@ -175,8 +178,28 @@ def _cc_prefix(digits3: str) -> tuple[int, tuple[re.Pattern, ...]] | None:
                 for p in (meta.national_prefix_for_parsing, national_prefix(r)):
                     if p:
                         pats.append(re.compile(p))
-            return n, tuple(pats)
+                        width = _max_width(p, width)
+            return n, tuple(pats), width
     return None
+
+
+def _max_width(pattern: str, acc: int | None) -> int | None:
+    if acc is None or any(t in pattern for t in ("$", "^", "(?=", "(?!", "(?<", "\\b", "\\B")):
+        return None  # anchors and lookarounds look beyond what they consume
+    try:
+        from re import _parser  # type: ignore[attr-defined]
+
+        hi = _parser.parse(pattern).getwidth()[1]
+    except Exception:
+        return None
+    return max(acc, hi) if hi <= 12 else None
+
+
+@lru_cache(maxsize=65536)
+def _strippable(cc_digits3: str, head: str) -> bool:
+    """Whether phonenumbers might strip something from a national part starting with ``head``."""
+    cc = _cc_prefix(cc_digits3)
+    return cc is None or not head or head[0] == "0" or any(p.match(head) for p in cc[1])
 
 
 @lru_cache(maxsize=64)
@@ -190,9 +213,9 @@ def fast_pattern(compact: str, region: str) -> Pattern | None:
 
     phonenumbers costs ~20 us a number: 20 s for a million-line feed. A number written
     ``+<cc><national>`` (or ``00``... where 00 is the region's international prefix) whose
-    national part starts neither with 0 nor with the trunk prefix has exactly the E.164 form
-    phonenumbers would give it (tests/test_feeds.py checks that against parse_pattern); anything
-    else returns None and takes the full path.
+    national part starts neither with 0 nor with anything phonenumbers strips has exactly the
+    E.164 form phonenumbers would give it (tests/test_feeds.py checks that against
+    parse_pattern); anything else returns None and takes the full path.
     """
     m = _FAST.fullmatch(compact)
     if m is None:
@@ -200,11 +223,16 @@ def fast_pattern(compact: str, region: str) -> Pattern | None:
     if m.group(1) == "00" and not _dials_00(region):
         return None
     digits = m.group(2)
-    cc = _cc_prefix(digits[:3])
+    d3 = digits[:3]
+    cc = _cc_prefix(d3)
     if cc is None:
         return None
-    rest = digits[cc[0]:]
-    if not rest or rest[0] == "0" or any(p.match(rest) for p in cc[1]):
+    n, pats, width = cc
+    rest = digits[n:]
+    if width is not None:
+        if len(rest) <= width or _strippable(d3, rest[:width]):
+            return None
+    elif not rest or rest[0] == "0" or any(p.match(rest) for p in pats):
         return None
     return Pattern("exact", digits, "+" + digits)
 

@@ -43,7 +43,7 @@ class Progress:
         self.label = escape_text(label, 60)
         self.total = max(total, 1)
         self.clock = clock
-        self._last = 0.0
+        self._last = float("-inf")
         self._shown = False
 
     def update(self, done: int, force: bool = False) -> None:

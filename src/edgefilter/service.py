@@ -159,6 +159,7 @@ class Service:
         self._stopped = asyncio.Event()
         self.follower: ListFollower | None = None
         self.calllog: CallLogWriter | None = None
+        self.clock: Callable[[], float] = time.time  # maintenance's notion of now (tests inject one)
 
     @property
     def port(self) -> int:
@@ -209,11 +210,12 @@ class Service:
 
     async def _maintenance(self) -> None:
         assert self.store is not None
-        purged = await self.store.purge_expired()
+        now = self.clock()
+        purged = await self.store.purge_expired(now)
         if purged:
             log.info("purged %d expired list entries", purged)
         await self.store.trim_changes()
-        old = await self.store.purge_calls(time.time() - self.settings.store.history_retention)
+        old = await self.store.purge_calls(now - self.settings.store.history_retention)
         if old:
             log.info("purged %d call records older than the retention", old)
 

@@ -298,21 +298,45 @@ class Store:
         Staging writes nothing to the database file, so a killed import leaves no trace and
         parsing a big file does not hold the write lock the running service's writers need.
         """
+        await self.db.execute("PRAGMA cache_size = -131072")  # 128 MB: a big import spills less
         await self.db.execute("DROP TABLE IF EXISTS temp.import_stage")
+        await self.db.execute("DROP TABLE IF EXISTS temp.import_profiles")
         await self.db.execute(
             "CREATE TEMP TABLE import_stage (list TEXT NOT NULL, pattern TEXT NOT NULL, kind TEXT NOT NULL, "
             "key TEXT NOT NULL, category TEXT NOT NULL, note TEXT NOT NULL, source TEXT NOT NULL, "
-            "created_at REAL NOT NULL, expires_at REAL, st TEXT, PRIMARY KEY (list, pattern)) WITHOUT ROWID"
+            "created_at REAL NOT NULL, expires_at REAL, num INTEGER, profile INTEGER, st TEXT, "
+            "PRIMARY KEY (list, pattern)) WITHOUT ROWID"
+        )
+        await self.db.execute(
+            "CREATE TEMP TABLE import_profiles (prov INTEGER PRIMARY KEY, real INTEGER, list TEXT, category TEXT, "
+            "note TEXT, source TEXT, created_at REAL, expires_at REAL)"
         )
         await self.db.commit()
+        # profiles are never deleted, so the ids seen now are still right when the import applies;
+        # new ones get a provisional negative id, resolved under the write lock in apply_import
+        cur = await self.db.execute("SELECT id, list, category, note, source, created_at, expires_at FROM profiles")
+        self._import_profiles: dict[tuple, int] = {tuple(r[1:]): r[0] for r in await cur.fetchall()}
+        self._new_profiles: list[tuple] = []
+
+    def _staged_profile(self, e: Entry) -> int:
+        key = (e.list, e.category, e.note, e.source, e.created_at, e.expires_at)
+        pid = self._import_profiles.get(key)
+        if pid is None:
+            pid = -1 - len(self._new_profiles)
+            self._new_profiles.append((pid, *key))
+            self._import_profiles[key] = pid
+        return pid
 
     async def stage_import(self, entries: Iterable[Entry]) -> None:
         """Add entries to the staging table (the first of a duplicate pattern wins)."""
-        await self.db.executemany(
-            "INSERT OR IGNORE INTO temp.import_stage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
-            [(e.list, e.pattern.text, e.pattern.kind, e.pattern.key, e.category, e.note, e.source, e.created_at, e.expires_at)
-             for e in entries],
-        )
+        rows = []
+        profile = self._staged_profile
+        for e in entries:
+            p = e.pattern
+            num = exact_num(p)
+            rows.append((e.list, p.text, p.kind, p.key, e.category, e.note, e.source, e.created_at, e.expires_at,
+                         num, None if num is None else profile(e)))
+        await self.db.executemany("INSERT OR IGNORE INTO temp.import_stage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)", rows)
         await self.db.commit()
 
     async def apply_import(
@@ -333,9 +357,23 @@ class Store:
                                     AND e.expires_at IS s.expires_at THEN 'same' ELSE 'upd' END
                        FROM main.entries e WHERE e.list = s.list AND e.pattern = s.pattern), 'add')"""
             )
+            await self.db.executemany(
+                "INSERT INTO temp.import_profiles VALUES (?, NULL, ?, ?, ?, ?, ?, ?)", self._new_profiles
+            )
             await self.db.execute(
-                f"""INSERT INTO main.entries ({ENTRY_COLUMNS}, num)
-                    SELECT {ENTRY_COLUMNS}, {_num_sql()} FROM temp.import_stage WHERE st = 'add'"""
+                f"""INSERT OR IGNORE INTO main.profiles (sig, list, category, note, source, created_at, expires_at)
+                    SELECT {PROFILE_SIG}, list, category, note, source, created_at, expires_at FROM temp.import_profiles"""
+            )
+            await self.db.execute(
+                """UPDATE temp.import_profiles AS n SET real = (SELECT p.id FROM main.profiles p WHERE p.sig =
+                       json_array(n.list, n.category, n.note, n.source, n.created_at, n.expires_at))"""
+            )
+            cols = ", ".join("s." + c.strip() for c in ENTRY_COLUMNS.split(","))
+            await self.db.execute(
+                f"""INSERT INTO main.entries ({ENTRY_COLUMNS}, num, profile)
+                    SELECT {cols}, s.num, CASE WHEN s.profile < 0 THEN n.real ELSE s.profile END
+                    FROM temp.import_stage s LEFT JOIN temp.import_profiles n ON n.prov = s.profile
+                    WHERE s.st = 'add' ORDER BY s.list, s.pattern"""
             )
             await self.db.execute(
                 """UPDATE main.entries SET category = s.category, note = s.note, source = s.source,
@@ -374,6 +412,7 @@ class Store:
         else:
             await self.db.commit()
         await self.db.execute("DROP TABLE IF EXISTS temp.import_stage")
+        await self.db.execute("DROP TABLE IF EXISTS temp.import_profiles")
         await self.db.commit()
         return ImportResult(by.get("add", 0), by.get("upd", 0), by.get("same", 0), removed)
 
