@@ -1,0 +1,105 @@
+"""The compact (array) storage of ListIndex behaves exactly like the dict storage it replaces."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from array import array
+
+from edgefilter.lists import DELETED, Entry, ListIndex, Pattern, digits_num, parse_pattern
+from edgefilter.store import Store, load_index
+
+
+def mk(list_name, text, **kw):
+    return Entry(list_name, parse_pattern(text, "CN"), **kw)
+
+
+def summary(m):
+    if m is None:
+        return None
+    e = m.entry
+    return (e.list, e.pattern.text, e.category, e.note, e.source, e.expires_at,
+            None if m.shadowed is None else (m.shadowed.list, m.shadowed.pattern.text))
+
+
+def test_digits_num_keeps_length_and_leading_zeros():
+    assert digits_num("8613800138000") == 18613800138000
+    assert digits_num("012") != digits_num("12")
+    assert digits_num("1" * 18) is not None and digits_num("1" * 19) is None
+    assert digits_num("12a") is None and digits_num("") is None and digits_num("١٢٣") is None
+
+
+def test_loaded_index_agrees_with_dict_index_under_random_changes(tmp_path):
+    rnd = random.Random(66)
+    db = str(tmp_path / "e.db")
+    numbers = [f"+86138{rnd.randrange(10**8):08d}" for _ in range(400)]
+    base = [mk(rnd.choice(["block", "allow"]), n, category=rnd.choice(["", "fraud"]), source=rnd.choice(["a", "b"]),
+               created_at=1.0, expires_at=rnd.choice([None, None, 500.0])) for n in numbers]
+    base += [mk("block", "+86138*", source="p"), mk("allow", "+861380*", source="p"), mk("block", "95588", source="s"),
+             mk("block", "+86138000#####", source="m")]
+
+    async def fill():
+        async with Store.open(db) as store:
+            await store.import_entries(base)
+
+    asyncio.run(fill())
+    rev, loaded = load_index(db)
+    assert rev > 0 and sum(len(c.keys) for c in loaded._compact.values()) == 400
+    ref = ListIndex()
+    ref.extend(base)
+    assert loaded.size == ref.size and loaded.counts() == ref.counts()
+
+    probes = [n[1:] for n in numbers] + ["8613800012345", "95588", "8613999999999", "8613800000000"]
+    for step in range(600):
+        op = rnd.random()
+        text = rnd.choice(numbers + ["+8613812345678", "+86138*"])
+        lst = rnd.choice(["block", "allow"])
+        if op < 0.5:
+            e = mk(lst, text, note=str(step), source="c", created_at=2.0, expires_at=rnd.choice([None, 400.0]))
+            loaded.put(e)
+            ref.put(e)
+        else:
+            p = Pattern.from_text(parse_pattern(text, "CN").text)
+            assert loaded.remove(lst, p) == ref.remove(lst, p)
+        if step % 50 == 0:
+            for d in probes:
+                for now in (100.0, 450.0, 600.0):
+                    assert summary(loaded.lookup(d, now)) == summary(ref.lookup(d, now)), (d, now)
+    assert loaded.size == ref.size and loaded.counts() == ref.counts()
+    key = lambda e: (e.list, e.pattern.text)
+    assert sorted(map(key, loaded)) == sorted(map(key, ref))
+
+
+def test_load_compact_adopts_arrays_without_copy():
+    idx = ListIndex()
+    keys = array("q", [digits_num("8613800138000"), digits_num("8613800138001")])
+    pids = array("I", [1, DELETED])
+    idx.load_compact("block", keys, pids, {1: ("fraud", "", "feed", 1.0, None)})
+    assert idx.size == 1 and idx.counts() == {"block": 1, "allow": 0}
+    m = idx.lookup("8613800138000")
+    assert (m.entry.pattern.text, m.entry.category, m.entry.source) == ("+8613800138000", "fraud", "feed")
+    assert idx.lookup("8613800138001") is None
+    idx.put(mk("block", "+8613800138001", source="cli"))
+    assert idx.size == 2 and pids[1] != DELETED and not idx._exact  # reused the slot in place
+    assert idx.remove("block", Pattern.from_text("+8613800138000")) and pids[0] == DELETED
+    assert idx.lookup("8613800138000") is None and idx.size == 1
+
+
+def test_foreign_writers_rows_still_load(tmp_path):
+    """Rows written by SQL that knows nothing of num/profile load through the generic path."""
+    db = str(tmp_path / "e.db")
+
+    async def go():
+        async with Store.open(db) as store:
+            await store.import_entries([mk("block", "+8613800138000", source="x", created_at=1.0)])
+            await store.db.execute(
+                "INSERT INTO entries (list, pattern, kind, key, category, note, source, created_at) "
+                "VALUES ('block', '+8613800138001', 'exact', '8613800138001', '', '', 'old', 1.0)"
+            )
+            await store.db.execute("UPDATE entries SET category = 'fraud' WHERE pattern = '+8613800138000'")
+            await store.db.commit()
+
+    asyncio.run(go())
+    _, idx = load_index(db)
+    assert idx.lookup("8613800138000").entry.category == "fraud"  # the stale profile was dropped
+    assert idx.lookup("8613800138001").entry.source == "old"
