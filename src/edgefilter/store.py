@@ -41,8 +41,8 @@ PROFILE_SIG = "json_array(list, category, note, source, created_at, expires_at)"
 ASSIGN_PROFILES = f"""
     INSERT OR IGNORE INTO profiles (sig, list, category, note, source, created_at, expires_at)
         SELECT {PROFILE_SIG}, list, category, note, source, created_at, expires_at
-        FROM entries WHERE num IS NOT NULL AND profile IS NULL;
-    UPDATE entries SET profile = (SELECT p.id FROM profiles p WHERE p.sig = json_array(
+        FROM entries INDEXED BY entries_unprofiled WHERE num IS NOT NULL AND profile IS NULL;
+    UPDATE entries INDEXED BY entries_unprofiled SET profile = (SELECT p.id FROM profiles p WHERE p.sig = json_array(
             entries.list, entries.category, entries.note, entries.source, entries.created_at, entries.expires_at))
         WHERE num IS NOT NULL AND profile IS NULL;
 """
@@ -597,8 +597,8 @@ def load_index(path: str, *, busy_timeout_ms: int = 30000) -> tuple[int, ListInd
                 pids.extend([r[1] for r in rows])
             index.load_compact(name, keys, pids, profiles)
         for sql in (
-            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE num IS NULL",
-            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE num IS NOT NULL AND profile IS NULL",
+            f"SELECT {ENTRY_COLUMNS} FROM entries INDEXED BY entries_loose WHERE num IS NULL",
+            f"SELECT {ENTRY_COLUMNS} FROM entries INDEXED BY entries_unprofiled WHERE num IS NOT NULL AND profile IS NULL",
         ):
             for r in con.execute(sql):
                 index.put(entry_from_row(r))
