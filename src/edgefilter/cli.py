@@ -22,6 +22,7 @@ from .model import Call
 from .scoring import explain
 from .screen import Screener, channel_variables
 from .imports import add_parsers as add_import_parsers, parse_expires
+from .replay import add_parser as add_replay_parser
 from .store import Store
 
 
@@ -218,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_try_call)
 
     add_import_parsers(sub, common, LISTS)
+    add_replay_parser(sub, common)
 
     p = sub.add_parser("config", parents=[common], help="check or dump the merged configuration")
     p.add_argument("action", choices=("check", "dump"))
