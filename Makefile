@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 CONFIG ?=
 
-.PHONY: run test venv clean bench
+.PHONY: run test venv clean bench bench-lists
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Lists at scale (issue 6): 10M exact numbers + 100k prefixes; not part of CI (minutes, GBs of disk).
+bench-lists: $(STAMP)
+	$(BIN)/python bench/lists_scale.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

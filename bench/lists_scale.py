@@ -71,14 +71,13 @@ def build_db(path: Path, exact: int, prefixes: int) -> None:
         "(1, '[\"block\",\"marketing\",\"\",\"carrier\",1.0,null]', 'block', 'marketing', '', 'carrier', 1.0, NULL), "
         "(2, '[\"allow\",\"\",\"\",\"crm\",1.0,null]', 'allow', '', '', 'crm', 1.0, NULL)"
     )
-    seen: set[str] = set()
     t0 = time.time()
+    # sorted and unique: every index is then filled by appends (minutes instead of an hour)
+    digits = sorted({number(i) for i in range(exact)})
+    print(f"  {len(digits)} unique numbers sorted ({time.time() - t0:.0f} s)", file=sys.stderr)
 
     def rows():
-        for i in range(exact):
-            d = number(i)
-            if d in seen:
-                continue
+        for i, d in enumerate(digits):
             lst = "allow" if i % 50 == 0 else "block"
             yield (lst, "+" + d, "exact", d, "marketing" if lst == "block" else "", "", "carrier" if lst == "block" else "crm",
                    1.0, None, int("1" + d), 1 if lst == "block" else 2)
