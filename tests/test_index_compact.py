@@ -103,3 +103,49 @@ def test_foreign_writers_rows_still_load(tmp_path):
     _, idx = load_index(db)
     assert idx.lookup("8613800138000").entry.category == "fraud"  # the stale profile was dropped
     assert idx.lookup("8613800138001").entry.source == "old"
+
+
+def test_snapshot_is_written_used_and_refused_when_it_does_not_belong(tmp_path):
+    import os
+    import shutil
+
+    from edgefilter.store import SNAPSHOT_SUFFIX
+
+    db = str(tmp_path / "e.db")
+    first = [mk("block", f"+86138{i:08d}", source="a", created_at=1.0) for i in range(50)]
+
+    async def write(entries=(), remove=()):
+        async with Store.open(db) as store:
+            if entries:
+                await store.import_entries(entries)
+            for text in remove:
+                await store.remove_entry(parse_pattern(text, "CN"), "block")
+
+    asyncio.run(write(first))
+    rev1, full = load_index(db)
+    assert os.path.exists(db + SNAPSHOT_SUFFIX)
+    # changes after the snapshot: applied on top of it, same result as a full load
+    asyncio.run(write([mk("block", "+8613900000000", source="b", created_at=2.0), mk("allow", "+8613800000001", source="b")],
+                      remove=["+8613800000002"]))
+    rev2, from_snap = load_index(db)
+    _, fresh = load_index(db, snapshot=False)
+    assert rev2 > rev1 and from_snap.size == fresh.size == 51
+    for d in ("8613800000001", "8613800000002", "8613900000000", "8613800000049"):
+        assert summary(from_snap.lookup(d, 10.0)) == summary(fresh.lookup(d, 10.0))
+    assert from_snap.lookup("8613800000002") is None
+    # the snapshot of another database with the same revision is refused
+    other = str(tmp_path / "other.db")
+
+    async def other_db():
+        async with Store.open(other) as store:
+            await store.import_entries([mk("block", f"+86150{i:08d}", source="z") for i in range(60)])
+
+    asyncio.run(other_db())
+    shutil.copy(db + SNAPSHOT_SUFFIX, other + SNAPSHOT_SUFFIX)
+    _, idx = load_index(other)
+    assert idx.size == 60 and idx.lookup("8613800000003") is None and idx.lookup("8615000000003") is not None
+    # a corrupt snapshot is ignored
+    with open(db + SNAPSHOT_SUFFIX, "r+b") as f:
+        f.seek(30)
+        f.write(b"garbage")
+    assert load_index(db)[1].size == 51

@@ -224,6 +224,14 @@ class ListIndex:
         self._counts[list_name] += c.live
         self.size += c.live
 
+    def compact_arrays(self) -> dict[str, tuple[array, array]]:
+        """The (keys, profile ids) arrays per list, empty for a list with none (for snapshots)."""
+        out = {}
+        for name in LISTS:
+            c = self._compact.get(name)
+            out[name] = (c.keys, c.profiles) if c is not None else (array("q"), array("I"))
+        return out
+
     def _intern(self, e: Entry) -> int:
         prof = entry_profile(e)
         pid = self._profile_ids.get(prof)
