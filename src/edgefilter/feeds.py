@@ -239,7 +239,7 @@ def fast_pattern(compact: str, region: str) -> Pattern | None:
 
 def read_value(raw: str, region: str) -> Pattern:
     """One number or pattern from a file cell; raises PatternError with the reason."""
-    compact = strip_visual(raw)
+    compact = raw if raw[1:].isdigit() and raw[:1] == "+" else strip_visual(raw)  # most feeds: already bare
     p = fast_pattern(compact, region)
     if p is not None:
         return p
@@ -431,9 +431,9 @@ def _parse_csv(lines: list[str], opts: FeedOptions) -> Iterator[Item]:
             if err:
                 yield no, err
                 continue
-        note = " / ".join(
-            row[i].strip() for i in (name_col, label_col) if i is not None and i < len(row) and row[i].strip()
-        )
+        note = row[name_col].strip() if name_col is not None and name_col < len(row) else ""
+        if label_col is not None and label_col < len(row) and row[label_col].strip():
+            note = f"{note} / {row[label_col].strip()}" if note else row[label_col].strip()
         try:
             yield no, _entry(read_value(cell, opts.region), opts, category, note)
         except PatternError as e:

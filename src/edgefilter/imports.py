@@ -12,6 +12,7 @@ database could not be used; 2 usage mistake; 3 nothing written because lines wer
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import sys
 import time
@@ -131,6 +132,7 @@ async def cmd_import(args, settings: Settings, *, now: float | None = None) -> i
         async with Store.open(settings.store.path) as store:
             await store.begin_import()
             batch: list[Entry] = []
+            staging: asyncio.Task | None = None  # SQLite stages one batch while the next is parsed
             for line_no, item in items:
                 progress.update(line_no)
                 if isinstance(item, str):
@@ -146,8 +148,13 @@ async def cmd_import(args, settings: Settings, *, now: float | None = None) -> i
                 good += 1
                 batch.append(item)
                 if len(batch) >= STAGE_BATCH:
-                    await store.stage_import(batch)
+                    if staging is not None:
+                        await staging
+                    staging = asyncio.ensure_future(store.stage_import(batch))
                     batch = []
+                    await asyncio.sleep(0)  # let the staging task hand its batch to SQLite's thread
+            if staging is not None:
+                await staging
             await store.stage_import(batch)
             del seen
             progress.clear()
