@@ -10,14 +10,13 @@ import sqlite3
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from edgefilter import cli
 from edgefilter.callsim import CallSpec, place_call
 from edgefilter.imports import EXIT_REFUSED, Progress
-from edgefilter.lists import Entry, Pattern, parse_pattern
+from edgefilter.lists import Entry, parse_pattern
 from edgefilter.store import Store, load_index
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from .config import Settings, dump, load_settings
 from .decisionlog import escape_text
-from .durations import parse_duration
 from .errors import EdgefilterError, PatternError
 from .lists import LISTS, MAX_NOTE, Entry, ListIndex, parse_pattern
 from .model import Call
