@@ -21,7 +21,7 @@ from typing import Iterable, Iterator
 import phonenumbers
 
 from .errors import PatternError
-from .lists import MAX_NOTE, Entry, Pattern, parse_pattern
+from .lists import MAX_NOTE, Entry, Pattern, exact_num, parse_pattern
 from .numbers import national_prefix, strip_visual
 
 FORMATS = ("auto", "text", "csv", "vcf")
@@ -568,13 +568,18 @@ def _parse_vcf(lines: list[str], opts: FeedOptions) -> Iterator[Item]:
 
 # ------------------------------------------------------------------------------ duplicates
 class Seen:
-    """First line of every (list, pattern) in one import: a repeated number counts once."""
+    """First line of every (list, pattern) in one import: a repeated number counts once.
+
+    Keyed on the compact int64 key where there is one (a 10-million-line feed keeps ints, not
+    tuples of strings), else on (list, pattern text).
+    """
 
     def __init__(self) -> None:
-        self._first: dict[tuple[str, str], int] = {}
+        self._first: dict[object, int] = {}
 
     def first_line(self, line_no: int, e: Entry) -> int | None:
         """None the first time an entry's pattern appears, else the line it first appeared on."""
-        key = (e.list, e.pattern.text)
+        num = exact_num(e.pattern)
+        key: object = (num if e.list == "block" else -num) if num is not None else (e.list, e.pattern.text)
         first = self._first.setdefault(key, line_no)
         return None if first == line_no else first
