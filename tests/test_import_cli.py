@@ -230,3 +230,26 @@ def test_killed_import_leaves_the_previous_state(env, capsys):
     rc, out, _ = run(capsys, cfg, "import", str(big), "--source", "feed", "--replace-source")
     assert rc == 0 and f"added 0, updated 0, unchanged {n}" in out
     assert load_index(db)[1].size == n
+
+
+async def test_big_import_makes_the_service_reload_in_a_thread_and_keep_answering(service, tmp_path):
+    from edgefilter.service import FULL_RELOAD_AFTER
+
+    n = FULL_RELOAD_AFTER + 500
+    f = tmp_path / "big.txt"
+    f.write_text("".join(f"+86139{i:08d}\n" for i in range(n)))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[store]\npath = "{service.settings.store.path}"\n')
+    old_index = service.screener.index
+    assert await asyncio.to_thread(cli.main, ["import", str(f), "--config", str(cfg)]) == 0
+    deadline = time.monotonic() + 20
+    while service.screener.index is old_index or service.screener.index.size < n:
+        # calls are answered from the old lists while the new ones load
+        r = await place_call("127.0.0.1", service.port, CallSpec(callerid="+8613800138000"), timeout=3)
+        assert r.variables["EDGEFILTER_ACTION"] == "allow"
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    idx = service.screener.index
+    assert idx.size == n and sum(len(c.keys) for c in idx._compact.values()) == n  # compact, not dicts
+    r = await place_call("127.0.0.1", service.port, CallSpec(callerid="+8613900000123"), timeout=3)
+    assert r.variables["EDGEFILTER_ACTION"] == "reject"
