@@ -282,15 +282,14 @@ _COMMENT = re.compile(r"\s#")
 def _parse_text(lines: list[str], opts: FeedOptions) -> Iterator[Item]:
     """One number or pattern a line; '#' starts a comment line; ' # note' ends a line."""
     for no, line in enumerate(lines, 1):
-        bad = _too_long(line)
-        if bad:
-            yield no, bad
+        if len(line) > MAX_LINE:
+            yield no, _too_long(line) or ""
             continue
         s = line.strip().lstrip("\ufeff")
         if not s or s.startswith("#"):
             continue
         note = ""
-        m = _COMMENT.search(s)
+        m = _COMMENT.search(s) if "#" in s else None
         if m:
             s, note = s[: m.start()].strip(), s[m.end():].strip()
         try:
@@ -332,6 +331,10 @@ class _LineFeed:
 
 def _csv_rows(lines: list[str], delimiter: str) -> Iterator[tuple[int, list[str] | str]]:
     """(first line of the row, cells) or (line, reason); survives unterminated quotes."""
+    if lines and not any('"' in ln for ln in lines) and max(map(len, lines)) <= MAX_LINE:
+        # no quotes and no monster line (most feeds): one row a line, no bookkeeping per line
+        yield from enumerate(csv.reader(lines, delimiter=delimiter, skipinitialspace=True), 1)
+        return
     start = 0
     while start < len(lines):
         feed = _LineFeed(lines, start)
@@ -416,7 +419,7 @@ def _parse_csv(lines: list[str], opts: FeedOptions) -> Iterator[Item]:
         if isinstance(row, str):
             yield no, row
             continue
-        if not any(c.strip() for c in row) or row[0].lstrip().startswith("#"):
+        if not row or row[0].lstrip().startswith("#") or not "".join(row).strip():
             continue
         if num_col >= len(row):
             yield no, f"no column {num_col + 1} (the row has {len(row)})"

@@ -134,7 +134,8 @@ async def cmd_import(args, settings: Settings, *, now: float | None = None) -> i
             batch: list[Entry] = []
             staging: asyncio.Task | None = None  # SQLite stages one batch while the next is parsed
             for line_no, item in items:
-                progress.update(line_no)
+                if not line_no & 1023:
+                    progress.update(line_no)
                 if isinstance(item, str):
                     report(line_no, item)
                     continue
