@@ -299,7 +299,6 @@ class Store:
         parsing a big file does not hold the write lock the running service's writers need.
         """
         await self.db.execute("PRAGMA cache_size = -131072")  # 128 MB: a big import spills less
-        await self.db.execute("PRAGMA temp_store = MEMORY")  # the staging table never touches disk
         await self.db.execute("DROP TABLE IF EXISTS temp.import_stage")
         await self.db.execute("DROP TABLE IF EXISTS temp.import_profiles")
         await self.db.execute(
