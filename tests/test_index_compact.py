@@ -149,3 +149,12 @@ def test_snapshot_is_written_used_and_refused_when_it_does_not_belong(tmp_path):
         f.seek(30)
         f.write(b"garbage")
     assert load_index(db)[1].size == 51
+
+
+def test_compact_hits_are_ordinary_entries():
+    from edgefilter.lists import _exact_entry
+
+    e = _exact_entry("block", "8613800138000", ("fraud", "n", "s", 1.0, 5.0))
+    ref = Entry("block", Pattern("exact", "8613800138000", "+8613800138000"), "fraud", "n", "s", 1.0, 5.0)
+    assert e == ref and hash(e) == hash(ref) and repr(e) == repr(ref)
+    assert e.active(4.0) and not e.active(5.0)

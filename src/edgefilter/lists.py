@@ -253,7 +253,7 @@ class ListIndex:
 
     def _compact_entry(self, list_name: str, num: int, pid: int) -> Entry:
         digits = str(num)[1:]
-        return Entry(list_name, Pattern("exact", digits, "+" + digits), *self._profiles[pid])
+        return _exact_entry(list_name, digits, self._profiles[pid])
 
     # -- mutation -------------------------------------------------------------------------
     def _bucket(self, p: Pattern) -> tuple[dict, object]:
@@ -387,6 +387,28 @@ class ListIndex:
         out = {name: 0 for name in LISTS}
         out.update(self._counts)
         return out
+
+
+# The Entry of a compact hit is built on every lookup that finds one: through the slot descriptors
+# it costs half of the frozen dataclass __init__ (which sets each field through
+# object.__setattr__). Same fields, same equality and hash: tests/test_index_compact.py compares.
+_new = object.__new__
+_P_KIND, _P_KEY, _P_TEXT = (Pattern.__dict__[n].__set__ for n in ("kind", "key", "text"))
+_E_SETTERS = tuple(Entry.__dict__[n].__set__ for n in ("category", "note", "source", "created_at", "expires_at"))
+_E_LIST, _E_PATTERN = Entry.__dict__["list"].__set__, Entry.__dict__["pattern"].__set__
+
+
+def _exact_entry(list_name: str, digits: str, profile: Profile) -> Entry:
+    p = _new(Pattern)
+    _P_KIND(p, "exact")
+    _P_KEY(p, digits)
+    _P_TEXT(p, "+" + digits)
+    e = _new(Entry)
+    _E_LIST(e, list_name)
+    _E_PATTERN(e, p)
+    for setter, value in zip(_E_SETTERS, profile):
+        setter(e, value)
+    return e
 
 
 def _mask_matches(mask: str, digits: str) -> bool:
