@@ -158,3 +158,32 @@ def test_compact_hits_are_ordinary_entries():
     ref = Entry("block", Pattern("exact", "8613800138000", "+8613800138000"), "fraud", "n", "s", 1.0, 5.0)
     assert e == ref and hash(e) == hash(ref) and repr(e) == repr(ref)
     assert e.active(4.0) and not e.active(5.0)
+
+
+def test_imported_rows_get_kind_key_num_and_profile_like_put_entry(tmp_path):
+    """Staged rows carry only the pattern text: kind, key and num are derived in SQL."""
+    import sqlite3
+
+    from edgefilter.lists import exact_num
+
+    texts = ["+8613800138000", "95588", "+86170*", "+4121560####", "+8613800138001"]
+    db_import, db_put = str(tmp_path / "i.db"), str(tmp_path / "p.db")
+    entries = [mk("block", t, category="fraud" if i % 2 else "", note=f"n{i}", source="s", created_at=1.0)
+               for i, t in enumerate(texts)]
+
+    async def go():
+        async with Store.open(db_import) as store:
+            await store.import_entries(entries)
+        async with Store.open(db_put) as store:
+            for e in entries:
+                await store.put_entry(e)
+
+    asyncio.run(go())
+    q = ("SELECT e.list, e.pattern, e.kind, e.key, e.category, e.note, e.source, e.created_at, e.expires_at, e.num, "
+         "p.category, p.note FROM entries e LEFT JOIN profiles p ON p.id = e.profile ORDER BY e.pattern")
+    got = {db: sqlite3.connect(db).execute(q).fetchall() for db in (db_import, db_put)}
+    assert got[db_import] == got[db_put]
+    for row in got[db_import]:
+        p = Pattern.from_text(row[1])
+        assert (row[2], row[3], row[9]) == (p.kind, p.key, exact_num(p))
+        assert (row[10], row[11]) == ((row[4], row[5]) if row[9] is not None else (None, None))

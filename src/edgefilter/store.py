@@ -297,15 +297,16 @@ class Store:
 
         Staging writes nothing to the database file, so a killed import leaves no trace and
         parsing a big file does not hold the write lock the running service's writers need.
+        A staged row is (list, pattern, profile): everything else an entry carries is in its
+        metadata profile (shared by all the entries of an import), kind and key follow from the
+        canonical pattern text (as Pattern.from_text reads it).
         """
         await self.db.execute("PRAGMA cache_size = -131072")  # 128 MB: a big import spills less
         await self.db.execute("DROP TABLE IF EXISTS temp.import_stage")
         await self.db.execute("DROP TABLE IF EXISTS temp.import_profiles")
         await self.db.execute(
-            "CREATE TEMP TABLE import_stage (list TEXT NOT NULL, pattern TEXT NOT NULL, kind TEXT NOT NULL, "
-            "key TEXT NOT NULL, category TEXT NOT NULL, note TEXT NOT NULL, source TEXT NOT NULL, "
-            "created_at REAL NOT NULL, expires_at REAL, num INTEGER, profile INTEGER, st TEXT, "
-            "PRIMARY KEY (list, pattern)) WITHOUT ROWID"
+            "CREATE TEMP TABLE import_stage (list TEXT NOT NULL, pattern TEXT NOT NULL, profile INTEGER NOT NULL, "
+            "st TEXT, PRIMARY KEY (list, pattern)) WITHOUT ROWID"
         )
         await self.db.execute(
             "CREATE TEMP TABLE import_profiles (prov INTEGER PRIMARY KEY, real INTEGER, list TEXT, category TEXT, "
@@ -316,27 +317,31 @@ class Store:
         # new ones get a provisional negative id, resolved under the write lock in apply_import
         cur = await self.db.execute("SELECT id, list, category, note, source, created_at, expires_at FROM profiles")
         self._import_profiles: dict[tuple, int] = {tuple(r[1:]): r[0] for r in await cur.fetchall()}
-        self._new_profiles: list[tuple] = []
+        self._used_profiles: dict[int, tuple] = {}
+        self._new_count = 0
 
-    def _staged_profile(self, e: Entry) -> int:
-        key = (e.list, e.category, e.note, e.source, e.created_at, e.expires_at)
-        pid = self._import_profiles.get(key)
+    def _staged_profile(self, meta: tuple) -> int:
+        """The profile id for (list, category, note, source, created_at, expires_at)."""
+        pid = self._import_profiles.get(meta)
         if pid is None:
-            pid = -1 - len(self._new_profiles)
-            self._new_profiles.append((pid, *key))
-            self._import_profiles[key] = pid
+            self._new_count += 1
+            pid = -self._new_count
+            self._import_profiles[meta] = pid
+        if pid not in self._used_profiles:
+            self._used_profiles[pid] = meta
         return pid
 
     async def stage_import(self, entries: Iterable[Entry]) -> None:
         """Add entries to the staging table (the first of a duplicate pattern wins)."""
         rows = []
-        profile = self._staged_profile
+        last_meta, pid = None, 0
         for e in entries:
-            p = e.pattern
-            num = exact_num(p)
-            rows.append((e.list, p.text, p.kind, p.key, e.category, e.note, e.source, e.created_at, e.expires_at,
-                         num, None if num is None else profile(e)))
-        await self.db.executemany("INSERT OR IGNORE INTO temp.import_stage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)", rows)
+            meta = (e.list, e.category, e.note, e.source, e.created_at, e.expires_at)
+            if meta != last_meta:  # consecutive entries of a feed share everything but the pattern
+                pid = self._staged_profile(meta)
+                last_meta = meta
+            rows.append((e.list, e.pattern.text, pid))
+        await self.db.executemany("INSERT OR IGNORE INTO temp.import_stage VALUES (?, ?, ?, NULL)", rows)
         await self.db.commit()
 
     async def apply_import(
@@ -351,34 +356,45 @@ class Store:
         """
         await self.db.execute("BEGIN IMMEDIATE")
         try:
-            await self.db.execute(
-                """UPDATE temp.import_stage AS s SET st = COALESCE((
-                       SELECT CASE WHEN e.category IS s.category AND e.note IS s.note AND e.source IS s.source
-                                    AND e.expires_at IS s.expires_at THEN 'same' ELSE 'upd' END
-                       FROM main.entries e WHERE e.list = s.list AND e.pattern = s.pattern), 'add')"""
-            )
             await self.db.executemany(
-                "INSERT INTO temp.import_profiles VALUES (?, NULL, ?, ?, ?, ?, ?, ?)", self._new_profiles
+                "INSERT INTO temp.import_profiles VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(pid, pid if pid > 0 else None, *key) for pid, key in self._used_profiles.items()],
             )
             await self.db.execute(
                 f"""INSERT OR IGNORE INTO main.profiles (sig, list, category, note, source, created_at, expires_at)
-                    SELECT {PROFILE_SIG}, list, category, note, source, created_at, expires_at FROM temp.import_profiles"""
+                    SELECT {PROFILE_SIG}, list, category, note, source, created_at, expires_at
+                    FROM temp.import_profiles WHERE prov < 0"""
             )
             await self.db.execute(
                 """UPDATE temp.import_profiles AS n SET real = (SELECT p.id FROM main.profiles p WHERE p.sig =
-                       json_array(n.list, n.category, n.note, n.source, n.created_at, n.expires_at))"""
+                       json_array(n.list, n.category, n.note, n.source, n.created_at, n.expires_at)) WHERE prov < 0"""
             )
-            cols = ", ".join("s." + c.strip() for c in ENTRY_COLUMNS.split(","))
+            await self.db.execute(
+                """UPDATE temp.import_stage AS s SET st = COALESCE((
+                       SELECT CASE WHEN e.category IS p.category AND e.note IS p.note AND e.source IS p.source
+                                    AND e.expires_at IS p.expires_at THEN 'same' ELSE 'upd' END
+                       FROM main.entries e JOIN temp.import_profiles p ON p.prov = s.profile
+                       WHERE e.list = s.list AND e.pattern = s.pattern), 'add')"""
+            )
+            num = (
+                "CASE WHEN s.pattern GLOB '+[0-9]*' AND substr(s.pattern, 2) NOT GLOB '*[^0-9]*' "
+                "AND length(s.pattern) <= 19 THEN CAST('1' || substr(s.pattern, 2) AS INTEGER) END"
+            )
             await self.db.execute(
                 f"""INSERT INTO main.entries ({ENTRY_COLUMNS}, num, profile)
-                    SELECT {cols}, s.num, CASE WHEN s.profile < 0 THEN n.real ELSE s.profile END
-                    FROM temp.import_stage s LEFT JOIN temp.import_profiles n ON n.prov = s.profile
+                    SELECT s.list, s.pattern,
+                           CASE WHEN s.pattern GLOB '*[*]' THEN 'prefix' WHEN instr(s.pattern, '#') THEN 'mask' ELSE 'exact' END,
+                           CASE WHEN s.pattern GLOB '*[*]' THEN substr(s.pattern, 2, length(s.pattern) - 2)
+                                ELSE ltrim(s.pattern, '+') END,
+                           p.category, p.note, p.source, p.created_at, p.expires_at, {num},
+                           CASE WHEN {num} IS NULL THEN NULL ELSE p.real END
+                    FROM temp.import_stage s JOIN temp.import_profiles p ON p.prov = s.profile
                     WHERE s.st = 'add' ORDER BY s.list, s.pattern"""
             )
             await self.db.execute(
-                """UPDATE main.entries SET category = s.category, note = s.note, source = s.source,
-                       expires_at = s.expires_at, profile = NULL
-                   FROM temp.import_stage AS s
+                """UPDATE main.entries SET category = p.category, note = p.note, source = p.source,
+                       expires_at = p.expires_at, profile = NULL
+                   FROM temp.import_stage AS s JOIN temp.import_profiles AS p ON p.prov = s.profile
                    WHERE s.st = 'upd' AND entries.list = s.list AND entries.pattern = s.pattern"""
             )
             await self.db.execute(
