@@ -1151,19 +1151,42 @@ def load_index(path: str, *, busy_timeout_ms: int = 30000, snapshot: bool = True
 
 def _read_snapshot(con: sqlite3.Connection, path: str, head: int) -> tuple[int, dict] | None:
     """The snapshot's (rev, arrays per list) when it belongs to this database, else None."""
+    header = read_snapshot_header(path + SNAPSHOT_SUFFIX, head)
+    if header is None:
+        return None
+    row = con.execute("SELECT list, pattern, op FROM changes WHERE rev = ?", (header["rev"],)).fetchone()
+    if row is None or list(row) != header["check"]:
+        return None  # another database, or its feed was trimmed past the snapshot
+    arrays = read_snapshot_arrays(path + SNAPSHOT_SUFFIX, header)
+    return None if arrays is None else (header["rev"], arrays)
+
+
+def read_snapshot_header(file: str, head: int) -> dict | None:
+    """A snapshot file's header ({"rev", "check", "lists", "offset"}) when it is usable at change
+    feed revision ``head`` (not ahead of it, not too far behind), else None. The caller then
+    checks that the database's change ``rev`` is the one recorded in "check": the same change
+    feed, not another database's nor one trimmed past the snapshot."""
     import json
 
     try:
-        with open(path + SNAPSHOT_SUFFIX, "rb") as f:
+        with open(file, "rb") as f:
             if f.read(len(SNAPSHOT_MAGIC)) != SNAPSHOT_MAGIC:
                 return None
             header = json.loads(f.readline())
-            rev = int(header["rev"])
-            if rev > head or head - rev > SNAPSHOT_MAX_BEHIND:
+            header["rev"] = int(header["rev"])
+            header["offset"] = f.tell()
+            if header["rev"] > head or head - header["rev"] > SNAPSHOT_MAX_BEHIND:
                 return None
-            row = con.execute("SELECT list, pattern, op FROM changes WHERE rev = ?", (rev,)).fetchone()
-            if row is None or list(row) != header["check"]:
-                return None  # another database, or its feed was trimmed past the snapshot
+            return header
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def read_snapshot_arrays(file: str, header: dict) -> dict[str, tuple[array, array]] | None:
+    """The (keys, profile ids) arrays per list of a snapshot file (see read_snapshot_header)."""
+    try:
+        with open(file, "rb") as f:
+            f.seek(header["offset"])
             arrays = {}
             for name in LISTS:
                 n = int(header["lists"][name])
@@ -1171,17 +1194,22 @@ def _read_snapshot(con: sqlite3.Connection, path: str, head: int) -> tuple[int, 
                 keys.fromfile(f, n)
                 pids.fromfile(f, n)
                 arrays[name] = (keys, pids)
-            return rev, arrays
+            return arrays
     except (OSError, ValueError, KeyError, EOFError):
         return None
 
 
 def _write_snapshot(path: str, rev: int, check: list, index: ListIndex) -> None:
-    """Write ``<db>.index`` atomically (temp file + rename); a failure only costs the next start."""
+    write_snapshot(path + SNAPSHOT_SUFFIX, rev, check, index)
+
+
+def write_snapshot(file: str, rev: int, check: list, index: ListIndex) -> None:
+    """Write a snapshot file atomically (temp file + rename); a failure only costs the next start.
+    ``check`` is the (list, pattern, op) of change ``rev``, which identifies the change feed."""
     import json
 
     arrays = index.compact_arrays()
-    tmp = f"{path}{SNAPSHOT_SUFFIX}.{os.getpid()}.tmp"
+    tmp = f"{file}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:
             f.write(SNAPSHOT_MAGIC)
@@ -1191,7 +1219,7 @@ def _write_snapshot(path: str, rev: int, check: list, index: ListIndex) -> None:
                 keys, pids = arrays[name]
                 keys.tofile(f)
                 pids.tofile(f)
-        os.replace(tmp, path + SNAPSHOT_SUFFIX)
+        os.replace(tmp, file)
     except OSError:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
