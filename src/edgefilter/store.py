@@ -1211,6 +1211,7 @@ def write_snapshot(file: str, rev: int, check: list, index: ListIndex) -> None:
     arrays = index.compact_arrays()
     tmp = f"{file}.{os.getpid()}.tmp"
     try:
+        Path(file).parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             f.write(SNAPSHOT_MAGIC)
             header = {"rev": rev, "check": check, "lists": {n: len(arrays[n][0]) for n in LISTS}}
