@@ -676,17 +676,28 @@ class PgStore:
                         FROM (SELECT DISTINCT ON (list, pattern) * FROM import_stage ORDER BY list, pattern, seq) s
                         LEFT JOIN entries e ON e.list = s.list AND e.pattern = s.pattern"""
                 )
+                # an import's entries share a few metadata profiles: find them once, then join
+                # each row to its profile by equality (a hash join; no per-row signature)
                 await c.execute(
-                    f"""INSERT INTO profiles (sig, list, category, note, source, created_at, expires_at)
-                        SELECT DISTINCT {_sig('r')}, r.list, r.category, r.note, r.source, r.created_at, r.expires_at
-                        FROM import_rows r WHERE r.st = 'add' AND r.num IS NOT NULL ON CONFLICT (sig) DO NOTHING"""
+                    f"""CREATE TEMP TABLE import_metas ON COMMIT DROP AS
+                        SELECT m.*, {_sig('m')} AS sig, NULL::bigint AS id FROM (
+                            SELECT DISTINCT list, category, note, source, created_at, expires_at
+                            FROM import_rows WHERE st = 'add' AND num IS NOT NULL) m"""
                 )
+                await c.execute(
+                    """INSERT INTO profiles (sig, list, category, note, source, created_at, expires_at)
+                       SELECT sig, list, category, note, source, created_at, expires_at FROM import_metas
+                       ON CONFLICT (sig) DO NOTHING"""
+                )
+                await c.execute("UPDATE import_metas m SET id = p.id FROM profiles p WHERE p.sig = m.sig")
                 # an entry written by another node meanwhile is updated, not a failed import
                 await c.execute(
                     f"""INSERT INTO entries ({ENTRY_COLUMNS}, num, profile)
                         SELECT r.list, r.pattern, r.kind, r.key, r.category, r.note, r.source, r.created_at,
-                               r.expires_at, r.num, p.id
-                        FROM import_rows r LEFT JOIN profiles p ON r.st = 'add' AND r.num IS NOT NULL AND p.sig = {_sig('r')}
+                               r.expires_at, r.num, m.id
+                        FROM import_rows r LEFT JOIN import_metas m ON r.st = 'add' AND r.num IS NOT NULL
+                            AND m.list = r.list AND m.category = r.category AND m.note = r.note AND m.source = r.source
+                            AND m.created_at = r.created_at AND COALESCE(m.expires_at, -1) = COALESCE(r.expires_at, -1)
                         WHERE r.st != 'same' ORDER BY r.list, r.pattern
                         ON CONFLICT (list, pattern) DO UPDATE SET category = EXCLUDED.category, note = EXCLUDED.note,
                             source = EXCLUDED.source, expires_at = EXCLUDED.expires_at, profile = NULL"""
