@@ -187,3 +187,19 @@ def test_imported_rows_get_kind_key_num_and_profile_like_put_entry(tmp_path):
         p = Pattern.from_text(row[1])
         assert (row[2], row[3], row[9]) == (p.kind, p.key, exact_num(p))
         assert (row[10], row[11]) == ((row[4], row[5]) if row[9] is not None else (None, None))
+
+
+def test_exact_and_exact_keys_see_compact_numbers_each_once():
+    """The AMI mirror asks the index for exact entries (exact, exact_keys): bulk-loaded numbers
+    in the compact arrays must be seen as well as dict ones, each key once, removals honoured."""
+    index = ListIndex()
+    prof = {1: ("harassment", "", "import:x", 1700000000.0, None)}
+    index.load_compact("block", array("q", [18613800138000, 18613800138001]), array("I", [1, 1]), prof)
+    index.load_compact("allow", array("q", [18613800138001]), array("I", [1]), prof)
+    index.put(mk("block", "+8613900139000"))
+    index.remove("block", parse_pattern("+8613800138000", "CN"))
+    index.put(mk("block", "+8613700137000"))
+    assert sorted(index.exact_keys()) == ["8613700137000", "8613800138001", "8613900139000"]
+    assert sorted(e.list for e in index.exact("8613800138001")) == ["allow", "block"]
+    assert index.exact("8613800138000") == []
+    assert [e.pattern.text for e in index.exact("8613900139000")] == ["+8613900139000"]
