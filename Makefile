@@ -8,7 +8,7 @@ CONFIG ?=
 BENCH_SIZES ?= 10000,1000000
 BENCH_ARGS ?=
 
-.PHONY: run test venv clean bench
+.PHONY: run test venv clean bench bench-lists
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	BENCH_COMMAND="make bench BENCH_SIZES=$(BENCH_SIZES)$(if $(BENCH_ARGS), BENCH_ARGS='$(BENCH_ARGS)')" \
 		$(BIN)/python bench/run.py --sizes $(BENCH_SIZES) $(BENCH_ARGS)
+
+# Lists at scale (issue 6): 10M exact numbers + 100k prefixes; not part of CI (minutes, GBs of disk).
+bench-lists: $(STAMP)
+	$(BIN)/python bench/lists_scale.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -477,3 +477,80 @@ def test_db_copy_usage_mistakes_are_one_line(tmp_path, capsys):
     assert "db copy needs --from SQLITE_PATH and --to POSTGRES_URL" in capsys.readouterr().err
     assert cli.main(["db", "copy", "--from", str(tmp_path / "x.db"), "--to", "mysql://u@h/d"]) == 1
     assert "--to: expected postgresql://" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ imports (issue 6)
+async def test_an_import_on_one_node_is_enforced_by_the_other_within_a_second(nodes, tmp_path):
+    """`edgefilter import` against PostgreSQL: one transaction, and its change rows' NOTIFY
+    brings the entries to every node's index at once."""
+    a, b = nodes
+    assert await action(b, "+8613700137001") == "allow"
+    feed = tmp_path / "feed.txt"
+    feed.write_text("".join(f"+86137001370{i:02d}  # spam\n" for i in range(50)) + "+86188*\nnot a number\n")
+    cfg = tmp_path / "edgefilter.toml"
+    cfg.write_text(f'[store]\nurl = "{PG_URL}"\nspool_path = "{tmp_path / "cli-spool.db"}"\n')
+    before = b.store.notices
+    assert await asyncio.to_thread(cli.main, ["import", str(feed), "--category", "harassment", "--config", str(cfg)]) == 0
+    took = await wait_for(lambda: _is(action(b, "+8613700137001"), "reject"), 1.0, "imported block seen on the other node")
+    assert b.store.notices > before, "the import came by the poll, not by NOTIFY"
+    await wait_for(lambda: _true(b.screener.index.counts()["block"] == 51 and a.screener.index.counts()["block"] == 51), 1.0, "every entry")
+    assert await action(a, "+8618812345678") == "reject"
+    assert await asyncio.to_thread(cli.main, ["remove-source", "import:feed.txt", "--config", str(cfg)]) == 0
+    await wait_for(lambda: _is(action(b, "+8613700137001"), "allow"), 1.0, "remove-source seen on the other node")
+    logging.getLogger("test").info("import propagation a->b: %.1f ms", took * 1000)
+
+
+async def test_the_node_local_snapshot_is_caught_up_by_the_change_feed(pg_url, tmp_path):
+    """The index snapshot is a start-up cache of one node: changes other nodes made since it was
+    written are applied on top (never a stale answer); one that cannot be caught up (feed
+    trimmed past it, another database) is ignored and the node loads everything."""
+    def settings(node: str):
+        return _pg_settings(pg_url, node=node, spool_path=str(tmp_path / node / "spool.db"))
+
+    numbers = [Entry("block", parse_pattern(f"+86139{i:08d}", "CN"), "spam", "", "import:x", 1700000000.0) for i in range(100)]
+    async with open_store(settings("pbx-a")) as a, open_store(settings("pbx-b")) as b:
+        await b.import_entries(numbers)
+        rev, index = await a.load_index()
+        assert a.last_load == "full" and Path(a.snapshot_path).is_file() and a.snapshot_path.startswith(str(tmp_path / "pbx-a"))
+        assert index.compact_arrays()["block"][0].tolist()[:2] == [18613900000000, 18613900000001]
+        # meanwhile, on the other node: an update, a removal, an import, a prefix
+        await b.put_entry(dataclasses.replace(numbers[5], category="fraud", note="changed"))
+        await b.remove_entry(numbers[6].pattern)
+        await b.import_entries([Entry("allow", parse_pattern("+8613900000007", "CN"), created_at=1700000001.0),
+                                Entry("block", parse_pattern("+8613800138000", "CN"), created_at=1700000001.0)])
+        await b.put_entry(Entry("block", parse_pattern("+86170*", "CN"), created_at=1700000002.0))
+        head, again = await a.load_index()
+        assert a.last_load == "snapshot" and head > rev
+        assert sorted(again, key=lambda e: (e.list, e.pattern.text)) == await b.entries()
+        assert again.lookup("8613900000005").entry.note == "changed"
+        assert again.lookup("8613900000006") is None
+        assert again.lookup("8613900000007").entry.list == "allow"
+        assert again.lookup("8617012345678").entry.pattern.text == "+86170*"
+        # the feed trimmed past the snapshot: not usable, a full load (which rewrites it)
+        await b.put_entry(Entry("block", parse_pattern("+8613800138009", "CN"), created_at=1700000003.0))
+        await b.trim_changes(keep=1)
+        _, full = await a.load_index()
+        assert a.last_load == "full" and full.counts() == (await b.counts())
+        _, cached = await a.load_index()
+        assert a.last_load == "snapshot" and sorted(cached, key=lambda e: (e.list, e.pattern.text)) == await b.entries()
+    # another database (emptied and rebuilt): the old file does not belong to it
+    from .conftest import reset_pg_schema
+
+    await asyncio.to_thread(reset_pg_schema, pg_url)
+    async with open_store(settings("pbx-a")) as a:
+        await a.put_entry(Entry("block", parse_pattern("+8613800000001", "CN"), created_at=1700000000.0))
+        _, fresh = await a.load_index()
+        assert a.last_load == "full" and fresh.size == 1
+
+
+async def test_db_copy_brings_profiles_so_the_index_loads_compact(pg_url, tmp_path, capsys):
+    """`db copy` moves entries; PostgreSQL derives their profiles (the compact load needs them)."""
+    src = tmp_path / "box.db"
+    async with Store.open(str(src)) as box:
+        await box.import_entries([Entry("block", parse_pattern(f"+86139{i:08d}", "CN"), "spam", "", "import:x", 1700000000.0) for i in range(20)])
+    cfg = tmp_path / "edgefilter.toml"
+    cfg.write_text('[store]\nnode = "box-1"\n')
+    assert await asyncio.to_thread(cli.main, ["db", "copy", "--from", str(src), "--to", pg_url, "--config", str(cfg)]) == 0
+    async with open_store(_pg_settings(pg_url)) as pg:
+        _, index = await pg.load_index()
+        assert len(index.compact_arrays()["block"][0]) == 20 and index.lookup("8613900000003").entry.category == "spam"

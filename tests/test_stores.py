@@ -304,6 +304,91 @@ def test_store_keys_select_the_backend_and_validate():
         settings_from_dict({"store": {"pasword_file": "/etc/x"}})
 
 
+# ------------------------------------------------------------------ imports (issue 6)
+async def test_import_counts_replace_source_dry_run_remove_and_export(store):
+    """One import = one transaction with added/updated/unchanged counts and change-feed rows;
+    the same on both backends, down to what the compact index loads."""
+    feed = [
+        entry("block", "+8613800138000", category="fraud", source="import:feed", note="n"),
+        entry("block", "+8613800138001", category="fraud", source="import:feed", note="n"),
+        entry("block", "95588", category="fraud", source="import:feed", note="n"),  # short: not compact
+        entry("block", "+86170*", category="marketing", source="import:feed"),
+        entry("block", "+8613800138000", category="other", source="import:feed"),  # duplicate: first wins
+    ]
+    await store.put_entry(entry("block", "+8613800138001", category="fraud", source="cli"))
+    rev = await store.head_rev()
+    r = await store.import_entries(feed, lists=("block",))
+    assert (r.added, r.updated, r.unchanged, r.removed) == (3, 1, 0, 0)
+    changed = await store.changes_since(rev, 100)
+    assert sorted((c[1], c[3]) for c in changed) == [
+        ("put", "+8613800138000"), ("put", "+8613800138001"), ("put", "+86170*"), ("put", "95588")]
+    got = {e.pattern.text: e for e in await store.entries("block")}
+    assert got["+8613800138000"].category == "fraud" and got["+8613800138001"].source == "import:feed"
+    assert got["+86170*"].pattern.kind == "prefix" and got["95588"].pattern.key == "95588"
+    rev = await store.head_rev()
+    again = await store.import_entries(feed[:4], lists=("block",))
+    assert (again.added, again.updated, again.unchanged) == (0, 0, 4) and await store.head_rev() == rev
+    dry = await store.import_entries([feed[0]], replace_source="import:feed", lists=("block",), dry_run=True)
+    assert (dry.unchanged, dry.removed) == (1, 3) and await store.head_rev() == rev and len(await store.entries()) == 4
+    await store.put_entry(entry("allow", "+8613900139000", source="import:feed"))  # another list: kept
+    rev = await store.head_rev()
+    rep = await store.import_entries([dataclasses.replace(feed[0], note="new")], replace_source="import:feed", lists=("block",))
+    assert (rep.added, rep.updated, rep.unchanged, rep.removed) == (0, 1, 0, 3)
+    assert sorted((c[1], c[3]) for c in await store.changes_since(rev, 100)) == [
+        ("del", "+8613800138001"), ("del", "+86170*"), ("del", "95588"), ("put", "+8613800138000")]
+    # the index a node loads agrees with the table, metadata and all
+    await store.import_entries([entry("block", f"+86139{i:08d}", source="bulk", expires_at=1900000000.0) for i in range(50)])
+    head, index = await store.load_index()
+    assert head == await store.head_rev()
+    assert sorted(index, key=lambda e: (e.list, e.pattern.text)) == await store.entries()
+    assert index.lookup("8613900000007").entry.source == "bulk"
+    assert index.lookup("8613800138000").entry.note == "new"
+    assert index.counts() == {"block": 51, "allow": 1}
+    exported = [e async for b in store.export_entries("block", batch=7) for e in b]
+    assert exported == await store.entries("block")
+    by_source = [e async for b in store.export_entries(source="import:feed") for e in b]
+    assert [(e.list, e.pattern.text) for e in by_source] == [("allow", "+8613900139000"), ("block", "+8613800138000")]
+    assert await store.remove_source("bulk") == 50
+    assert await store.remove_source("bulk") == 0
+    assert await store.counts() == {"block": 1, "allow": 1}
+
+
+async def test_a_database_past_v3_before_it_was_merged_gets_it(backend_settings, tmp_path):
+    """Migration 3 (lists at scale) was merged after 4-6: a database migrated to v6 without it
+    gets it on its next open, with the numbers of its existing entries."""
+    from edgefilter import pgstore, store as sqlite_store
+
+    settings = backend_settings()
+    if settings.store.url:
+        import asyncpg
+
+        c = await asyncpg.connect(settings.store.url)
+        try:
+            await c.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+            for v in (1, 2, 4, 5, 6):
+                await c.execute(pgstore.MIGRATIONS[v])
+                await c.execute("INSERT INTO schema_version (version) VALUES ($1)", v)
+            await c.execute("INSERT INTO entries (list, pattern, kind, key, created_at) VALUES ('block', '+8613800138000', 'exact', '8613800138000', 1)")
+        finally:
+            await c.close()
+    else:
+        import sqlite3
+
+        con = sqlite3.connect(settings.store.path)
+        for v in (1, 2, 4, 5, 6):
+            con.executescript(sqlite_store.MIGRATIONS[v])
+        con.execute("INSERT INTO entries (list, pattern, kind, key, created_at) VALUES ('block', '+8613800138000', 'exact', '8613800138000', 1)")
+        con.execute("PRAGMA user_version = 6")
+        con.commit()
+        con.close()
+    async with open_store(settings) as s:
+        assert await s.schema_version() == 6
+        await s.put_entry(entry("block", "+8613800138001"))
+        _, index = await s.load_index()
+        assert index.counts() == {"block": 2, "allow": 0} and index.lookup("8613800138000") is not None
+        assert index.compact_arrays()["block"][0].tolist() in ([18613800138000], [18613800138000, 18613800138001])
+
+
 def test_both_backends_offer_the_same_methods():
     """The contract that keeps porting mechanical: every public method exists on both stores with
     the same parameters, defaults and kind (coroutine, async iterator, context manager...); only
@@ -332,7 +417,10 @@ def test_both_backends_offer_the_same_methods():
                  "calls_from", "outcome_of", "iter_calls", "add_refusal", "undo_last_refusal", "refusals",
                  "refusals_version", "contacts", "record_challenges", "challenge_failures_since",
                  "purge_challenges", "put_reputation", "get_reputation", "reputation_rows", "purge_reputation",
-                 "watch_changes", "describe_error", "schema_version"):
+                 "watch_changes", "describe_error", "schema_version",
+                 # imports (issue 6): staged atomic import, sources, export, the compact index load
+                 "begin_import", "stage_import", "apply_import", "import_entries", "remove_source",
+                 "export_entries", "load_index"):
         assert name in api(Store), name
     assert Store.backend == "sqlite" and PgStore.backend == "postgresql"
 

@@ -25,6 +25,8 @@ from .model import Call
 from .scoring import explain
 from .screen import Screener, channel_variables
 from .stores import copy_sqlite_to_postgres, open_store, store_exists
+from .imports import add_parsers as add_import_parsers, parse_expires
+from .replay import add_parser as add_replay_parser
 
 
 def _parse_when(text: str) -> datetime:
@@ -37,20 +39,6 @@ def _parse_when(text: str) -> datetime:
             t = datetime.now().replace(hour=t.hour, minute=t.minute, second=0, microsecond=0)
         return t
     raise EdgefilterError(f"--at {text!r}: expected \"YYYY-MM-DD HH:MM\" or \"HH:MM\"")
-
-
-def parse_expires(text: str | None, now: float) -> float | None:
-    """``--expires 30d`` (from now) or ``--expires 2026-12-31`` (a date, local midnight)."""
-    if not text:
-        return None
-    try:
-        return now + parse_duration(text)
-    except ValueError:
-        pass
-    try:
-        return datetime.strptime(text, "%Y-%m-%d").timestamp()
-    except ValueError:
-        raise EdgefilterError(f"--expires {text!r}: use a duration such as 30d or a date YYYY-MM-DD") from None
 
 
 def _fmt_time(ts: float | None) -> str:
@@ -524,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", dest="target", metavar="POSTGRES_URL", help="copy: postgresql://user@host:port/db (password: [store] password_file or PGPASSWORD)")
     p.add_argument("--node", help="copy: node name the copied call records get (default: [store] node)")
     p.set_defaults(func=cmd_db)
+    add_import_parsers(sub, common, LISTS)
+    add_replay_parser(sub, common)
 
     p = sub.add_parser("config", parents=[common], help="check or dump the merged configuration")
     p.add_argument("action", choices=("check", "dump"))

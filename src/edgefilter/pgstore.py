@@ -27,18 +27,21 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import struct
 import time
 import uuid
+from array import array
 from typing import AsyncIterator, Callable, Iterable, Sequence
 
 import asyncpg
 
 from .config import redact_url
 from .errors import StoreError
-from .lists import Entry
+from .lists import LISTS, Entry, ListIndex, Pattern
 from .store import (
     CALL_COLUMNS, ENTRY_COLUMNS, KEYED_CALL_COLUMNS, OUTCOME_COLUMNS, REFUSAL_COLUMNS, REPUTATION_COLUMNS,
-    CallOutcome, CallRecord, ContactSeen, Refusal, ReputationRow, entry_from_row, keyed_row,
+    CallOutcome, CallRecord, ContactSeen, ImportResult, Refusal, ReputationRow, entry_from_row, keyed_row,
+    read_snapshot_arrays, read_snapshot_header, write_snapshot,
 )
 
 log = logging.getLogger("edgefilter.pgstore")
@@ -146,6 +149,51 @@ MIGRATIONS: dict[int, str] = {
     );
     CREATE INDEX contacts_last ON contacts (last_ts);
     """,
+    # 3 (SQLite 3, lists at scale): exact numbers get an int64 key (num, lists.exact_num) and a
+    # shared metadata profile, so a node loads millions of numbers as two arrays. Merged after
+    # 4-6: a database already past v3 gets it on its next migrate (its schema_version row is
+    # missing, see migrate). Row triggers keep num right and drop a profile whose metadata
+    # changed for writers that do not set them; assign_profiles (set-based) gives new rows theirs.
+    3: """
+    ALTER TABLE entries ADD COLUMN num BIGINT;
+    ALTER TABLE entries ADD COLUMN profile BIGINT;
+    CREATE TABLE profiles (
+        id         BIGSERIAL PRIMARY KEY,
+        sig        TEXT COLLATE "C" NOT NULL UNIQUE,
+        list       TEXT NOT NULL,
+        category   TEXT NOT NULL,
+        note       TEXT NOT NULL,
+        source     TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        expires_at DOUBLE PRECISION
+    );
+    CREATE FUNCTION edgefilter_entry_num() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF NEW.pattern = '+' || NEW.key AND NEW.key ~ '^[0-9]{1,18}$' THEN
+            NEW.num := ('1' || NEW.key)::bigint;
+        END IF;
+        RETURN NEW;
+    END
+    $$;
+    CREATE FUNCTION edgefilter_entry_profile_stale() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        NEW.profile := NULL;
+        RETURN NEW;
+    END
+    $$;
+    CREATE TRIGGER entries_num BEFORE INSERT ON entries
+        FOR EACH ROW WHEN (NEW.num IS NULL AND NEW.kind = 'exact') EXECUTE FUNCTION edgefilter_entry_num();
+    CREATE TRIGGER entries_profile_stale BEFORE UPDATE ON entries
+        FOR EACH ROW WHEN (NEW.profile IS NOT NULL AND NEW.profile IS NOT DISTINCT FROM OLD.profile
+            AND (NEW.category, NEW.note, NEW.source, NEW.created_at, NEW.expires_at)
+                IS DISTINCT FROM (OLD.category, OLD.note, OLD.source, OLD.created_at, OLD.expires_at))
+        EXECUTE FUNCTION edgefilter_entry_profile_stale();
+    UPDATE entries SET num = ('1' || key)::bigint
+        WHERE kind = 'exact' AND pattern = '+' || key AND key ~ '^[0-9]{1,18}$';
+    CREATE INDEX entries_num ON entries (list, num) INCLUDE (profile) WHERE num IS NOT NULL;
+    CREATE INDEX entries_loose ON entries (list, pattern) WHERE num IS NULL;
+    CREATE INDEX entries_unprofiled ON entries (list, pattern) WHERE num IS NOT NULL AND profile IS NULL;
+    """,
     # 4 (SQLite 4): the reputation cache (answers of online reputation sources, per number and source).
     4: """
     CREATE TABLE reputation (
@@ -178,6 +226,9 @@ MIGRATIONS: dict[int, str] = {
     # 6 (SQLite 6: node + key on calls and challenge outcomes): PostgreSQL has had them since 1 and 5.
     6: "SELECT 1",
 }
+
+#: Migrations merged after higher numbers had shipped (same numbers as store.LATE_MIGRATIONS).
+LATE_MIGRATIONS = frozenset({3})
 
 # unnest() casts for a bulk insert of CallRecord rows (KEYED_CALL_COLUMNS order).
 _CALL_TYPES = (
@@ -235,6 +286,10 @@ class PgStore:
         self.node = ""  # this node's name, for rows that name none (stores.open_store sets it)
         self.notices = 0  # change notices received (tests and `explain` of latency)
         self.listening = False
+        self._import_conn: asyncpg.Connection | None = None  # held from begin_import to apply_import
+        #: node-local start-up cache of the compact index (stores.open_store sets it); "" = none
+        self.snapshot_path = ""
+        self.last_load = ""  # "snapshot" or "full": how the last load_index got the numbers
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -270,6 +325,7 @@ class PgStore:
                 await store.migrate()
             yield store
         finally:
+            await store._end_import()
             try:
                 await asyncio.wait_for(pool.close(), 5)
             except Exception:  # a dead server can keep close() waiting: cut the sockets
@@ -325,10 +381,14 @@ class PgStore:
                             f"{self.where}: database schema v{version} is newer than this edgefilter "
                             f"(v{SCHEMA_VERSION}); upgrade edgefilter"
                         )
-                    if version == SCHEMA_VERSION:
+                    # a migration merged after higher numbers (3) is applied when its row is
+                    # missing, even to a database already past it
+                    done = {r[0] for r in await c.fetch("SELECT version FROM schema_version")}
+                    late = [v for v in MIGRATIONS if v < version and v not in done and v in LATE_MIGRATIONS]
+                    if version == SCHEMA_VERSION and not late:
                         return SCHEMA_VERSION
                     # numbers reserved for changes not merged yet are skipped, as in SQLite
-                    step = min(v for v in [*MIGRATIONS, SCHEMA_VERSION] if version < v <= SCHEMA_VERSION)
+                    step = min(late or [v for v in [*MIGRATIONS, SCHEMA_VERSION] if version < v <= SCHEMA_VERSION])
                     if step in MIGRATIONS:
                         await c.execute(MIGRATIONS[step])
                     await c.execute("INSERT INTO schema_version (version) VALUES ($1)", step)
@@ -387,6 +447,7 @@ class PgStore:
                     counts["updated"] += len(rows) - added
                     counts["unchanged"] += len(chunk) - len(rows)
                     await self._log_changes(c, [(r["list"], r["pattern"]) for r in rows], "put")
+                await self._assign_profiles(c)
         return counts
 
     async def remove_entry(self, pattern, list_name: str | None = None) -> list[str]:
@@ -531,6 +592,257 @@ class PgStore:
         async with self._connection() as c:
             out.update({r[0]: r[1] for r in await c.fetch("SELECT list, COUNT(*) FROM entries GROUP BY list")})
         return out
+
+    async def _assign_profiles(self, c: asyncpg.Connection) -> None:
+        """Give exact numbers without a profile theirs (set-based; the partial index finds them)."""
+        await c.execute(
+            f"""INSERT INTO profiles (sig, list, category, note, source, created_at, expires_at)
+                SELECT DISTINCT {_sig('e')}, e.list, e.category, e.note, e.source, e.created_at, e.expires_at
+                FROM entries e WHERE e.num IS NOT NULL AND e.profile IS NULL
+                ON CONFLICT (sig) DO NOTHING"""
+        )
+        await c.execute(
+            f"""UPDATE entries e SET profile = p.id FROM profiles p
+                WHERE e.num IS NOT NULL AND e.profile IS NULL AND p.sig = {_sig('e')}"""
+        )
+
+    # -- bulk import (same contract as store.Store) ---------------------------------------
+    async def begin_import(self) -> None:
+        """Hold one connection for the import and create its empty staging table (TEMP: only
+        this connection sees it, a killed import leaves nothing, staging takes no lock)."""
+        await self._end_import()
+        try:
+            self._import_conn = await self.pool.acquire(timeout=self._connect_timeout + 1)
+            await self._import_conn.execute(
+                "CREATE TEMP TABLE import_stage (seq BIGSERIAL, list TEXT COLLATE \"C\", pattern TEXT COLLATE \"C\", "
+                "category TEXT, note TEXT, source TEXT, created_at DOUBLE PRECISION, expires_at DOUBLE PRECISION)"
+            )
+        except _DB_ERRORS as e:
+            await self._end_import()
+            raise StoreError(describe_pg_error(self.where, e)) from None
+
+    async def _end_import(self) -> None:
+        c = getattr(self, "_import_conn", None)
+        self._import_conn = None
+        if c is not None:
+            with contextlib.suppress(Exception):
+                await c.execute("DROP TABLE IF EXISTS pg_temp.import_stage")
+            with contextlib.suppress(Exception):
+                await self.pool.release(c)
+
+    async def stage_import(self, entries: Iterable[Entry]) -> None:
+        """Add entries to the staging table by COPY (the first of a duplicate pattern wins)."""
+        rows = [(e.list, e.pattern.text, e.category, e.note, e.source, e.created_at, e.expires_at) for e in entries]
+        if not rows:
+            return
+        c = self._import_conn
+        if c is None:
+            raise StoreError(f"{self.where}: stage_import before begin_import")
+        try:
+            await c.copy_records_to_table(
+                "import_stage", records=rows,
+                columns=["list", "pattern", "category", "note", "source", "created_at", "expires_at"],
+            )
+        except _DB_ERRORS as e:
+            await self._end_import()
+            raise StoreError(describe_pg_error(self.where, e)) from None
+
+    async def apply_import(
+        self, *, replace_source: str | None = None, lists: Sequence[str] = LISTS, dry_run: bool = False
+    ) -> ImportResult:
+        """Apply the staged entries in ONE transaction of set-based statements, with change-feed
+        rows (whose NOTIFY wakes every node). Same counts and meaning as store.Store.apply_import:
+        unchanged rows are not written, ``replace_source`` deletes that source's entries on
+        ``lists`` that were not staged, ``dry_run`` computes the counts and rolls back."""
+        c = self._import_conn
+        if c is None:
+            raise StoreError(f"{self.where}: apply_import before begin_import")
+        num = "CASE WHEN s.pattern ~ '^[+][0-9]{1,18}$' THEN ('1' || substr(s.pattern, 2))::bigint END"
+        try:
+            tx = c.transaction()
+            await tx.start()
+            try:
+                await c.execute(
+                    f"""CREATE TEMP TABLE import_rows ON COMMIT DROP AS
+                        SELECT s.list, s.pattern,
+                               CASE WHEN s.pattern LIKE '%*' THEN 'prefix' WHEN strpos(s.pattern, '#') > 0 THEN 'mask' ELSE 'exact' END AS kind,
+                               CASE WHEN s.pattern LIKE '%*' THEN substr(s.pattern, 2, length(s.pattern) - 2)
+                                    ELSE ltrim(s.pattern, '+') END AS key,
+                               s.category, s.note, s.source, s.created_at, s.expires_at, {num} AS num,
+                               CASE WHEN e.list IS NULL THEN 'add'
+                                    WHEN (e.category, e.note, e.source, e.expires_at) IS NOT DISTINCT FROM
+                                         (s.category, s.note, s.source, s.expires_at) THEN 'same'
+                                    ELSE 'upd' END AS st
+                        FROM (SELECT DISTINCT ON (list, pattern) * FROM import_stage ORDER BY list, pattern, seq) s
+                        LEFT JOIN entries e ON e.list = s.list AND e.pattern = s.pattern"""
+                )
+                # an import's entries share a few metadata profiles: find them once, then join
+                # each row to its profile by equality (a hash join; no per-row signature)
+                await c.execute(
+                    f"""CREATE TEMP TABLE import_metas ON COMMIT DROP AS
+                        SELECT m.*, {_sig('m')} AS sig, NULL::bigint AS id FROM (
+                            SELECT DISTINCT list, category, note, source, created_at, expires_at
+                            FROM import_rows WHERE st = 'add' AND num IS NOT NULL) m"""
+                )
+                await c.execute(
+                    """INSERT INTO profiles (sig, list, category, note, source, created_at, expires_at)
+                       SELECT sig, list, category, note, source, created_at, expires_at FROM import_metas
+                       ON CONFLICT (sig) DO NOTHING"""
+                )
+                await c.execute("UPDATE import_metas m SET id = p.id FROM profiles p WHERE p.sig = m.sig")
+                # an entry written by another node meanwhile is updated, not a failed import
+                await c.execute(
+                    f"""INSERT INTO entries ({ENTRY_COLUMNS}, num, profile)
+                        SELECT r.list, r.pattern, r.kind, r.key, r.category, r.note, r.source, r.created_at,
+                               r.expires_at, r.num, m.id
+                        FROM import_rows r LEFT JOIN import_metas m ON r.st = 'add' AND r.num IS NOT NULL
+                            AND m.list = r.list AND m.category = r.category AND m.note = r.note AND m.source = r.source
+                            AND m.created_at = r.created_at AND COALESCE(m.expires_at, -1) = COALESCE(r.expires_at, -1)
+                        WHERE r.st != 'same' ORDER BY r.list, r.pattern
+                        ON CONFLICT (list, pattern) DO UPDATE SET category = EXCLUDED.category, note = EXCLUDED.note,
+                            source = EXCLUDED.source, expires_at = EXCLUDED.expires_at, profile = NULL"""
+                )
+                await c.execute("SELECT pg_advisory_xact_lock($1)", LOCK_CHANGES)
+                await c.execute(
+                    "INSERT INTO changes (list, pattern, op) SELECT list, pattern, 'put' FROM import_rows "
+                    "WHERE st != 'same' ORDER BY list, pattern"
+                )
+                removed = 0
+                if replace_source is not None:
+                    status = await c.execute(
+                        """WITH gone AS (
+                               DELETE FROM entries e WHERE e.source = $1 AND e.list = ANY($2::text[]) AND NOT EXISTS
+                                   (SELECT 1 FROM import_rows r WHERE r.list = e.list AND r.pattern = e.pattern)
+                               RETURNING e.list, e.pattern)
+                           INSERT INTO changes (list, pattern, op) SELECT list, pattern, 'del' FROM gone ORDER BY list, pattern""",
+                        replace_source, list(lists),
+                    )
+                    removed = int(status.rsplit(" ", 1)[-1])
+                await self._assign_profiles(c)
+                by = {r[0]: r[1] for r in await c.fetch("SELECT st, COUNT(*) FROM import_rows GROUP BY st")}
+            except BaseException:
+                await tx.rollback()
+                raise
+            if dry_run:
+                await tx.rollback()
+            else:
+                await tx.commit()
+        except _DB_ERRORS as e:
+            raise StoreError(describe_pg_error(self.where, e)) from None
+        finally:
+            await self._end_import()
+        return ImportResult(by.get("add", 0), by.get("upd", 0), by.get("same", 0), removed)
+
+    async def import_entries(
+        self, entries: Iterable[Entry], *, replace_source: str | None = None, lists: Sequence[str] = LISTS,
+        dry_run: bool = False,
+    ) -> ImportResult:
+        """Stage and apply in one go (see apply_import)."""
+        await self.begin_import()
+        batch: list[Entry] = []
+        for e in entries:
+            batch.append(e)
+            if len(batch) >= 20000:
+                await self.stage_import(batch)
+                batch = []
+        await self.stage_import(batch)
+        return await self.apply_import(replace_source=replace_source, lists=lists, dry_run=dry_run)
+
+    async def remove_source(self, source: str, list_name: str | None = None) -> int:
+        """Delete every entry a source brought in (one transaction, with 'del' changes)."""
+        lists = [list_name] if list_name else ["block", "allow"]
+        async with self.transaction():
+            async with self._connection() as c:
+                rows = await c.fetch(
+                    "DELETE FROM entries WHERE source = $1 AND list = ANY($2::text[]) RETURNING list, pattern", source, lists
+                )
+                await self._log_changes(c, [(r[0], r[1]) for r in rows], "del")
+        return len(rows)
+
+    async def export_entries(
+        self, list_name: str | None = None, source: str | None = None, batch: int = 20000
+    ) -> AsyncIterator[list[Entry]]:
+        """Entries in list/pattern order, in batches (keyset pages: no long transaction)."""
+        last = ("", "")
+        while True:
+            args: list = [last[0], last[1], batch]
+            cond = ["(list, pattern) > ($1, $2)"]
+            if list_name:
+                args.append(list_name)
+                cond.append(f"list = ${len(args)}")
+            if source:
+                args.append(source)
+                cond.append(f"source = ${len(args)}")
+            async with self._connection() as c:
+                rows = await c.fetch(
+                    f"SELECT {ENTRY_COLUMNS} FROM entries WHERE {' AND '.join(cond)} ORDER BY list, pattern LIMIT $3", *args
+                )
+            if not rows:
+                break
+            last = (rows[-1]["list"], rows[-1]["pattern"])
+            yield [entry_from_row(r) for r in rows]
+
+    async def load_index(self) -> tuple[int, ListIndex]:
+        """Every list entry in a new ListIndex with the change-feed revision it reflects, read in
+        one REPEATABLE READ transaction. Exact numbers come as (num, profile) pairs by binary COPY
+        straight into arrays; with ``snapshot_path`` set (stores.open_store: beside the spool),
+        they come from that node-local file when it matches this database's change feed, and the
+        changes made since - by any node - are applied on top. A full load rewrites the file."""
+        self.last_load = "full"
+        async with self._connection() as c:
+            async with c.transaction(isolation="repeatable_read", readonly=True):
+                rev = int(await c.fetchval("SELECT COALESCE(MAX(rev), 0) FROM changes"))
+                profiles = {
+                    r[0]: tuple(r[1:])
+                    for r in await c.fetch("SELECT id, category, note, source, created_at, expires_at FROM profiles")
+                }
+                snap = await self._read_snapshot(c, rev)
+                index = ListIndex()
+                for name in LISTS:
+                    if snap is not None:
+                        keys, pids = snap[1][name]
+                    else:
+                        keys, pids = await _copy_pairs(
+                            c, "SELECT num, profile FROM entries WHERE list = '%s' AND num IS NOT NULL "
+                            "AND profile IS NOT NULL ORDER BY num" % name  # name from LISTS, not input
+                        )
+                    index.load_compact(name, keys, pids, profiles)
+                cur = c.cursor(
+                    f"SELECT {ENTRY_COLUMNS} FROM entries WHERE num IS NULL OR profile IS NULL", prefetch=10000
+                )
+                async for r in cur:
+                    index.put(entry_from_row(r))
+                check = None
+                if snap is not None:
+                    self.last_load = "snapshot"
+                    cols = ", ".join("e." + col.strip() for col in ENTRY_COLUMNS.split(","))
+                    rows = c.cursor(
+                        f"""SELECT c.list, c.pattern, {cols} FROM changes c LEFT JOIN entries e
+                            ON e.list = c.list AND e.pattern = c.pattern WHERE c.rev > $1 ORDER BY c.rev""",
+                        snap[0], prefetch=10000,
+                    )
+                    async for r in rows:
+                        if r[2] is not None:
+                            index.put(entry_from_row(tuple(r)[2:]))
+                        else:
+                            index.remove(r[0], Pattern.from_text(r[1]))
+                elif rev > 0:
+                    check = await c.fetchrow("SELECT list, pattern, op FROM changes WHERE rev = $1", rev)
+        if check is not None and self.snapshot_path:
+            await asyncio.to_thread(write_snapshot, self.snapshot_path, rev, list(check), index)
+        return rev, index
+
+    async def _read_snapshot(self, c: asyncpg.Connection, head: int) -> tuple[int, dict] | None:
+        if not self.snapshot_path:
+            return None
+        header = await asyncio.to_thread(read_snapshot_header, self.snapshot_path, head)
+        if header is None:
+            return None
+        row = await c.fetchrow("SELECT list, pattern, op FROM changes WHERE rev = $1", header["rev"])
+        if row is None or list(row) != header["check"]:
+            return None  # another database, or its feed was trimmed past the snapshot
+        arrays = await asyncio.to_thread(read_snapshot_arrays, self.snapshot_path, header)
+        return None if arrays is None else (header["rev"], arrays)
 
     # -- call log -------------------------------------------------------------------------
     async def record_calls(self, records: Iterable[CallRecord]) -> int:
@@ -903,6 +1215,41 @@ _OUTCOME_SQL = """UPDATE calls SET linkedid = CASE WHEN $1 != '' THEN $1 ELSE li
        dial_status = CASE WHEN $6 != '' THEN $6 ELSE dial_status END,
        ended_at = COALESCE($7::float8, ended_at)
    WHERE uniqueid = $8 AND ($9 = '' OR node = $9)"""
+
+
+def _sig(t: str) -> str:
+    """SQL for a profile's signature (its metadata as one text) from table alias ``t``."""
+    return (
+        f"concat_ws(chr(31), {t}.list, {t}.category, {t}.note, {t}.source, {t}.created_at::text, "
+        f"COALESCE({t}.expires_at::text, '-'))"
+    )
+
+
+async def _copy_pairs(c: asyncpg.Connection, query: str) -> tuple[array, array]:
+    """(int64 keys, uint32 ids) of a two-column bigint query, by binary COPY: no row objects."""
+    keys, pids = array("q"), array("I")
+    buf = bytearray()
+    header = [True]
+    row = struct.Struct(">hiqiq")  # field count, length, num, length, profile (bigint)
+
+    async def sink(chunk: bytes) -> None:
+        buf.extend(chunk)
+        start = 0
+        if header[0]:
+            if len(buf) < 19:
+                return
+            start, header[0] = 19 + struct.unpack_from(">i", buf, 15)[0], False
+        n = (len(buf) - start) // row.size
+        if n:
+            end = start + n * row.size
+            got = list(row.iter_unpack(memoryview(buf)[start:end]))
+            keys.extend([r[2] for r in got])
+            pids.extend([r[4] for r in got])
+            start = end
+        del buf[:start]
+
+    await c.copy_from_query(query, output=sink, format="binary")
+    return keys, pids
 
 
 def _outcome_args(o: CallOutcome) -> tuple:

@@ -27,7 +27,7 @@ from .config import Settings, load_settings
 from .decisionlog import DecisionLogger, escape_text, setup_logging
 from .errors import AmiError, ConfigError
 from .events import Output, build_udp_outputs
-from .lists import ListIndex, Pattern
+from .lists import Pattern
 from .memory import MemoryFollower
 from .mirror import AmiClient, BlockMirror
 from .model import NumberKind
@@ -80,10 +80,9 @@ class ListFollower:
 
     async def load(self) -> int:
         t0 = time.perf_counter()
-        rev = await self.store.head_rev()
-        index = ListIndex()
-        async for batch in self.store.iter_entries():
-            index.extend(batch)
+        # SQLite: a worker thread with its own connection (calls keep being answered meanwhile);
+        # both stores load exact numbers as compact arrays and start from a snapshot file
+        rev, index = await self.store.load_index()
         self.screener.index = index
         self.rev = rev
         self.loaded = True
@@ -367,6 +366,7 @@ class Service:
             outbound=self._outbound_seen,
             outbound_contexts=lambda: self.settings.behaviour.outbound_contexts,
         )
+        self.clock: Callable[[], float] = time.time  # maintenance's notion of now (tests inject one)
 
     @property
     def port(self) -> int:
@@ -583,11 +583,12 @@ class Service:
 
     async def _maintenance(self) -> None:
         assert self.store is not None
-        purged = await self.store.purge_expired()
+        now = self.clock()
+        purged = await self.store.purge_expired(now)
         if purged:
             log.info("purged %d expired list entries", purged)
         await self.store.trim_changes()
-        old = await self.store.purge_calls(time.time() - self.settings.store.history_retention)
+        old = await self.store.purge_calls(now - self.settings.store.history_retention)
         if old:
             log.info("purged %d call records older than the retention", old)
         await self.store.purge_challenges(time.time() - self.settings.challenge.fail_window)

@@ -17,6 +17,7 @@ import os
 import sqlite3
 import time
 import uuid
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Iterable, Sequence
@@ -24,10 +25,30 @@ from typing import AsyncIterator, Iterable, Sequence
 import aiosqlite
 
 from .errors import StoreError
-from .lists import Entry, Pattern
+from .lists import LISTS, Entry, ListIndex, Pattern, exact_num
 
 SCHEMA_VERSION = 6
 
+
+def _num_sql(row: str = "") -> str:
+    """SQL for the compact int64 key of a canonical exact number (lists.exact_num), else NULL."""
+    r = row
+    return (
+        f"CASE WHEN {r}kind = 'exact' AND {r}pattern = '+' || {r}key AND length({r}key) BETWEEN 1 AND 18 "
+        f"AND {r}key NOT GLOB '*[^0-9]*' THEN CAST('1' || {r}key AS INTEGER) END"
+    )
+
+
+#: Every entry of an import shares its metadata; the service loads (num, profile) pairs only.
+PROFILE_SIG = "json_array(list, category, note, source, created_at, expires_at)"
+ASSIGN_PROFILES = f"""
+    INSERT OR IGNORE INTO profiles (sig, list, category, note, source, created_at, expires_at)
+        SELECT {PROFILE_SIG}, list, category, note, source, created_at, expires_at
+        FROM entries INDEXED BY entries_unprofiled WHERE num IS NOT NULL AND profile IS NULL;
+    UPDATE entries INDEXED BY entries_unprofiled SET profile = (SELECT p.id FROM profiles p WHERE p.sig = json_array(
+            entries.list, entries.category, entries.note, entries.source, entries.created_at, entries.expires_at))
+        WHERE num IS NOT NULL AND profile IS NULL;
+"""
 MIGRATIONS: dict[int, str] = {
     1: """
     CREATE TABLE IF NOT EXISTS entries (
@@ -142,7 +163,41 @@ MIGRATIONS: dict[int, str] = {
     ALTER TABLE challenge_outcomes ADD COLUMN key TEXT NOT NULL DEFAULT '';
     CREATE UNIQUE INDEX IF NOT EXISTS challenge_outcomes_key ON challenge_outcomes (key) WHERE key != '';
     """,
+    # 3 (issue 6, lists at scale; merged after 4-6, see LATE_MIGRATIONS): exact numbers get an
+    # int64 key (num) and a shared metadata
+    # profile so that the service loads 10 million entries as two arrays, not 10 million rows of
+    # text. Triggers keep num/profile right for writers that do not know about them.
+    3: f"""
+    ALTER TABLE entries ADD COLUMN num INTEGER;
+    ALTER TABLE entries ADD COLUMN profile INTEGER;
+    CREATE TABLE IF NOT EXISTS profiles (
+        id         INTEGER PRIMARY KEY,
+        sig        TEXT NOT NULL UNIQUE,
+        list       TEXT NOT NULL,
+        category   TEXT NOT NULL,
+        note       TEXT NOT NULL,
+        source     TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL
+    );
+    UPDATE entries SET num = {_num_sql()};
+    CREATE INDEX IF NOT EXISTS entries_num ON entries (list, num, profile) WHERE num IS NOT NULL;
+    CREATE INDEX IF NOT EXISTS entries_loose ON entries (list, pattern) WHERE num IS NULL;
+    CREATE INDEX IF NOT EXISTS entries_unprofiled ON entries (list, pattern) WHERE num IS NOT NULL AND profile IS NULL;
+    CREATE TRIGGER IF NOT EXISTS entries_num_insert AFTER INSERT ON entries
+        WHEN NEW.num IS NULL AND NEW.kind = 'exact'
+        BEGIN UPDATE entries SET num = {_num_sql("NEW.")} WHERE list = NEW.list AND pattern = NEW.pattern; END;
+    CREATE TRIGGER IF NOT EXISTS entries_profile_stale AFTER UPDATE OF category, note, source, created_at, expires_at ON entries
+        WHEN NEW.profile IS NOT NULL
+        BEGIN UPDATE entries SET profile = NULL WHERE list = NEW.list AND pattern = NEW.pattern; END;
+    {ASSIGN_PROFILES}
+    """,
 }
+
+#: Migrations merged after higher numbers had shipped (3: lists at scale, merged after 4-6). A
+#: database migrated past such a number while it was still reserved gets it on its next open;
+#: it is recognised by a column the migration adds: {version: (table, column)}.
+LATE_MIGRATIONS: dict[int, tuple[str, str]] = {3: ("entries", "num")}
 
 ENTRY_COLUMNS = "list, pattern, kind, key, category, note, source, created_at, expires_at"
 REPUTATION_COLUMNS = "number, source, score, category, status, fetched_at, expires_at"
@@ -303,6 +358,19 @@ class Store:
             return str(exc)
         return describe_sqlite_error(self.path, exc)
 
+    async def load_index(self) -> tuple[int, ListIndex]:
+        """Every list entry in a new ListIndex with the change-feed revision it reflects.
+
+        A file database is read in a worker thread on a connection of its own (module function
+        load_index: compact arrays, ``<db>.index`` snapshot), so calls keep being answered."""
+        if self.path == ":memory:":
+            rev = await self.head_rev()
+            index = ListIndex()
+            async for batch in self.iter_entries():
+                index.extend(batch)
+            return rev, index
+        return await asyncio.to_thread(load_index, self.path)
+
     @classmethod
     @contextlib.asynccontextmanager
     async def open(cls, path: str, *, create: bool = True, busy_timeout_ms: int = 5000) -> AsyncIterator["Store"]:
@@ -349,6 +417,11 @@ class Store:
             if v not in MIGRATIONS:  # a number reserved for a change not merged yet
                 continue
             await self.db.executescript("BEGIN IMMEDIATE;\n" + MIGRATIONS[v] + f"\nPRAGMA user_version = {v};\nCOMMIT;")
+        for v, (table, column) in LATE_MIGRATIONS.items():
+            # a database that went past v while its number was still reserved lacks it
+            cur = await self.db.execute(f"SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?", (column,))
+            if await cur.fetchone() is None:
+                await self.db.executescript("BEGIN IMMEDIATE;\n" + MIGRATIONS[v] + "\nCOMMIT;")
         return SCHEMA_VERSION
 
     async def schema_version(self) -> int:
@@ -404,14 +477,16 @@ class Store:
             return "unchanged"
         if old is None:
             await self.db.execute(
-                f"INSERT INTO entries ({ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (e.list, e.pattern.text, e.pattern.kind, e.pattern.key, e.category, e.note, e.source, e.created_at, e.expires_at),
+                f"INSERT INTO entries ({ENTRY_COLUMNS}, num) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (e.list, e.pattern.text, e.pattern.kind, e.pattern.key, e.category, e.note, e.source, e.created_at,
+                 e.expires_at, exact_num(e.pattern)),
             )
         else:
             await self.db.execute(
-                "UPDATE entries SET category = ?, note = ?, source = ?, expires_at = ? WHERE list = ? AND pattern = ?",
+                "UPDATE entries SET category = ?, note = ?, source = ?, expires_at = ?, profile = NULL WHERE list = ? AND pattern = ?",
                 (e.category, e.note, e.source, e.expires_at, e.list, e.pattern.text),
             )
+        await self._assign_profiles()
         await self.db.execute("INSERT INTO changes (list, pattern, op) VALUES (?, ?, 'put')", (e.list, e.pattern.text))
         return "added" if old is None else "updated"
 
@@ -422,6 +497,10 @@ class Store:
             for e in entries:
                 counts[await self._put(e)] += 1
         return counts
+    async def _assign_profiles(self) -> None:
+        for stmt in ASSIGN_PROFILES.split(";"):
+            if stmt.strip():
+                await self.db.execute(stmt)
 
     async def remove_entry(self, pattern: Pattern, list_name: str | None = None) -> list[str]:
         """Delete the pattern from one list or both; returns the lists it was removed from."""
@@ -434,6 +513,192 @@ class Store:
                     removed.append(name)
                     await self.db.execute("INSERT INTO changes (list, pattern, op) VALUES (?, ?, 'del')", (name, pattern.text))
         return removed
+
+    # -- bulk import (issue 6) ----------------------------------------------------------
+    async def begin_import(self) -> None:
+        """Create the empty staging table an import is collected in (TEMP: this connection only).
+
+        Staging writes nothing to the database file, so a killed import leaves no trace and
+        parsing a big file does not hold the write lock the running service's writers need.
+        A staged row is (list, pattern, profile): everything else an entry carries is in its
+        metadata profile (shared by all the entries of an import), kind and key follow from the
+        canonical pattern text (as Pattern.from_text reads it).
+        """
+        await self.db.execute("PRAGMA cache_size = -131072")  # 128 MB: a big import spills less
+        await self.db.execute("DROP TABLE IF EXISTS temp.import_stage")
+        await self.db.execute("DROP TABLE IF EXISTS temp.import_profiles")
+        await self.db.execute(
+            "CREATE TEMP TABLE import_stage (list TEXT NOT NULL, pattern TEXT NOT NULL, profile INTEGER NOT NULL, "
+            "st TEXT, PRIMARY KEY (list, pattern)) WITHOUT ROWID"
+        )
+        await self.db.execute(
+            "CREATE TEMP TABLE import_profiles (prov INTEGER PRIMARY KEY, real INTEGER, list TEXT, category TEXT, "
+            "note TEXT, source TEXT, created_at REAL, expires_at REAL)"
+        )
+        await self.db.commit()
+        # profiles are never deleted, so the ids seen now are still right when the import applies;
+        # new ones get a provisional negative id, resolved under the write lock in apply_import
+        cur = await self.db.execute("SELECT id, list, category, note, source, created_at, expires_at FROM profiles")
+        self._import_profiles: dict[tuple, int] = {tuple(r[1:]): r[0] for r in await cur.fetchall()}
+        self._used_profiles: dict[int, tuple] = {}
+        self._new_count = 0
+
+    def _staged_profile(self, meta: tuple) -> int:
+        """The profile id for (list, category, note, source, created_at, expires_at)."""
+        pid = self._import_profiles.get(meta)
+        if pid is None:
+            self._new_count += 1
+            pid = -self._new_count
+            self._import_profiles[meta] = pid
+        if pid not in self._used_profiles:
+            self._used_profiles[pid] = meta
+        return pid
+
+    async def stage_import(self, entries: Iterable[Entry]) -> None:
+        """Add entries to the staging table (the first of a duplicate pattern wins)."""
+        rows = []
+        last_meta, pid = None, 0
+        for e in entries:
+            meta = (e.list, e.category, e.note, e.source, e.created_at, e.expires_at)
+            if meta != last_meta:  # consecutive entries of a feed share everything but the pattern
+                pid = self._staged_profile(meta)
+                last_meta = meta
+            rows.append((e.list, e.pattern.text, pid))
+        await self.db.executemany("INSERT OR IGNORE INTO temp.import_stage VALUES (?, ?, ?, NULL)", rows)
+        await self.db.commit()
+
+    async def apply_import(
+        self, *, replace_source: str | None = None, lists: Sequence[str] = LISTS, dry_run: bool = False
+    ) -> "ImportResult":
+        """Apply the staged entries in ONE transaction, with change-feed rows for the service.
+
+        Counts compare category, note, source and expiry: re-running the same import reports
+        everything unchanged and writes nothing. ``replace_source`` also deletes that source's
+        entries on ``lists`` that are not staged (a feed replaced wholesale). ``dry_run`` computes
+        the same counts and rolls back.
+        """
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            await self.db.executemany(
+                "INSERT INTO temp.import_profiles VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(pid, pid if pid > 0 else None, *key) for pid, key in self._used_profiles.items()],
+            )
+            await self.db.execute(
+                f"""INSERT OR IGNORE INTO main.profiles (sig, list, category, note, source, created_at, expires_at)
+                    SELECT {PROFILE_SIG}, list, category, note, source, created_at, expires_at
+                    FROM temp.import_profiles WHERE prov < 0"""
+            )
+            await self.db.execute(
+                """UPDATE temp.import_profiles AS n SET real = (SELECT p.id FROM main.profiles p WHERE p.sig =
+                       json_array(n.list, n.category, n.note, n.source, n.created_at, n.expires_at)) WHERE prov < 0"""
+            )
+            await self.db.execute(
+                """UPDATE temp.import_stage AS s SET st = COALESCE((
+                       SELECT CASE WHEN e.category IS p.category AND e.note IS p.note AND e.source IS p.source
+                                    AND e.expires_at IS p.expires_at THEN 'same' ELSE 'upd' END
+                       FROM main.entries e JOIN temp.import_profiles p ON p.prov = s.profile
+                       WHERE e.list = s.list AND e.pattern = s.pattern), 'add')"""
+            )
+            num = (
+                "CASE WHEN s.pattern GLOB '+[0-9]*' AND substr(s.pattern, 2) NOT GLOB '*[^0-9]*' "
+                "AND length(s.pattern) <= 19 THEN CAST('1' || substr(s.pattern, 2) AS INTEGER) END"
+            )
+            await self.db.execute(
+                f"""INSERT INTO main.entries ({ENTRY_COLUMNS}, num, profile)
+                    SELECT s.list, s.pattern,
+                           CASE WHEN s.pattern GLOB '*[*]' THEN 'prefix' WHEN instr(s.pattern, '#') THEN 'mask' ELSE 'exact' END,
+                           CASE WHEN s.pattern GLOB '*[*]' THEN substr(s.pattern, 2, length(s.pattern) - 2)
+                                ELSE ltrim(s.pattern, '+') END,
+                           p.category, p.note, p.source, p.created_at, p.expires_at, {num},
+                           CASE WHEN {num} IS NULL THEN NULL ELSE p.real END
+                    FROM temp.import_stage s JOIN temp.import_profiles p ON p.prov = s.profile
+                    WHERE s.st = 'add' ORDER BY s.list, s.pattern"""
+            )
+            await self.db.execute(
+                """UPDATE main.entries SET category = p.category, note = p.note, source = p.source,
+                       expires_at = p.expires_at, profile = NULL
+                   FROM temp.import_stage AS s JOIN temp.import_profiles AS p ON p.prov = s.profile
+                   WHERE s.st = 'upd' AND entries.list = s.list AND entries.pattern = s.pattern"""
+            )
+            await self.db.execute(
+                "INSERT INTO main.changes (list, pattern, op) SELECT list, pattern, 'put' FROM temp.import_stage "
+                "WHERE st IN ('add', 'upd') ORDER BY list, pattern"
+            )
+            removed = 0
+            if replace_source is not None:
+                marks = ", ".join("?" * len(lists))
+                gone = (
+                    f"FROM main.entries AS e WHERE e.source = ? AND e.list IN ({marks}) AND NOT EXISTS "
+                    "(SELECT 1 FROM temp.import_stage s WHERE s.list = e.list AND s.pattern = e.pattern)"
+                )
+                await self.db.execute(
+                    f"INSERT INTO main.changes (list, pattern, op) SELECT e.list, e.pattern, 'del' {gone}",
+                    (replace_source, *lists),
+                )
+                cur = await self.db.execute(
+                    f"DELETE FROM main.entries WHERE (list, pattern) IN (SELECT e.list, e.pattern {gone})",
+                    (replace_source, *lists),
+                )
+                removed = cur.rowcount
+            await self._assign_profiles()
+            cur = await self.db.execute("SELECT st, COUNT(*) FROM temp.import_stage GROUP BY st")
+            by = dict(await cur.fetchall())
+        except BaseException:
+            await self.db.rollback()
+            raise
+        if dry_run:
+            await self.db.rollback()
+        else:
+            await self.db.commit()
+        await self.db.execute("DROP TABLE IF EXISTS temp.import_stage")
+        await self.db.execute("DROP TABLE IF EXISTS temp.import_profiles")
+        await self.db.commit()
+        return ImportResult(by.get("add", 0), by.get("upd", 0), by.get("same", 0), removed)
+
+    async def import_entries(
+        self, entries: Iterable[Entry], *, replace_source: str | None = None, lists: Sequence[str] = LISTS,
+        dry_run: bool = False,
+    ) -> "ImportResult":
+        """Stage and apply in one go (see apply_import)."""
+        await self.begin_import()
+        batch: list[Entry] = []
+        for e in entries:
+            batch.append(e)
+            if len(batch) >= 20000:
+                await self.stage_import(batch)
+                batch = []
+        await self.stage_import(batch)
+        return await self.apply_import(replace_source=replace_source, lists=lists, dry_run=dry_run)
+
+    async def remove_source(self, source: str, list_name: str | None = None) -> int:
+        """Delete every entry a source brought in (one transaction, with 'del' changes)."""
+        cond, args = "source = ?", [source]
+        if list_name:
+            cond += " AND list = ?"
+            args.append(list_name)
+        async with self.transaction():
+            await self.db.execute(f"INSERT INTO changes (list, pattern, op) SELECT list, pattern, 'del' FROM entries WHERE {cond}", args)
+            cur = await self.db.execute(f"DELETE FROM entries WHERE {cond}", args)
+        return cur.rowcount
+
+    async def export_entries(
+        self, list_name: str | None = None, source: str | None = None, batch: int = 20000
+    ) -> AsyncIterator[list[Entry]]:
+        """Entries in list/pattern order, in batches (export streams; it never holds a whole list)."""
+        cond, args = [], []
+        if list_name:
+            cond.append("list = ?")
+            args.append(list_name)
+        if source:
+            cond.append("source = ?")
+            args.append(source)
+        sql = f"SELECT {ENTRY_COLUMNS} FROM entries" + (" WHERE " + " AND ".join(cond) if cond else "") + " ORDER BY list, pattern"
+        cur = await self.db.execute(sql, args)
+        while True:
+            rows = await cur.fetchmany(batch)
+            if not rows:
+                break
+            yield [entry_from_row(r) for r in rows]
 
     async def entries(self, list_name: str | None = None, *, include_expired: bool = True, now: float | None = None) -> list[Entry]:
         sql = f"SELECT {ENTRY_COLUMNS} FROM entries"
@@ -803,6 +1068,162 @@ class Store:
     async def contacts(self, since: float) -> list[tuple[str, float]]:
         cur = await self.db.execute("SELECT e164, last_ts FROM contacts WHERE last_ts >= ?", (since,))
         return [tuple(r) for r in await cur.fetchall()]
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    added: int
+    updated: int
+    unchanged: int
+    removed: int = 0
+
+
+#: The compact part of a loaded index, written beside the database after a full load so that a
+#: restart reads two arrays from a file instead of 10 million rows (see load_index).
+SNAPSHOT_SUFFIX = ".index"
+SNAPSHOT_MAGIC = b"EDGEFILTER-INDEX-1\n"
+#: A snapshot more than this many changes behind the database is not used (a full load is cheaper).
+SNAPSHOT_MAX_BEHIND = 20000
+
+
+def load_index(path: str, *, busy_timeout_ms: int = 30000, snapshot: bool = True) -> tuple[int, ListIndex]:
+    """Read every list entry into a new ListIndex with the change-feed revision it reflects.
+
+    Synchronous on a connection of its own, so the service runs it in a worker thread and keeps
+    answering calls while it loads. Exact numbers arrive as (num, profile) integer pairs in key
+    order (a covering index) straight into arrays: no Python object per entry is kept. With
+    ``snapshot``, the arrays come from ``<db>.index`` when it matches this database's change
+    feed (the changes made since are applied on top, in the same read transaction); after a
+    full load the snapshot is rewritten.
+    """
+    con = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, isolation_level=None)
+    try:
+        con.execute("BEGIN")  # one read snapshot for the revision and the entries
+        (rev,) = con.execute("SELECT COALESCE(MAX(rev), 0) FROM changes").fetchone()
+        profiles = {
+            r[0]: tuple(r[1:])
+            for r in con.execute("SELECT id, category, note, source, created_at, expires_at FROM profiles")
+        }
+        index = ListIndex()
+        snap = _read_snapshot(con, path, rev) if snapshot else None
+        for name in LISTS:
+            if snap is not None:
+                keys, pids = snap[1][name]
+            else:
+                keys, pids = array("q"), array("I")
+                cur = con.execute(
+                    "SELECT num, profile FROM entries INDEXED BY entries_num "
+                    "WHERE list = ? AND num IS NOT NULL AND profile IS NOT NULL ORDER BY num",
+                    (name,),
+                )
+                while rows := cur.fetchmany(65536):
+                    keys.extend([r[0] for r in rows])
+                    pids.extend([r[1] for r in rows])
+            index.load_compact(name, keys, pids, profiles)
+        for sql in (
+            f"SELECT {ENTRY_COLUMNS} FROM entries INDEXED BY entries_loose WHERE num IS NULL",
+            f"SELECT {ENTRY_COLUMNS} FROM entries INDEXED BY entries_unprofiled WHERE num IS NOT NULL AND profile IS NULL",
+        ):
+            for r in con.execute(sql):
+                index.put(entry_from_row(r))
+        if snap is not None:  # bring the snapshot's arrays up to this read transaction
+            cols = ", ".join("e." + c.strip() for c in ENTRY_COLUMNS.split(","))
+            for r in con.execute(
+                f"SELECT c.list, c.pattern, {cols} FROM changes c LEFT JOIN entries e "
+                "ON e.list = c.list AND e.pattern = c.pattern WHERE c.rev > ? ORDER BY c.rev",
+                (snap[0],),
+            ):
+                if r[2] is not None:
+                    index.put(entry_from_row(r[2:]))
+                else:
+                    index.remove(r[0], Pattern.from_text(r[1]))
+        else:
+            check = con.execute("SELECT list, pattern, op FROM changes WHERE rev = ?", (rev,)).fetchone()
+        con.execute("COMMIT")
+        if snap is None and snapshot and rev > 0 and check is not None:
+            _write_snapshot(path, rev, list(check), index)
+        return int(rev), index
+    except sqlite3.Error as e:
+        raise StoreError(describe_sqlite_error(path, e)) from None
+    finally:
+        con.close()
+
+
+def _read_snapshot(con: sqlite3.Connection, path: str, head: int) -> tuple[int, dict] | None:
+    """The snapshot's (rev, arrays per list) when it belongs to this database, else None."""
+    header = read_snapshot_header(path + SNAPSHOT_SUFFIX, head)
+    if header is None:
+        return None
+    row = con.execute("SELECT list, pattern, op FROM changes WHERE rev = ?", (header["rev"],)).fetchone()
+    if row is None or list(row) != header["check"]:
+        return None  # another database, or its feed was trimmed past the snapshot
+    arrays = read_snapshot_arrays(path + SNAPSHOT_SUFFIX, header)
+    return None if arrays is None else (header["rev"], arrays)
+
+
+def read_snapshot_header(file: str, head: int) -> dict | None:
+    """A snapshot file's header ({"rev", "check", "lists", "offset"}) when it is usable at change
+    feed revision ``head`` (not ahead of it, not too far behind), else None. The caller then
+    checks that the database's change ``rev`` is the one recorded in "check": the same change
+    feed, not another database's nor one trimmed past the snapshot."""
+    import json
+
+    try:
+        with open(file, "rb") as f:
+            if f.read(len(SNAPSHOT_MAGIC)) != SNAPSHOT_MAGIC:
+                return None
+            header = json.loads(f.readline())
+            header["rev"] = int(header["rev"])
+            header["offset"] = f.tell()
+            if header["rev"] > head or head - header["rev"] > SNAPSHOT_MAX_BEHIND:
+                return None
+            return header
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def read_snapshot_arrays(file: str, header: dict) -> dict[str, tuple[array, array]] | None:
+    """The (keys, profile ids) arrays per list of a snapshot file (see read_snapshot_header)."""
+    try:
+        with open(file, "rb") as f:
+            f.seek(header["offset"])
+            arrays = {}
+            for name in LISTS:
+                n = int(header["lists"][name])
+                keys, pids = array("q"), array("I")
+                keys.fromfile(f, n)
+                pids.fromfile(f, n)
+                arrays[name] = (keys, pids)
+            return arrays
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+
+
+def _write_snapshot(path: str, rev: int, check: list, index: ListIndex) -> None:
+    write_snapshot(path + SNAPSHOT_SUFFIX, rev, check, index)
+
+
+def write_snapshot(file: str, rev: int, check: list, index: ListIndex) -> None:
+    """Write a snapshot file atomically (temp file + rename); a failure only costs the next start.
+    ``check`` is the (list, pattern, op) of change ``rev``, which identifies the change feed."""
+    import json
+
+    arrays = index.compact_arrays()
+    tmp = f"{file}.{os.getpid()}.tmp"
+    try:
+        Path(file).parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(SNAPSHOT_MAGIC)
+            header = {"rev": rev, "check": check, "lists": {n: len(arrays[n][0]) for n in LISTS}}
+            f.write(json.dumps(header).encode() + b"\n")
+            for name in LISTS:
+                keys, pids = arrays[name]
+                keys.tofile(f)
+                pids.tofile(f)
+        os.replace(tmp, file)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def check_path_writable(path: str) -> None:

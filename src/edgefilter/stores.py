@@ -44,6 +44,10 @@ def read_password_file(path: str) -> str:
     return lines[0]
 
 
+#: File name of a PostgreSQL node's index snapshot (in the directory of [store] spool_path).
+PG_SNAPSHOT_NAME = "edgefilter-lists.index"
+
+
 def store_exists(settings: Settings) -> bool:
     """False only for a SQLite file not created yet (read-only commands then show nothing)."""
     return bool(settings.store.url) or Path(settings.store.path).exists()
@@ -58,6 +62,8 @@ async def open_store(settings: Settings | StoreSettings, *, create: bool = True,
         password = read_password_file(st.password_file) if st.password_file else None
         async with PgStore.open(st.url, password=password, migrate=connect) as store:
             store.node = st.node
+            # the compact index's start-up cache is per node: a local file beside the spool
+            store.snapshot_path = str(Path(st.spool_path).parent / PG_SNAPSHOT_NAME) if st.spool_path else ""
             yield store
     else:
         async with Store.open(st.path, create=create, busy_timeout_ms=int(st.busy_timeout * 1000)) as store:
