@@ -401,3 +401,58 @@ async def test_caller_gone_before_the_prompt_leaves_a_pending_challenge_that_exp
     assert service.challenges.sweep(time.time() + service.challenges.ttl() + 1) == 1
     assert service.challenges.pending == {} and service.challenge_recorder.failed == 0
     assert "CHALLENGE_FAILED" not in (await call(service)).variables["EDGEFILTER_RULES"]
+
+
+def test_a_challenge_issued_by_one_worker_is_checked_by_another():
+    """SO_REUSEPORT sends challenge-result to any worker: the sealed id lets it check the digit."""
+    settings = settings_from_dict({})
+    key = b"k" * 32
+    issuer, other = ChallengeBook(lambda: settings, secret=key), ChallengeBook(lambda: settings, secret=key)
+    stranger = ChallengeBook(lambda: settings, secret=b"x" * 32)
+    screener = Screener(settings)
+
+    def report(book, v, digit, uniqueid="1.1"):
+        return book.answer(Call(callerid=FRIEND, uniqueid=uniqueid, params={"id": v["EDGEFILTER_CHALLENGE_ID"], "digit": digit}))
+
+    v = issuer.issue(_decision(screener))
+    wrong = next(d for d in "123456789" if d != v["EDGEFILTER_CHALLENGE_DIGIT"])
+    assert report(stranger, v, v["EDGEFILTER_CHALLENGE_DIGIT"]).result == "unknown"  # another key
+    assert report(other, v, v["EDGEFILTER_CHALLENGE_DIGIT"], uniqueid="9.9").result == "unknown"  # another channel
+    tampered = dict(v, EDGEFILTER_CHALLENGE_ID=v["EDGEFILTER_CHALLENGE_ID"][:9] + "b" + v["EDGEFILTER_CHALLENGE_ID"][10:])
+    assert report(other, tampered, v["EDGEFILTER_CHALLENGE_DIGIT"]).result == "unknown"  # blocked flag flipped
+    retry = report(other, v, wrong)
+    assert retry.result == "retry" and retry.pending.attempts == 1
+    nv = retry.variables()
+    assert nv["EDGEFILTER_CHALLENGE_ID"] != v["EDGEFILTER_CHALLENGE_ID"] and len(nv["EDGEFILTER_CHALLENGE_ID"]) == ID_LENGTH
+    # the retry lands on the first worker: it checks the new digit from the new id
+    ok = report(issuer, nv, nv["EDGEFILTER_CHALLENGE_DIGIT"])
+    assert ok.result == "pass" and ok.pending.number.e164 == FRIEND
+    # a second wrong answer after the retry fails (attempts carried in the id), wherever it lands
+    v2 = issuer.issue(_decision(screener))
+    r1 = report(other, v2, "")
+    r2 = report(issuer, r1.variables(), "")
+    assert (r1.result, r2.result) == ("retry", "fail")
+    # a late report of a finished challenge is not answered again
+    assert report(issuer, r1.variables(), r1.digit).result == "unknown"
+
+
+async def test_the_worker_pool_gives_every_worker_the_same_challenge_key(monkeypatch):
+    from edgefilter import workers
+    from edgefilter.challenge import SECRET_ENV
+
+    seen = []
+
+    async def fake_exec(*argv, **kw):
+        seen.append(kw["env"][SECRET_ENV])
+        raise RuntimeError("not started in this test")
+
+    monkeypatch.setattr(workers.asyncio, "create_subprocess_exec", fake_exec)
+    pool = workers.WorkerPool(None, 2, ("127.0.0.1", 4573))
+    for i in range(2):
+        with pytest.raises(RuntimeError):
+            await pool._spawn(i)
+    assert len(seen) == 2 and seen[0] == seen[1] and len(bytes.fromhex(seen[0])) == 32
+    monkeypatch.setenv(SECRET_ENV, seen[0])
+    from edgefilter.challenge import challenge_secret
+
+    assert challenge_secret() == bytes.fromhex(seen[0])

@@ -17,7 +17,10 @@ so it survives a restart.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
+import os
 import secrets
 import time
 import uuid
@@ -29,6 +32,7 @@ from .config import Settings
 from .errors import PatternError
 from .lists import Entry, ListIndex, parse_pattern
 from .model import Call, Hit, Number, NumberKind
+from .numbers import normalize
 from .screen import Decision
 from .store import Store
 
@@ -50,7 +54,11 @@ RESULT_ROUTE = "challenge-result"
 #: Our own charset for challenge ids: lowercase letters and digits without look-alikes. Nothing
 #: here can break an AGI argument or an MSet pair.
 ID_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"
-ID_LENGTH = 20  # about 99 bits
+ID_LENGTH = 20  # nonce 8 + attempt 1 + blocked 1 + minute 3 + seal 7 (about 35 bits of MAC)
+#: Environment variable through which a worker pool hands every worker the same sealing key, so
+#: that a challenge-result landing on another worker (SO_REUSEPORT) is still checked, not passed.
+SECRET_ENV = "EDGEFILTER_CHALLENGE_SECRET"
+_B = len(ID_ALPHABET)
 DTMF = frozenset("0123456789*#ABCD")
 #: Kinds of caller ID that can be allowlisted (an invalid number never buys an allow).
 _ALLOWABLE = frozenset({NumberKind.VALID, NumberKind.SHORT})
@@ -63,8 +71,36 @@ def new_digit(randbelow: Callable[[int], int] = secrets.randbelow) -> str:
     return str(randbelow(9) + 1)
 
 
-def new_id(randbelow: Callable[[int], int] = secrets.randbelow) -> str:
-    return "".join(ID_ALPHABET[randbelow(len(ID_ALPHABET))] for _ in range(ID_LENGTH))
+def new_id(randbelow: Callable[[int], int] = secrets.randbelow, length: int = ID_LENGTH) -> str:
+    return "".join(ID_ALPHABET[randbelow(len(ID_ALPHABET))] for _ in range(length))
+
+
+def _enc(n: int, width: int) -> str:
+    out = []
+    for _ in range(width):
+        n, r = divmod(n, _B)
+        out.append(ID_ALPHABET[r])
+    return "".join(reversed(out))
+
+
+def _dec(text: str) -> int | None:
+    n = 0
+    for ch in text:
+        i = ID_ALPHABET.find(ch)
+        if i < 0:
+            return None
+        n = n * _B + i
+    return n
+
+
+def challenge_secret() -> bytes:
+    """The sealing key: the pool's (hex in $EDGEFILTER_CHALLENGE_SECRET) or a fresh random one."""
+    text = os.environ.get(SECRET_ENV, "")
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    return key if len(key) >= 16 else secrets.token_bytes(32)
 
 
 @dataclass
@@ -78,6 +114,7 @@ class Pending:
     created: float
     attempts: int = 0  # wrong digits or silences so far
     blocked: bool = False  # the number is on the blocklist: a pass connects, never allowlists
+    aliases: list = field(default_factory=list)  # earlier ids of this challenge (before retries)
 
 
 @dataclass(frozen=True)
@@ -94,8 +131,9 @@ class Outcome:
     def variables(self) -> dict[str, str]:
         shown = {"unknown": "pass", "hangup": "fail"}.get(self.result, self.result)
         out = {"EDGEFILTER_CHALLENGE_RESULT": shown}
-        if self.result == "retry":
+        if self.result == "retry" and self.pending is not None:
             out["EDGEFILTER_CHALLENGE_DIGIT"] = self.digit
+            out["EDGEFILTER_CHALLENGE_ID"] = self.pending.id
         return out
 
     @property
@@ -112,11 +150,19 @@ class ChallengeBook:
         *,
         clock: Callable[[], float] = time.time,
         randbelow: Callable[[int], int] = secrets.randbelow,
+        secret: bytes | None = None,
     ) -> None:
         self._settings = settings
         self.clock = clock
         self.randbelow = randbelow
+        # Ids are sealed with this key (HMAC over nonce, attempt, blocked, minute, digit and the
+        # channel's uniqueid): a process that does not hold the pending challenge (another worker)
+        # can still tell a genuine id and check the digit pressed.
+        self.secret = secret if secret is not None else challenge_secret()
         self.pending: OrderedDict[str, Pending] = OrderedDict()
+        # ids answered or expired here: a late report (a hangup handler after the result) must
+        # not be rebuilt from the sealed id and answered again
+        self.finished: OrderedDict[str, None] = OrderedDict()
         self.dropped = 0
         self.expired = 0
 
@@ -132,9 +178,9 @@ class ChallengeBook:
         while len(self.pending) >= settings.challenge.max_pending:
             self.pending.popitem(last=False)
             self.dropped += 1
-        cid = new_id(self.randbelow)
         blocked = any(h.rule in _BLOCK_RULES for h in decision.verdict.hits)
-        p = Pending(cid, new_digit(self.randbelow), decision.number, decision.call.uniqueid[:64], now, blocked=blocked)
+        p = Pending("", new_digit(self.randbelow), decision.number, decision.call.uniqueid[:64], now, blocked=blocked)
+        cid = p.id = self._seal_id(p)
         self.pending[cid] = p
         return {
             "EDGEFILTER_CHALLENGE_DIGIT": p.digit,
@@ -142,47 +188,90 @@ class ChallengeBook:
             "EDGEFILTER_CHALLENGE_TIMEOUT": f"{settings.challenge.timeout:g}",
         }
 
+    def _mac(self, nonce: str, attempt: int, blocked: bool, minute: int, digit: str, uniqueid: str) -> str:
+        msg = f"{nonce}|{attempt}|{int(blocked)}|{minute}|{digit}|{uniqueid}".encode()
+        mac = hmac.new(self.secret, msg, hashlib.sha256).digest()
+        return _enc(int.from_bytes(mac[:8], "big") % _B**7, 7)
+
+    def _seal_id(self, p: Pending) -> str:
+        nonce = new_id(self.randbelow, 8)
+        minute = int(p.created // 60) % _B**3
+        head = nonce + ID_ALPHABET[min(p.attempts, _B - 1)] + ID_ALPHABET[int(p.blocked)] + _enc(minute, 3)
+        return head + self._mac(nonce, p.attempts, p.blocked, minute, p.digit, p.uniqueid)
+
+    def _unseal(self, cid: str, call: Call) -> Pending | None:
+        """Rebuild a challenge another process issued, from its sealed id (None if not genuine)."""
+        if len(cid) != ID_LENGTH:
+            return None
+        nonce, attempt, blocked, minute, seal = cid[:8], _dec(cid[8]), _dec(cid[9]), _dec(cid[10:13]), cid[13:]
+        if attempt is None or blocked not in (0, 1) or minute is None:
+            return None
+        uniqueid = call.uniqueid[:64]
+        for digit in "123456789":
+            if hmac.compare_digest(self._mac(nonce, attempt, bool(blocked), minute, digit, uniqueid), seal):
+                now_minute = int(self.clock() // 60) % _B**3
+                age = ((now_minute - minute) % _B**3) * 60.0
+                if age > self.ttl() + 60.0:
+                    return None
+                number = normalize(call.callerid, self._settings().default_region)
+                return Pending(cid, digit, number, uniqueid, self.clock() - age, attempts=attempt, blocked=bool(blocked))
+        return None
+
     def answer(self, call: Call) -> Outcome:
         """Check what the dial plan reported on the challenge-result route."""
         settings = self._settings()
         cid = call.params.get("id", "")
         p = self.pending.get(cid) if len(cid) == ID_LENGTH else None
         if p is not None and self.clock() - p.created > self.ttl():
-            del self.pending[cid]
+            self._finish(p)
             self.expired += 1
             p = None
+        if p is None and cid not in self.finished:
+            p = self._unseal(cid, call)  # issued by another worker of the pool
+            if p is not None:
+                self.pending[cid] = p
         if p is None:
             return Outcome("unknown", reason="no such challenge (expired, answered or from before a restart)")
         if call.forged:
-            del self.pending[cid]
+            self._finish(p)
             return Outcome("fail", p, reason="forged env block on the challenge-result route")
         if p.uniqueid and call.uniqueid and call.uniqueid[:64] != p.uniqueid:
-            del self.pending[cid]
+            self._finish(p)
             return Outcome("fail", p, reason="reported from another channel")
         if call.params.get("hangup", "").lower() in ("1", "yes", "true"):
-            del self.pending[cid]
+            self._finish(p)
             if settings.challenge.hangup_is_failure:
                 return Outcome("fail", p, reason="hung up during the challenge")
             return Outcome("hangup", p, reason="hung up during the challenge (not counted)")
         digit = call.params.get("digit", "")
         if digit == p.digit:
-            del self.pending[cid]
+            self._finish(p)
             return Outcome("pass", p)
         why = "silence" if digit == "" else ("wrong digit" if digit in DTMF else "not a digit")
         p.attempts += 1
         if p.attempts <= settings.challenge.retries:
             p.digit = new_digit(self.randbelow)
+            p.aliases.append(p.id)  # the old id keeps working here; the new one works anywhere
+            p.id = self._seal_id(p)  # a new id for the new digit: any worker can check the retry
+            self.pending[p.id] = p
             return Outcome("retry", p, digit=p.digit, reason=why)
-        del self.pending[cid]
+        self._finish(p)
         return Outcome("fail", p, reason=why)
+
+    def _finish(self, p: Pending) -> None:
+        for cid in (*p.aliases, p.id):
+            self.pending.pop(cid, None)
+            self.finished[cid] = None
+        while len(self.finished) > 2 * self._settings().challenge.max_pending:
+            self.finished.popitem(last=False)
 
     def sweep(self, now: float | None = None) -> int:
         """Forget challenges past their TTL (the hangup handler normally reports those)."""
         now = self.clock() if now is None else now
         ttl = self.ttl()
-        stale = [cid for cid, p in self.pending.items() if now - p.created > ttl]
-        for cid in stale:
-            del self.pending[cid]
+        stale = {id(p): p for p in self.pending.values() if now - p.created > ttl}
+        for p in stale.values():
+            self._finish(p)
         self.expired += len(stale)
         return len(stale)
 

@@ -15,12 +15,15 @@ restarts a worker that dies, giving up if one keeps dying at start-up (bad port,
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
 import contextlib
 import logging
 import signal
 import sys
 import time
 
+from .challenge import SECRET_ENV
 from .errors import EdgefilterError
 
 log = logging.getLogger("edgefilter.workers")
@@ -39,6 +42,8 @@ class WorkerPool:
         self.started: dict[int, float] = {}
         self.quick_failures: dict[int, int] = {}
         self.stopping = False
+        # one sealing key for every worker: a challenge issued by one is checked by any other
+        self.challenge_secret = secrets.token_hex(32)
 
     def _argv(self, index: int) -> list[str]:
         argv = [sys.executable, "-m", "edgefilter", "serve", "--worker", str(index)]
@@ -47,7 +52,8 @@ class WorkerPool:
         return argv
 
     async def _spawn(self, index: int) -> None:
-        self.procs[index] = await asyncio.create_subprocess_exec(*self._argv(index), stdin=asyncio.subprocess.DEVNULL)
+        env = {**os.environ, SECRET_ENV: self.challenge_secret}
+        self.procs[index] = await asyncio.create_subprocess_exec(*self._argv(index), stdin=asyncio.subprocess.DEVNULL, env=env)
         self.started[index] = time.monotonic()
 
     def _signal_all(self, sig: int) -> None:
