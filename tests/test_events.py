@@ -493,3 +493,17 @@ def test_list_counts_for_gauges_stay_in_step_with_the_index():
     assert idx.remove("block", parse_pattern("+8613800138000", "CN"))
     assert not idx.remove("block", parse_pattern("+8613800138000", "CN"))
     assert idx.counts() == {"block": 2, "allow": 1} == {k: sum(1 for x in idx if x.list == k) for k in ("block", "allow")}
+
+
+def test_decision_log_line_is_not_built_when_info_is_off(monkeypatch, caplog):
+    import edgefilter.decisionlog as dl
+
+    def boom(d):
+        raise AssertionError("built a line nobody writes")
+
+    monkeypatch.setattr(dl, "format_kv", boom)
+    with caplog.at_level(logging.WARNING, logger="edgefilter.decision"):
+        DecisionLogger("kv")(decision(callerid="+8613800138000"))
+    assert caplog.records == []
+    with caplog.at_level(logging.INFO, logger="edgefilter.decision"), pytest.raises(AssertionError):
+        DecisionLogger("kv")(decision(callerid="+8613800138000"))

@@ -193,3 +193,20 @@ def test_log_line_escapes_hostile_caller_text():
     assert "\\u9a9a\\u6270" in line
     j = json.loads(format_json(d))
     assert j["caller_name"].startswith("\u9a9a\u6270\r\n") and "\n" not in format_json(d)
+
+
+def test_unconditional_policies_resolve_once_with_the_same_result_as_per_call():
+    # No schedule and no matcher: PolicyBook resolves once per config load; the answer must be
+    # what the per-call resolution gives, and a conditional policy must still be resolved per call.
+    static = settings_from_dict({"policies": {"all": {"thresholds": {"tag": 2.5}, "weights": {"CLI_WITHHELD": 7.0}, "never_block": ["+86120"]}}})
+    book = PolicyBook(static)
+    a = book.resolve(Call("+8613800138000"), datetime(2026, 11, 30, 10, 0))
+    b = book.resolve(Call("x", dnid="1000", context="other"), datetime(2026, 11, 29, 3, 0))
+    per_call = book._resolve(Call("x"), datetime(2026, 11, 30, 10, 0))
+    assert a is b
+    assert (a.names, a.thresholds, a.weights, a.actions, a.allowlist_only) == (
+        per_call.names, per_call.thresholds, per_call.weights, per_call.actions, per_call.allowlist_only)
+    assert a.names == ("all",) and a.thresholds[Action.TAG] == 2.5 and a.weights["CLI_WITHHELD"] == 7.0
+    assert a.never_block is not None and a.never_block.lookup("86120") is not None
+    assert PolicyBook(settings_from_dict({})).resolve(Call("x"), datetime(2026, 11, 30, 10, 0)).names == ()
+    assert BOOK._static is None  # schedules and matchers: per call (test_policy_selection_... above)

@@ -95,16 +95,19 @@ class BehaviourRules:
         if known is not None and known >= now - b.known_contact_ttl:
             fire("KNOWN_CONTACT", f"{caller} is a known contact (called out to or talked with)")
 
+        # A number never seen before (most callers) has empty windows: skip the scans.
+        from_caller = h.from_caller if h.has_calls(caller) else _no_calls
+
         # RATE_BURST: calls in the window, this one included (counted up to SCAN_LIMIT: a flooding
         # number must not make every one of its calls slower).
-        n = 1 + sum(1 for _ in islice(h.from_caller(caller, now - b.burst_window), SCAN_LIMIT))
+        n = 1 + sum(1 for _ in islice(from_caller(caller, now - b.burst_window), SCAN_LIMIT))
         if n >= b.burst_calls:
             fire("RATE_BURST", f"{n} calls within {_span(b.burst_window)} (threshold {b.burst_calls})",
                  b.burst_step * (n - b.burst_calls))
 
         # RATE_SPREAD: distinct targets in the window, this one included.
         targets = {target} if target else set()
-        for c in islice(h.from_caller(caller, now - b.spread_window), SCAN_LIMIT):
+        for c in islice(from_caller(caller, now - b.spread_window), SCAN_LIMIT):
             if c.target:
                 targets.add(c.target)
                 if len(targets) >= b.spread_targets:
@@ -114,7 +117,7 @@ class BehaviourRules:
 
         # RATE_SHORT: among calls we let ring whose outcome is known (a call we rejected or sent to
         # voicemail being "unanswered" would otherwise feed on itself).
-        known_outcomes = [c for c in islice(h.from_caller(caller, now - b.short_window), SCAN_LIMIT)
+        known_outcomes = [c for c in islice(from_caller(caller, now - b.short_window), SCAN_LIMIT)
                           if c.answered is not None and c.rang]
         if len(known_outcomes) >= b.short_min_calls:
             short = sum(1 for c in known_outcomes if not c.answered or (c.talk_seconds or 0.0) < b.short_seconds)
@@ -126,7 +129,7 @@ class BehaviourRules:
         block = block_of(number, b.campaign_block_digits)
         if block is not None:
             numbers = {caller}
-            for c in islice(h.from_block(block, now - b.campaign_window), SCAN_LIMIT):
+            for c in islice(h.from_block(block, now - b.campaign_window) if h.has_block_calls(block) else (), SCAN_LIMIT):
                 numbers.add(c.caller)
                 if len(numbers) >= b.campaign_numbers:
                     break
@@ -152,6 +155,10 @@ class BehaviourRules:
             return
         if attest in ("A", "B", "C"):
             fire(f"STIR_{attest}", f"STIR/SHAKEN attestation {attest}")
+
+
+def _no_calls(caller: str, since: float) -> tuple[RecentCall, ...]:
+    return ()
 
 
 def _span(seconds: float) -> str:

@@ -89,7 +89,8 @@ class DecisionLogger:
         self.fmt = fmt
 
     def __call__(self, d: Decision) -> None:
-        log.info(format_json(d) if self.fmt == "json" else format_kv(d))
+        if log.isEnabledFor(logging.INFO):  # the line is built only when it will be written
+            log.info(format_json(d) if self.fmt == "json" else format_kv(d))
 
 
 def setup_logging(level: str = "info", stream=None) -> None:

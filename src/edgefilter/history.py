@@ -110,6 +110,14 @@ class CallHistory:
                 break
             yield c
 
+    def has_calls(self, caller: str) -> bool:
+        """Whether any call of this number is remembered: most callers are new, and then the
+        behaviour rules need not scan (and build generators for) empty windows."""
+        return caller in self._by_caller
+
+    def has_block_calls(self, block: str) -> bool:
+        return block in self._by_block
+
     def from_block(self, block: str, since: float) -> Iterator[RecentCall]:
         for c in reversed(self._by_block.get(block, ())):
             if c.ts < since:

@@ -58,6 +58,12 @@ class PolicyBook:
                         raise ConfigError(f"[policies.{p.name}] never_block: {e}") from None
                 self._never[p.name] = idx
             self._dids[p.name] = tuple(self._did_key(d, p.name) for d in p.match_did)
+        # When no policy has a schedule or a matcher, every call gets the same Effective (an
+        # immutable value nobody writes to): build it once instead of copying the weights of
+        # every rule per call.
+        self._static: Effective | None = None
+        if not any(p.schedule or p.match_did or p.match_extension or p.match_context for p in self._policies):
+            self._static = self._resolve(None, None)
 
     def _did_key(self, text: str, name: str) -> str:
         """DIDs are matched on E.164 digits, with '*' allowed as a trailing wildcard."""
@@ -88,6 +94,11 @@ class PolicyBook:
         return True
 
     def resolve(self, call: Call, when: datetime) -> Effective:
+        if self._static is not None:
+            return self._static
+        return self._resolve(call, when)
+
+    def _resolve(self, call: Call | None, when: datetime | None) -> Effective:
         s = self.settings
         names: list[str] = []
         thresholds = dict(s.thresholds)
@@ -96,7 +107,7 @@ class PolicyBook:
         allowlist_only = False
         never: ListIndex | None = None
         for p in self._policies:
-            if not self._matches(p, call, when):
+            if call is not None and not self._matches(p, call, when):
                 continue
             names.append(p.name)
             thresholds.update(p.thresholds)
