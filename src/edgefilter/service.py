@@ -390,7 +390,8 @@ class Service:
             self.mirror = BlockMirror(ami_client, lambda: self.settings, lambda: self.screener.index)
             self.follower.on_load.append(self.mirror.resync)
             self.follower.on_change.append(self.mirror.on_change)
-        self.memory = MemoryFollower(self.store, self.behaviour, lambda: self.settings, s.store.node, clock=self.screener.clock)
+        self.memory = MemoryFollower(self.store, self.behaviour, lambda: self.settings, s.store.node,
+                                     clock=self.screener.clock, shared_node=self.worker is not None)
         if self.store.backend == "sqlite":
             await self.follower.load()  # a local file: failures here are for the admin, at once
             await self._load_memory()
@@ -439,8 +440,9 @@ class Service:
         ]
         if not self.worker:  # one maintainer per database, not one per worker
             self.tasks.append(asyncio.create_task(self._every(lambda: 600.0, self._maintenance, "maintenance")))
-        if self.store.backend != "sqlite" or not self._memory_loaded:
-            # a shared store: other nodes' calls and refusals (a single box has only its own)
+        if self.store.backend != "sqlite" or self.worker is not None or not self._memory_loaded:
+            # a shared store: other nodes' (or other workers') calls and refusals (a single
+            # process has only its own)
             self.tasks.append(asyncio.create_task(
                 self._every(lambda: max(self.settings.store.poll_interval, 0.25), self._follow_memory, "behaviour memory follower")))
         if self.mirror is not None:
