@@ -106,3 +106,20 @@ async def test_reload_applies_agi_peer_and_session_limits(tmp_path, caplog):
         assert (svc.server.read_timeout, svc.server.max_sessions) == (1.0, 7)
     finally:
         await svc.stop()
+
+
+async def test_reload_names_the_start_only_keys_it_cannot_apply(tmp_path, caplog):
+    """[mirror] enabled, [store] node and busy_timeout are read once at start: a reload that
+    changes them must say so instead of logging a silent 'config reloaded'."""
+    cfg = tmp_path / "edgefilter.toml"
+    write_cfg(cfg, tmp_path / "db.sqlite", 0)
+    svc = Service(load_settings(cfg), config_path=str(cfg), port=0)
+    await svc.start()
+    try:
+        for extra in ('[mirror]\nenabled = false\n', 'node = "pbx-other"\n', 'busy_timeout = "9s"\n'):
+            caplog.clear()
+            write_cfg(cfg, tmp_path / "db.sqlite", 0, extra)
+            assert svc.reload() is True
+            assert "take effect only after a restart" in caplog.text, extra
+    finally:
+        await svc.stop()

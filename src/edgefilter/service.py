@@ -606,9 +606,14 @@ class Service:
             log.error("reload refused, old config stays in force: %s", e)
             return False
         old = self.settings.store
-        restart_keys = (new.agi.listen, new.agi.workers, new.agi.max_env_bytes, new.store.path, new.store.url, new.store.spool_path)
-        if restart_keys != (self.settings.agi.listen, self.settings.agi.workers, self.settings.agi.max_env_bytes, old.path, old.url, old.spool_path):
-            log.warning("[agi] listen/workers/max_env_bytes and [store] path/url/spool_path changes take effect only after a restart")
+        restart_keys = (new.agi.listen, new.agi.workers, new.agi.max_env_bytes, new.store.path, new.store.url,
+                        new.store.spool_path, new.store.spool_max, new.store.node, new.store.busy_timeout,
+                        new.store.password_file, new.mirror.enabled)
+        if restart_keys != (self.settings.agi.listen, self.settings.agi.workers, self.settings.agi.max_env_bytes, old.path,
+                            old.url, old.spool_path, old.spool_max, old.node, old.busy_timeout, old.password_file,
+                            self.settings.mirror.enabled):
+            log.warning("[agi] listen/workers/max_env_bytes, [store] path/url/spool_path/spool_max/node/busy_timeout/"
+                        "password_file and [mirror] enabled changes take effect only after a restart")
         if self.server is not None:  # read per connection: the next one obeys them
             self.server.set_limits(allow_peers=new.agi.allow_peers, read_timeout=new.agi.read_timeout,
                                    max_sessions=new.agi.max_sessions)
