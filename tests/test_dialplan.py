@@ -194,3 +194,13 @@ def test_voicemail_boxes_and_ami_account():
     ami = {k: v for s, k, v in parse_conf(CONF / "manager-edgefilter.conf") if s == "edgefilter"}
     assert "system" in ami["write"].split(",")  # DBPut / DBDel
     assert ami["permit"].startswith("127.0.0.1/") and ami["secret"].startswith("change-me")
+
+
+@pytest.mark.parametrize("conf", ["extensions-edgefilter.conf", "extensions-edgefilter-features.conf"])
+def test_every_agi_call_goes_to_the_configured_service(conf):
+    """EDGEFILTER_SERVICE ([globals]) says where `edgefilter serve` listens: screening, the
+    challenge, star codes, the in-call refusal and outbound reporting must all use it."""
+    agi = [line for line in (CONF / conf).read_text().splitlines() if re.match(r"\s*(exten|same)\s*=>.*\bAGI\(", line)]
+    assert agi
+    for line in agi:
+        assert "AGI(agi://${ef_svc}/" in line, line

@@ -243,9 +243,12 @@ async def test_big_import_makes_the_service_reload_in_a_thread_and_keep_answerin
     old_index = service.screener.index
     assert await asyncio.to_thread(cli.main, ["import", str(f), "--config", str(cfg)]) == 0
     deadline = time.monotonic() + 20
+    i = 0
     while service.screener.index is old_index or service.screener.index.size < n:
-        # calls are answered from the old lists while the new ones load
-        r = await place_call("127.0.0.1", service.port, CallSpec(callerid="+8613800138000"), timeout=3)
+        # calls are answered from the old lists while the new ones load; one caller per number
+        # block, or a slow load makes the behaviour rules (RATE_BURST, RANGE_CAMPAIGN) fire
+        i += 1
+        r = await place_call("127.0.0.1", service.port, CallSpec(callerid=f"+861380{i % 1000:03d}8000"), timeout=3)
         assert r.variables["EDGEFILTER_ACTION"] == "allow"
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)

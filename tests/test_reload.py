@@ -86,3 +86,40 @@ async def test_real_sighup_and_sigterm_on_the_daemon(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_reload_applies_agi_peer_and_session_limits(tmp_path, caplog):
+    """[agi] allow_peers, read_timeout and max_sessions are read per connection: a SIGHUP that
+    narrows allow_peers must shut the old peers out at once, not after a restart."""
+    cfg = tmp_path / "edgefilter.toml"
+    write_cfg(cfg, tmp_path / "db.sqlite", 0)
+    svc = Service(load_settings(cfg), config_path=str(cfg), port=0)
+    await svc.start()
+    try:
+        assert await action(svc.port) == "challenge"  # 127.0.0.1 allowed, and its verdict cached
+        cfg.write_text(cfg.read_text().replace(
+            'listen = "127.0.0.1:0"\n', 'listen = "127.0.0.1:0"\nallow_peers = ["10.0.0.0/8"]\nread_timeout = "1s"\nmax_sessions = 7\n'))
+        assert svc.reload() is True
+        r = await place_call("127.0.0.1", svc.port, CallSpec(callerid="+8613900139000"), timeout=2.0)
+        assert r.variables == {} and r.commands == []
+        assert svc.server.denied == 1
+        assert (svc.server.read_timeout, svc.server.max_sessions) == (1.0, 7)
+    finally:
+        await svc.stop()
+
+
+async def test_reload_names_the_start_only_keys_it_cannot_apply(tmp_path, caplog):
+    """[mirror] enabled, [store] node and busy_timeout are read once at start: a reload that
+    changes them must say so instead of logging a silent 'config reloaded'."""
+    cfg = tmp_path / "edgefilter.toml"
+    write_cfg(cfg, tmp_path / "db.sqlite", 0)
+    svc = Service(load_settings(cfg), config_path=str(cfg), port=0)
+    await svc.start()
+    try:
+        for extra in ('[mirror]\nenabled = false\n', 'node = "pbx-other"\n', 'busy_timeout = "9s"\n'):
+            caplog.clear()
+            write_cfg(cfg, tmp_path / "db.sqlite", 0, extra)
+            assert svc.reload() is True
+            assert "take effect only after a restart" in caplog.text, extra
+    finally:
+        await svc.stop()

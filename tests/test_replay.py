@@ -81,3 +81,15 @@ def test_schedules_use_the_time_the_call_arrived_and_hostile_callers_are_escaped
     assert rep.matrix[("allow", "reject")] == 1
     text = "\n".join(format_report(rep, "1d ago", ("x.toml",)))
     assert "\x1b" not in text
+
+
+def test_challenge_and_reputation_rules_are_carried_like_every_fact_source_rule():
+    """CHALLENGE_FAILED and REPUTATION_* come from fact sources the replay does not run (the
+    challenge failures, online sources): carried over, never silently lost."""
+    s = settings_from_dict({"store": {"path": ":memory:"}})
+    s = dataclasses.replace(s, rules={**s.rules, "REPUTATION_LISTED": RuleSettings("REPUTATION_LISTED", 7.0, "reputation")})
+    rep = replay_calls([rec("+8613900139000", "challenge", "CHALLENGE_FAILED"),
+                        rec("+8613900139001", "challenge", "REPUTATION_LISTED")], s, ListIndex())
+    assert rep.carried == {"CHALLENGE_FAILED": 1, "REPUTATION_LISTED": 1}
+    # 4.0 reaches tag (3.0), 7.0 challenge (6.0); dropping them would replay both as allow
+    assert rep.matrix == {("challenge", "tag"): 1, ("challenge", "challenge"): 1}

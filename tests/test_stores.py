@@ -284,6 +284,44 @@ async def test_call_log_spools_calls_outcomes_and_contacts_in_order_during_an_ou
     assert len(await store.recent_calls(0)) == 2
 
 
+async def test_workers_sharing_one_spool_file_count_only_what_is_still_there(store, tmp_path, caplog):
+    """The workers of one pool open the same spool file: what one drained (the other's items
+    too) must not stay counted by the other, or its every later batch takes the spool path and
+    logs a recovery."""
+    from edgefilter.spool import Spool
+
+    path = str(tmp_path / "spool.db")
+    spool_a, spool_b = await Spool.open(path, 1000), await Spool.open(path, 1000)
+    try:
+        await _two_writers_one_spool(store, spool_a, spool_b, caplog)
+    finally:
+        await spool_a.close()
+        await spool_b.close()
+
+
+async def _two_writers_one_spool(store, spool_a, spool_b, caplog) -> None:
+    from edgefilter.service import CallLogWriter
+
+    failing = _Failing(store)
+    a, b = CallLogWriter(failing, spool_a, "pbx", batch=10), CallLogWriter(failing, spool_b, "pbx", batch=10)
+    a.submit(record(1, key="k1"))
+    b.submit(record(2, key="k2"))
+    await a.write(a._take())
+    await b.write(b._take())
+    assert (spool_a.count, spool_b.count) == (1, 1)
+    failing.down = False
+    a._next_try = b._next_try = 0.0
+    await a.drain()  # worker a drains the file: both items
+    await b.drain()
+    assert (spool_a.count, spool_b.count) == (0, 0)
+    caplog.clear()
+    for i in range(3, 6):
+        b.submit(record(i, key=f"k{i}"))
+        await b.write(b._take())
+    assert spool_b.count == 0 and "recovered" not in caplog.text
+    assert sorted(r.key for r in await store.recent_calls(0)) == ["k1", "k2", "k3", "k4", "k5"]
+
+
 # ------------------------------------------------------------------------------ [store] keys
 def test_store_keys_select_the_backend_and_validate():
     from edgefilter.config import dump, settings_from_dict

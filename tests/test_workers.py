@@ -125,3 +125,70 @@ def test_serve_rejects_a_silly_worker_count(capsys):
     with pytest.raises(SystemExit):
         cli.main(["serve", "--workers", "0"])
     assert "--workers must be between 1 and 64" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ behaviour across workers
+@pytest.fixture
+async def two_workers(make_settings):
+    """Workers 0 and 1 of one pool, in process: one SQLite file, one node name (the host's)."""
+    from edgefilter.service import Service
+
+    started = []
+    try:
+        for w in (0, 1):
+            svc = Service(make_settings(), port=0, worker=w)
+            await svc.start()
+            started.append(svc)
+        assert started[0].settings.store.node == started[1].settings.store.node
+        yield started
+    finally:
+        for svc in started:
+            await svc.stop()
+
+
+async def _rules(svc, callerid: str, exten: str = "1000") -> list[str]:
+    r = await place_call("127.0.0.1", svc.port, CallSpec(callerid=callerid, args=[f"exten={exten}"]), timeout=3.0)
+    return r.variables.get("EDGEFILTER_RULES", "").split()
+
+
+async def _eventually(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+async def test_a_burst_spread_over_the_workers_escalates(two_workers):
+    """The kernel spreads one caller's calls over the workers: each must see the others' calls."""
+    a, b = two_workers
+    burster = "+8613512345678"
+    for svc in (a, b, a, b):  # 2 calls per worker: neither alone reaches burst_calls = 5
+        assert "RATE_BURST" not in await _rules(svc, burster)
+
+    async def b_sees_four() -> bool:
+        return len(list(b.behaviour.history.from_caller(burster, 0))) >= 4
+
+    await _eventually(b_sees_four, 3.0, "worker 1 never saw worker 0's calls")
+    assert len(list(b.behaviour.history.from_caller(burster, 0))) == 4  # each call once
+    assert "RATE_BURST" in await _rules(b, burster)
+
+
+async def test_a_refusal_on_one_worker_reaches_the_other(two_workers):
+    a, b = two_workers
+    pest = "+8613612345678"
+    assert "REFUSED_BEFORE" not in await _rules(a, pest)
+
+    async def b_knows_the_caller() -> bool:
+        last = b.behaviour.history.last_by_target.get("1000")
+        return last is not None and last.caller == pest
+
+    # the callee hangs up and dials *60 a moment later; the star code lands on worker 1
+    await _eventually(b_knows_the_caller, 3.0, "worker 1 never learnt worker 0's last caller")
+    r = await place_call("127.0.0.1", b.port, CallSpec(callerid="1000", script="refuse", args=["callee=1000"]), timeout=3.0)
+    # the star code reached worker 1, which never screened the call: it must know the last caller
+    assert r.variables == {"EDGEFILTER_RESULT": "ok", "EDGEFILTER_NUMBER": pest}
+
+    async def refused_on_a() -> bool:
+        return "REFUSED_BEFORE" in await _rules(a, pest)
+
+    await _eventually(refused_on_a, 3.0, "worker 1's refusal never reached worker 0")

@@ -483,7 +483,7 @@ class AgiServer:
         self.refused = 0
         self.evicted = 0
         self.denied = 0
-        self._peer_verdicts: dict = {}  # peer address -> allowed? (allow_peers is fixed per server)
+        self._peer_verdicts: dict = {}  # peer address -> allowed? (cleared when allow_peers changes)
         self.server: asyncio.AbstractServer | None = None
         self._waiting: dict[asyncio.StreamWriter, float] = {}  # insertion order = oldest first
         self._evicting: set[asyncio.StreamWriter] = set()
@@ -497,6 +497,15 @@ class AgiServer:
         sock = self.server.sockets[0].getsockname()
         self.port = sock[1]
         log.info("FastAGI listening on %s:%d", sock[0], sock[1])
+
+    def set_limits(self, *, allow_peers: tuple, read_timeout: float, max_sessions: int) -> None:
+        """A reload's new [agi] limits; every later connection obeys them (max_env_bytes sizes
+        the listener's buffers and needs a restart)."""
+        if allow_peers != self.allow_peers:
+            self.allow_peers = allow_peers
+            self._peer_verdicts = {}
+        self.read_timeout = read_timeout
+        self.max_sessions = max_sessions
 
     async def close(self) -> None:
         if self.server is not None:

@@ -4,11 +4,13 @@ The behaviour rules (RATE_*, RANGE_CAMPAIGN, REFUSED_BEFORE, KNOWN_CONTACT) read
 in-memory CallHistory: no I/O on the call path. A single box feeds it from its own decisions
 (service._remember) and star codes. Several PBXs sharing one PostgreSQL store must also see each
 other's calls and refusals, or a burst spread over two nodes never escalates and a number refused
-on one node rings through on the other. ``MemoryFollower.poll`` runs in the background (never on
+on one node rings through on the other; so must the workers of one pool (``[agi] workers``), on
+SQLite too. ``MemoryFollower.poll`` runs in the background (never on
 the call path) and brings in:
 
 - other nodes' calls, by following ``calls_after(cursor)`` (ids commit in order, see pgstore),
-  skipping this node's own rows, which _remember already put in memory;
+  skipping this node's own rows, which _remember already put in memory (the workers of one pool
+  share a node name: there a row is skipped only when its call is already in memory);
 - the refusal ledger, re-read whenever ``refusals_version`` changes (a refusal recorded or undone
   on any node), replacing the refusals in force;
 - known contacts recorded lately by any node.
@@ -54,11 +56,14 @@ class MemoryFollower:
     """Loads the behaviour memory from the store, then follows what other nodes add to it."""
 
     def __init__(self, store, behaviour: BehaviourRules, settings: Callable[[], Settings], node: str,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, *, shared_node: bool = False) -> None:
         self.store = store
         self.behaviour = behaviour
         self.settings = settings
         self.node = node
+        #: other processes write rows under this node's name too (the workers of one pool): a row
+        #: of this node is ours only when its call is already in memory
+        self.shared_node = shared_node
         self.clock = clock
         self.loaded = False
         self.cursor = 0  # largest call id read
@@ -106,7 +111,7 @@ class MemoryFollower:
             rows = await self.store.calls_after(self.cursor, BATCH)
             for rowid, rec in rows:
                 self.cursor = rowid
-                if rec.node == self.node:
+                if rec.node == self.node and (not self.shared_node or (rec.uniqueid and h.by_uniqueid(rec.uniqueid) is not None)):
                     continue  # ours: already in memory since its decision
                 h.add(self._from_record(rec, b.campaign_block_digits), now)
                 added += 1

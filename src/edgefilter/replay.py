@@ -69,13 +69,18 @@ def record_call(r: CallRecord) -> Call:
     )
 
 
+#: Built-in rules that fact sources fire, not the call itself (challenge failures, online
+#: reputation): the replay runs no such source, so they are carried over like the behaviour rules.
+SOURCE_RULES = frozenset({"CHALLENGE_FAILED", "REPUTATION_LISTED", "REPUTATION_PENDING", "REPUTATION_ERROR", "REPUTATION_UNAVAILABLE"})
+
+
 def replay_calls(
     records: list[CallRecord], settings: Settings, index: ListIndex, *, now: float | None = None, examples: int = 3
 ) -> ReplayReport:
     """Decide every record again under ``settings``; pure apart from the clock default."""
     screener = Screener(settings, index, clock=lambda: now if now is not None else time.time())
     book = PolicyBook(settings)
-    own = set(BUILTIN_RULES) | {n for n, r in settings.rules.items() if r.name_pattern is not None}
+    own = (set(BUILTIN_RULES) - SOURCE_RULES) | {n for n, r in settings.rules.items() if r.name_pattern is not None}
     rep = ReplayReport()
     tz = settings.tz
     for r in records:

@@ -390,7 +390,8 @@ class Service:
             self.mirror = BlockMirror(ami_client, lambda: self.settings, lambda: self.screener.index)
             self.follower.on_load.append(self.mirror.resync)
             self.follower.on_change.append(self.mirror.on_change)
-        self.memory = MemoryFollower(self.store, self.behaviour, lambda: self.settings, s.store.node, clock=self.screener.clock)
+        self.memory = MemoryFollower(self.store, self.behaviour, lambda: self.settings, s.store.node,
+                                     clock=self.screener.clock, shared_node=self.worker is not None)
         if self.store.backend == "sqlite":
             await self.follower.load()  # a local file: failures here are for the admin, at once
             await self._load_memory()
@@ -439,8 +440,9 @@ class Service:
         ]
         if not self.worker:  # one maintainer per database, not one per worker
             self.tasks.append(asyncio.create_task(self._every(lambda: 600.0, self._maintenance, "maintenance")))
-        if self.store.backend != "sqlite" or not self._memory_loaded:
-            # a shared store: other nodes' calls and refusals (a single box has only its own)
+        if self.store.backend != "sqlite" or self.worker is not None or not self._memory_loaded:
+            # a shared store: other nodes' (or other workers') calls and refusals (a single
+            # process has only its own)
             self.tasks.append(asyncio.create_task(
                 self._every(lambda: max(self.settings.store.poll_interval, 0.25), self._follow_memory, "behaviour memory follower")))
         if self.mirror is not None:
@@ -604,9 +606,17 @@ class Service:
             log.error("reload refused, old config stays in force: %s", e)
             return False
         old = self.settings.store
-        restart_keys = (new.agi.listen, new.agi.workers, new.store.path, new.store.url, new.store.spool_path)
-        if restart_keys != (self.settings.agi.listen, self.settings.agi.workers, old.path, old.url, old.spool_path):
-            log.warning("[agi] listen/workers and [store] path/url/spool_path changes take effect only after a restart")
+        restart_keys = (new.agi.listen, new.agi.workers, new.agi.max_env_bytes, new.store.path, new.store.url,
+                        new.store.spool_path, new.store.spool_max, new.store.node, new.store.busy_timeout,
+                        new.store.password_file, new.mirror.enabled)
+        if restart_keys != (self.settings.agi.listen, self.settings.agi.workers, self.settings.agi.max_env_bytes, old.path,
+                            old.url, old.spool_path, old.spool_max, old.node, old.busy_timeout, old.password_file,
+                            self.settings.mirror.enabled):
+            log.warning("[agi] listen/workers/max_env_bytes, [store] path/url/spool_path/spool_max/node/busy_timeout/"
+                        "password_file and [mirror] enabled changes take effect only after a restart")
+        if self.server is not None:  # read per connection: the next one obeys them
+            self.server.set_limits(allow_peers=new.agi.allow_peers, read_timeout=new.agi.read_timeout,
+                                   max_sessions=new.agi.max_sessions)
         outputs_changed = new.outputs != self.settings.outputs
         if new.ami != self.settings.ami:
             log.warning("[ami] changes take effect only after a restart")

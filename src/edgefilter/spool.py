@@ -91,7 +91,10 @@ class Spool:
     async def peek(self, limit: int) -> list[tuple[int, object]]:
         """The oldest items, with their sequence numbers (for ``remove_through``)."""
         cur = await self.db.execute("SELECT seq, record FROM spool ORDER BY seq LIMIT ?", (limit,))
-        return [(seq, _decode(text)) for seq, text in await cur.fetchall()]
+        rows = [(seq, _decode(text)) for seq, text in await cur.fetchall()]
+        if not rows and limit > 0:
+            self.count = 0  # the workers of a pool share the file: another one drained it
+        return rows
 
     async def remove_through(self, seq: int) -> None:
         """Forget every record up to ``seq`` (the database has committed them)."""
