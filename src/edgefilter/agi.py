@@ -634,6 +634,3 @@ def close_writer(writer: asyncio.StreamWriter) -> None:
         pass
     writer.close()
 
-
-def monotonic_ms() -> float:
-    return time.perf_counter() * 1000.0

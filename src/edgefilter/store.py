@@ -1224,10 +1224,3 @@ def write_snapshot(file: str, rev: int, check: list, index: ListIndex) -> None:
     except OSError:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-
-
-def check_path_writable(path: str) -> None:
-    """Fail early with a clear message when the database directory cannot be written."""
-    d = Path(path).parent
-    if d.exists() and not os.access(d, os.W_OK):
-        raise StoreError(f"{path}: directory {d} is not writable")
