@@ -418,22 +418,37 @@ def _parse_csv(lines: list[str], opts: FeedOptions) -> Iterator[Item]:
         num_col = _detect_column([r for _, r in buffered if not isinstance(r, str)], opts.region)
         data_rows = _chain(buffered, data_rows)
 
+    # the loop below runs once a line of files with millions: option lookups hoisted, category
+    # verdicts remembered per distinct cell (bounded: a hostile file may make every cell differ)
+    region = opts.region
+    list_name, default_cat, source, created_at, expires_at = (
+        opts.list_name, opts.category, opts.source, opts.created_at, opts.expires_at
+    )
+    cat_seen: dict[str, tuple[str, str | None]] = {}
     for no, row in data_rows:
         if isinstance(row, str):
             yield no, row
             continue
-        if not row or row[0].lstrip().startswith("#") or not "".join(row).strip():
+        if not row or row[0].lstrip().startswith("#"):
             continue
-        if num_col >= len(row):
-            yield no, f"no column {num_col + 1} (the row has {len(row)})"
-            continue
-        cell = row[num_col]
-        if not cell.strip():
-            yield no, f"column {num_col + 1} is empty"
+        cell = row[num_col] if num_col < len(row) else ""
+        if not cell.strip():  # a blank number cell: is the whole row blank (skipped) or a mistake?
+            if not "".join(row).strip():
+                continue
+            if num_col >= len(row):
+                yield no, f"no column {num_col + 1} (the row has {len(row)})"
+            else:
+                yield no, f"column {num_col + 1} is empty"
             continue
         category = ""
         if cat_col is not None and cat_col < len(row):
-            category, err = _category(row[cat_col], opts)
+            raw_cat = row[cat_col]
+            verdict = cat_seen.get(raw_cat)
+            if verdict is None:
+                verdict = _category(raw_cat, opts)
+                if len(cat_seen) < 4096:
+                    cat_seen[raw_cat] = verdict
+            category, err = verdict
             if err:
                 yield no, err
                 continue
@@ -441,9 +456,12 @@ def _parse_csv(lines: list[str], opts: FeedOptions) -> Iterator[Item]:
         if label_col is not None and label_col < len(row) and row[label_col].strip():
             note = f"{note} / {row[label_col].strip()}" if note else row[label_col].strip()
         try:
-            yield no, _entry(read_value(cell, opts.region), opts, category, note)
+            pattern = read_value(cell, region)
         except PatternError as e:
             yield no, str(e)
+            continue
+        # _entry, inlined
+        yield no, make_entry(list_name, pattern, category or default_cat, note[:MAX_NOTE], source, created_at, expires_at)
 
 
 def _chain(first: list, rest: Iterable) -> Iterator:
