@@ -21,7 +21,7 @@ from typing import Iterable, Iterator
 import phonenumbers
 
 from .errors import PatternError
-from .lists import MAX_NOTE, Entry, Pattern, exact_num, parse_pattern
+from .lists import MAX_NOTE, Entry, Pattern, exact_num, exact_pattern, make_entry, parse_pattern
 from .numbers import national_prefix, strip_visual
 
 FORMATS = ("auto", "text", "csv", "vcf")
@@ -152,8 +152,6 @@ def count_lines(text: str) -> int:
 
 
 # ------------------------------------------------------------------------------ one value
-_FAST = re.compile(r"(\+|00)([1-9][0-9]{6,14})")
-
 
 @lru_cache(maxsize=1024)
 def _cc_prefix(digits3: str) -> tuple[int, tuple[re.Pattern, ...], int | None] | None:
@@ -217,12 +215,17 @@ def fast_pattern(compact: str, region: str) -> Pattern | None:
     E.164 form phonenumbers would give it (tests/test_feeds.py checks that against
     parse_pattern); anything else returns None and takes the full path.
     """
-    m = _FAST.fullmatch(compact)
-    if m is None:
+    # (+|00) then 7-15 ASCII digits, not 0 first (a regex fullmatch costs more than these tests)
+    if compact[:1] == "+":
+        digits = compact[1:]
+    elif compact[:2] == "00":
+        digits = compact[2:]
+    else:
         return None
-    if m.group(1) == "00" and not _dials_00(region):
+    if not (7 <= len(digits) <= 15 and digits.isdigit() and digits.isascii() and digits[0] != "0"):
         return None
-    digits = m.group(2)
+    if compact[0] == "0" and not _dials_00(region):
+        return None
     d3 = digits[:3]
     cc = _cc_prefix(d3)
     if cc is None:
@@ -234,7 +237,7 @@ def fast_pattern(compact: str, region: str) -> Pattern | None:
             return None
     elif not rest or rest[0] == "0" or any(p.match(rest) for p in pats):
         return None
-    return Pattern("exact", digits, "+" + digits)
+    return exact_pattern(digits, "+" + digits)
 
 
 def read_value(raw: str, region: str) -> Pattern:
@@ -252,7 +255,7 @@ def _show(raw: str, limit: int = 40) -> str:
 
 
 def _entry(pattern: Pattern, opts: FeedOptions, category: str = "", note: str = "") -> Entry:
-    return Entry(
+    return make_entry(
         opts.list_name, pattern, category or opts.category, note[:MAX_NOTE], opts.source, opts.created_at, opts.expires_at
     )
 
@@ -415,22 +418,37 @@ def _parse_csv(lines: list[str], opts: FeedOptions) -> Iterator[Item]:
         num_col = _detect_column([r for _, r in buffered if not isinstance(r, str)], opts.region)
         data_rows = _chain(buffered, data_rows)
 
+    # the loop below runs once a line of files with millions: option lookups hoisted, category
+    # verdicts remembered per distinct cell (bounded: a hostile file may make every cell differ)
+    region = opts.region
+    list_name, default_cat, source, created_at, expires_at = (
+        opts.list_name, opts.category, opts.source, opts.created_at, opts.expires_at
+    )
+    cat_seen: dict[str, tuple[str, str | None]] = {}
     for no, row in data_rows:
         if isinstance(row, str):
             yield no, row
             continue
-        if not row or row[0].lstrip().startswith("#") or not "".join(row).strip():
+        if not row or row[0].lstrip().startswith("#"):
             continue
-        if num_col >= len(row):
-            yield no, f"no column {num_col + 1} (the row has {len(row)})"
-            continue
-        cell = row[num_col]
-        if not cell.strip():
-            yield no, f"column {num_col + 1} is empty"
+        cell = row[num_col] if num_col < len(row) else ""
+        if not cell.strip():  # a blank number cell: is the whole row blank (skipped) or a mistake?
+            if not "".join(row).strip():
+                continue
+            if num_col >= len(row):
+                yield no, f"no column {num_col + 1} (the row has {len(row)})"
+            else:
+                yield no, f"column {num_col + 1} is empty"
             continue
         category = ""
         if cat_col is not None and cat_col < len(row):
-            category, err = _category(row[cat_col], opts)
+            raw_cat = row[cat_col]
+            verdict = cat_seen.get(raw_cat)
+            if verdict is None:
+                verdict = _category(raw_cat, opts)
+                if len(cat_seen) < 4096:
+                    cat_seen[raw_cat] = verdict
+            category, err = verdict
             if err:
                 yield no, err
                 continue
@@ -438,9 +456,12 @@ def _parse_csv(lines: list[str], opts: FeedOptions) -> Iterator[Item]:
         if label_col is not None and label_col < len(row) and row[label_col].strip():
             note = f"{note} / {row[label_col].strip()}" if note else row[label_col].strip()
         try:
-            yield no, _entry(read_value(cell, opts.region), opts, category, note)
+            pattern = read_value(cell, region)
         except PatternError as e:
             yield no, str(e)
+            continue
+        # _entry, inlined
+        yield no, make_entry(list_name, pattern, category or default_cat, note[:MAX_NOTE], source, created_at, expires_at)
 
 
 def _chain(first: list, rest: Iterable) -> Iterator:

@@ -369,42 +369,53 @@ class ListIndex:
 
     # -- lookup ---------------------------------------------------------------------------
     def lookup(self, digits: str | None, now: float | None = None) -> Match | None:
-        """Best active entry for E.164 digits (no '+'), or None. Microseconds; no I/O."""
+        """Best active entry for E.164 digits (no '+'), or None. Microseconds; no I/O.
+
+        The hot path of every call: attributes are read once into locals, and the Entry of a
+        compact hit and the Match are built through their slots (see _exact_entry).
+        """
         if not digits:
             return None
-        now = time.time() if now is None else now
-        best: dict[str, tuple[int, Entry]] = {}
-        found: list[tuple[list[Entry], int]] = []  # dict buckets that match, with their specificity
-        if self._compact:
-            num = digits_num(digits)
-            if num is not None:
-                for list_name, c in self._compact.items():
-                    i = c.find(num)
-                    if i >= 0:
-                        pid = c.profiles[i]
-                        if pid != DELETED:
-                            expires = self._profiles[pid][4]
-                            if expires is None or expires > now:
-                                best[list_name] = (100 + len(digits), self._compact_entry(list_name, num, pid))
+        if now is None:
+            now = time.time()
         n = len(digits)
+        best: dict[str, tuple[int, Entry]] = {}
+        compact = self._compact
+        if compact and n <= NUM_MAX_DIGITS and digits.isdigit() and digits.isascii():  # digits_num, inlined
+            num = int("1" + digits)
+            profiles = self._profiles
+            for list_name, c in compact.items():
+                i = c.find(num)
+                if i >= 0:
+                    pid = c.profiles[i]
+                    if pid != DELETED:
+                        prof = profiles[pid]
+                        expires = prof[4]
+                        if expires is None or expires > now:
+                            # str(num)[1:] is digits itself: digits_num keeps every digit
+                            best[list_name] = (100 + n, _exact_entry(list_name, digits, prof))
+        found: list[tuple[list[Entry], int]] = []  # dict buckets that match, with their specificity
         bucket = self._exact.get(digits)
         if bucket:
             found.append((bucket, 100 + n))
-        prefix = self._prefix
+        prefix_get = self._prefix.get
         for length in self._prefix_lengths:
             if length <= n:
-                bucket = prefix.get(digits[:length])
+                bucket = prefix_get(digits[:length])
                 if bucket:
                     found.append((bucket, length))
-        for head in self._mask_heads:
-            bucket = self._mask.get((digits[:head], n))
-            if bucket:
-                for e in bucket:
-                    if _mask_matches(e.pattern.key, digits):
-                        found.append(([e], e.pattern.fixed_digits))
+        if self._mask_heads:
+            mask = self._mask
+            for head in self._mask_heads:
+                bucket = mask.get((digits[:head], n))
+                if bucket:
+                    for e in bucket:
+                        if _mask_matches(e.pattern.key, digits):
+                            found.append(([e], e.pattern.fixed_digits))
         for entries, spec in found:
             for e in entries:
-                if e.expires_at is None or e.expires_at > now:
+                expires = e.expires_at
+                if expires is None or expires > now:
                     cur = best.get(e.list)
                     if cur is None or spec > cur[0]:
                         best[e.list] = (spec, e)
@@ -413,9 +424,9 @@ class ListIndex:
         allow, block = best.get("allow"), best.get("block")
         if allow and block:
             if allow[0] >= block[0]:
-                return Match(allow[1], shadowed=block[1])
-            return Match(block[1], shadowed=allow[1])
-        return Match((allow or block)[1])
+                return _match(allow[1], block[1])
+            return _match(block[1], allow[1])
+        return _match((allow or block)[1], None)
 
     def counts(self) -> dict[str, int]:
         """Entries per list (maintained on every change: no scan of millions of entries)."""
@@ -433,6 +444,10 @@ _E_SETTERS = tuple(Entry.__dict__[n].__set__ for n in ("category", "note", "sour
 _E_LIST, _E_PATTERN = Entry.__dict__["list"].__set__, Entry.__dict__["pattern"].__set__
 
 
+_M_ENTRY, _M_SHADOWED = Match.__dict__["entry"].__set__, Match.__dict__["shadowed"].__set__
+_E_CAT, _E_NOTE, _E_SOURCE, _E_CREATED, _E_EXPIRES = _E_SETTERS
+
+
 def _exact_entry(list_name: str, digits: str, profile: Profile) -> Entry:
     p = _new(Pattern)
     _P_KIND(p, "exact")
@@ -441,8 +456,45 @@ def _exact_entry(list_name: str, digits: str, profile: Profile) -> Entry:
     e = _new(Entry)
     _E_LIST(e, list_name)
     _E_PATTERN(e, p)
-    for setter, value in zip(_E_SETTERS, profile):
-        setter(e, value)
+    category, note, source, created_at, expires_at = profile
+    _E_CAT(e, category)
+    _E_NOTE(e, note)
+    _E_SOURCE(e, source)
+    _E_CREATED(e, created_at)
+    _E_EXPIRES(e, expires_at)
+    return e
+
+
+def _match(entry: Entry, shadowed: Entry | None) -> Match:
+    """``Match(entry, shadowed)`` through the slots (one per lookup that finds something)."""
+    m = _new(Match)
+    _M_ENTRY(m, entry)
+    _M_SHADOWED(m, shadowed)
+    return m
+
+
+def exact_pattern(digits: str, text: str) -> Pattern:
+    """``Pattern("exact", digits, text)`` without the frozen-dataclass __init__ (a bulk import
+    builds a million of them); equal and hashing the same as the dataclass-built one."""
+    p = _new(Pattern)
+    _P_KIND(p, "exact")
+    _P_KEY(p, digits)
+    _P_TEXT(p, text)
+    return p
+
+
+def make_entry(list_name: str, pattern: Pattern, category: str, note: str, source: str, created_at: float,
+               expires_at: float | None) -> Entry:
+    """``Entry(...)`` with every field given, without the frozen-dataclass __init__ (bulk imports)."""
+    e = _new(Entry)
+    _E_LIST(e, list_name)
+    _E_PATTERN(e, pattern)
+    s_cat, s_note, s_source, s_created, s_expires = _E_SETTERS
+    s_cat(e, category)
+    s_note(e, note)
+    s_source(e, source)
+    s_created(e, created_at)
+    s_expires(e, expires_at)
     return e
 
 

@@ -526,7 +526,11 @@ class Store:
         """
         await self.db.execute("PRAGMA cache_size = -131072")  # 128 MB: a big import spills less
         await self.db.execute("DROP TABLE IF EXISTS temp.import_stage")
+        await self.db.execute("DROP TABLE IF EXISTS temp.import_heap")
         await self.db.execute("DROP TABLE IF EXISTS temp.import_profiles")
+        # staged rows arrive in file order (random keys): appended to a heap, then copied once,
+        # sorted, into the keyed table in apply_import (B-tree appends instead of random inserts)
+        await self.db.execute("CREATE TEMP TABLE import_heap (list TEXT NOT NULL, pattern TEXT NOT NULL, profile INTEGER NOT NULL)")
         await self.db.execute(
             "CREATE TEMP TABLE import_stage (list TEXT NOT NULL, pattern TEXT NOT NULL, profile INTEGER NOT NULL, "
             "st TEXT, PRIMARY KEY (list, pattern)) WITHOUT ROWID"
@@ -564,7 +568,7 @@ class Store:
                 pid = self._staged_profile(meta)
                 last_meta = meta
             rows.append((e.list, e.pattern.text, pid))
-        await self.db.executemany("INSERT OR IGNORE INTO temp.import_stage VALUES (?, ?, ?, NULL)", rows)
+        await self.db.executemany("INSERT INTO temp.import_heap VALUES (?, ?, ?)", rows)
         await self.db.commit()
 
     async def apply_import(
@@ -577,6 +581,13 @@ class Store:
         entries on ``lists`` that are not staged (a feed replaced wholesale). ``dry_run`` computes
         the same counts and rolls back.
         """
+        # sorted by key (appends to the keyed table); the first staged of a duplicate pattern wins
+        await self.db.execute(
+            "INSERT OR IGNORE INTO temp.import_stage SELECT list, pattern, profile, NULL FROM temp.import_heap "
+            "ORDER BY list, pattern, rowid"
+        )
+        await self.db.execute("DROP TABLE temp.import_heap")
+        await self.db.commit()
         await self.db.execute("BEGIN IMMEDIATE")
         try:
             await self.db.executemany(
