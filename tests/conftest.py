@@ -15,6 +15,18 @@ if not FIXTURES.exists():  # CI lays shared/ beside the clone; a worktree may si
     FIXTURES = Path(os.environ.get("EDGEFILTER_FIXTURES", "/work/shared/fixtures/asterisk"))
 
 
+def behaviour_off(make_settings):
+    """Wrap a ``make_settings`` so that the behaviour rules are off unless a test turns them on:
+    for modules whose calls come from many numbers of one block in a row."""
+
+    def make(extra: dict | None = None, **sections):
+        if "behaviour" not in (extra or {}):
+            sections.setdefault("behaviour", {"enabled": False})
+        return make_settings(extra, **sections)
+
+    return make
+
+
 @pytest.fixture
 def make_settings(tmp_path):
     def make(extra: dict | None = None, **sections):

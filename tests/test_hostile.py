@@ -25,20 +25,14 @@ from edgefilter.errors import ConfigError
 from edgefilter.lists import Entry, parse_pattern
 from edgefilter.service import Service
 
-from .conftest import FIXTURES
+from .conftest import FIXTURES, behaviour_off
 
 
 @pytest.fixture
 def make_settings(make_settings):
     """This module's calls come from many numbers of one block in a row: keep the behaviour
     rules (RANGE_CAMPAIGN, RATE_*) out, so each test sees only the protection it is about."""
-
-    def make(extra: dict | None = None, **sections):
-        if "behaviour" not in (extra or {}):
-            sections.setdefault("behaviour", {"enabled": False})
-        return make_settings(extra, **sections)
-
-    return make
+    return behaviour_off(make_settings)
 
 
 #: What a value the service writes may contain (agi.safe_value's set).

@@ -27,6 +27,8 @@ from edgefilter import cli
 from edgefilter import store as store_mod
 from edgefilter.callsim import CallSpec, place_call
 from edgefilter.service import Service
+
+from .conftest import behaviour_off
 from edgefilter.store import CallRecord, Store
 
 
@@ -34,13 +36,7 @@ from edgefilter.store import CallRecord, Store
 def make_settings(make_settings):
     """This module's calls come from many numbers of one block in a row: keep the behaviour
     rules (RANGE_CAMPAIGN, RATE_*) out, so each test sees only the protection it is about."""
-
-    def make(extra: dict | None = None, **sections):
-        if "behaviour" not in (extra or {}):
-            sections.setdefault("behaviour", {"enabled": False})
-        return make_settings(extra, **sections)
-
-    return make
+    return behaviour_off(make_settings)
 
 
 
