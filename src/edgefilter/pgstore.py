@@ -40,7 +40,7 @@ from .errors import StoreError
 from .lists import LISTS, Entry, ListIndex, Pattern
 from .store import (
     CALL_COLUMNS, ENTRY_COLUMNS, KEYED_CALL_COLUMNS, OUTCOME_COLUMNS, REFUSAL_COLUMNS, REPUTATION_COLUMNS,
-    CallOutcome, CallRecord, ContactSeen, ImportResult, Refusal, ReputationRow, entry_from_row, keyed_row,
+    BatchedImport, CallOutcome, CallRecord, ContactSeen, ImportResult, Refusal, ReputationRow, entry_from_row, keyed_row,
     read_snapshot_arrays, read_snapshot_header, write_snapshot,
 )
 
@@ -270,7 +270,7 @@ def describe_pg_error(where: str, exc: BaseException) -> str:
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError, TimeoutError)
 
 
-class PgStore:
+class PgStore(BatchedImport):
     """A small asyncpg pool on one PostgreSQL database; use ``async with PgStore.open(url)``."""
 
     backend = "postgresql"
@@ -732,21 +732,6 @@ class PgStore:
         finally:
             await self._end_import()
         return ImportResult(by.get("add", 0), by.get("upd", 0), by.get("same", 0), removed)
-
-    async def import_entries(
-        self, entries: Iterable[Entry], *, replace_source: str | None = None, lists: Sequence[str] = LISTS,
-        dry_run: bool = False,
-    ) -> ImportResult:
-        """Stage and apply in one go (see apply_import)."""
-        await self.begin_import()
-        batch: list[Entry] = []
-        for e in entries:
-            batch.append(e)
-            if len(batch) >= 20000:
-                await self.stage_import(batch)
-                batch = []
-        await self.stage_import(batch)
-        return await self.apply_import(replace_source=replace_source, lists=lists, dry_run=dry_run)
 
     async def remove_source(self, source: str, list_name: str | None = None) -> int:
         """Delete every entry a source brought in (one transaction, with 'del' changes)."""

@@ -333,7 +333,27 @@ def describe_sqlite_error(path: str, exc: BaseException) -> str:
     return f"{path}: database error: {exc}"
 
 
-class Store:
+class BatchedImport:
+    """``import_entries`` for any store with begin_import / stage_import / apply_import: the same
+    staging loop on SQLite and PostgreSQL, written once."""
+
+    async def import_entries(
+        self, entries: Iterable[Entry], *, replace_source: str | None = None, lists: Sequence[str] = LISTS,
+        dry_run: bool = False,
+    ) -> "ImportResult":
+        """Stage and apply in one go (see apply_import)."""
+        await self.begin_import()
+        batch: list[Entry] = []
+        for e in entries:
+            batch.append(e)
+            if len(batch) >= 20000:
+                await self.stage_import(batch)
+                batch = []
+        await self.stage_import(batch)
+        return await self.apply_import(replace_source=replace_source, lists=lists, dry_run=dry_run)
+
+
+class Store(BatchedImport):
     """One aiosqlite connection to the database; use ``async with Store.open(path)``.
 
     The PostgreSQL store (pgstore.PgStore) has the same methods with the same meaning; code above
@@ -665,21 +685,6 @@ class Store:
         await self.db.execute("DROP TABLE IF EXISTS temp.import_profiles")
         await self.db.commit()
         return ImportResult(by.get("add", 0), by.get("upd", 0), by.get("same", 0), removed)
-
-    async def import_entries(
-        self, entries: Iterable[Entry], *, replace_source: str | None = None, lists: Sequence[str] = LISTS,
-        dry_run: bool = False,
-    ) -> "ImportResult":
-        """Stage and apply in one go (see apply_import)."""
-        await self.begin_import()
-        batch: list[Entry] = []
-        for e in entries:
-            batch.append(e)
-            if len(batch) >= 20000:
-                await self.stage_import(batch)
-                batch = []
-        await self.stage_import(batch)
-        return await self.apply_import(replace_source=replace_source, lists=lists, dry_run=dry_run)
 
     async def remove_source(self, source: str, list_name: str | None = None) -> int:
         """Delete every entry a source brought in (one transaction, with 'del' changes)."""
