@@ -18,7 +18,7 @@ from pathlib import Path
 from .challenge import ChallengeFailures
 from .config import Settings, dump, load_settings, redact_url
 from .decisionlog import escape_text
-from .durations import parse_duration
+from .durations import parse_duration, parse_offset_or_date
 from .errors import EdgefilterError, PatternError
 from .lists import LISTS, MAX_NOTE, Entry, ListIndex, parse_pattern
 from .model import Call
@@ -362,11 +362,7 @@ async def cmd_evidence(args, settings: Settings) -> int:
 def _parse_since(text: str, now: float) -> float:
     """``--since 90d`` (back from now) or ``--since 2026-01-31`` (local midnight)."""
     try:
-        return now - parse_duration(text)
-    except ValueError:
-        pass
-    try:
-        return datetime.strptime(text, "%Y-%m-%d").timestamp()
+        return parse_offset_or_date(text, now, sign=-1)
     except ValueError:
         raise EdgefilterError(f"--since {text!r}: use a duration such as 90d or a date YYYY-MM-DD") from None
 

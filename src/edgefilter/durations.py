@@ -7,6 +7,7 @@ who meant 5 ms gets 5 s. Strings with a unit read the same in every file.
 from __future__ import annotations
 
 import re
+from datetime import datetime
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
@@ -41,3 +42,14 @@ def format_duration(seconds: float) -> str:
         if n >= 1 and abs(n - round(n)) < 1e-9:
             return f"{int(round(n))}{unit}"
     return f"{seconds * 1000:g}ms"
+
+
+def parse_offset_or_date(text: str, now: float, *, sign: int) -> float:
+    """A time given as a duration from ``now`` (``sign`` +1 forward, -1 back: ``30d``) or as a
+    date (``2026-12-31``, local midnight); ValueError when it is neither. Used by ``--expires``
+    and ``--since`` so both options read the same two spellings."""
+    try:
+        return now + sign * parse_duration(text)
+    except ValueError:
+        pass
+    return datetime.strptime(text, "%Y-%m-%d").timestamp()

@@ -22,7 +22,7 @@ from typing import TextIO
 
 from .config import Settings
 from .decisionlog import escape_text
-from .durations import parse_duration
+from .durations import parse_offset_or_date
 from .errors import EdgefilterError
 from .feeds import FeedError, FeedOptions, Seen, count_lines, decode, detect_format, parse_feed
 from .lists import Entry
@@ -80,11 +80,7 @@ def parse_expires(text: str | None, now: float) -> float | None:
     if not text:
         return None
     try:
-        return now + parse_duration(text)
-    except ValueError:
-        pass
-    try:
-        return datetime.strptime(text, "%Y-%m-%d").timestamp()
+        return parse_offset_or_date(text, now, sign=+1)
     except ValueError:
         raise EdgefilterError(f"--expires {text!r}: use a duration such as 30d or a date YYYY-MM-DD") from None
 
