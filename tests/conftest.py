@@ -41,15 +41,20 @@ def make_settings(tmp_path):
     return make
 
 
-@pytest.fixture
-async def service(make_settings):
-    """A running service (FastAGI on 127.0.0.1, ephemeral port) on a fresh database."""
-    svc = Service(make_settings(), port=0)
+async def _running(settings):
+    svc = Service(settings, port=0)
     await svc.start()
     try:
         yield svc
     finally:
         await svc.stop()
+
+
+@pytest.fixture
+async def service(make_settings):
+    """A running service (FastAGI on 127.0.0.1, ephemeral port) on a fresh database."""
+    async for svc in _running(make_settings()):
+        yield svc
 
 
 # --------------------------------------------------------------------------- PostgreSQL
@@ -103,3 +108,10 @@ def backend_settings(make_settings, store_backend):
         return make_settings(extra, **sections)
 
     return make
+
+
+@pytest.fixture
+async def backend_service(backend_settings):
+    """The running service on each store backend."""
+    async for svc in _running(backend_settings()):
+        yield svc

@@ -21,13 +21,9 @@ SPAMMER = "+8617012345678"
 
 
 @pytest.fixture
-async def service(backend_settings):
-    svc = Service(backend_settings(), port=0)
-    await svc.start()
-    try:
-        yield svc
-    finally:
-        await svc.stop()
+def service(backend_service):
+    """This module runs on both store backends."""
+    return backend_service
 
 
 async def screen(svc: Service, caller=SPAMMER, exten="1000", **kw):

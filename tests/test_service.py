@@ -261,19 +261,9 @@ async def test_unknown_route_closes_without_variables(service):
     assert r.variables == {} and r.commands == []
 
 
-@pytest.fixture
-async def any_service(backend_settings):
-    """The running service on each store backend."""
-    svc = Service(backend_settings(), port=0)
-    await svc.start()
-    try:
-        yield svc
-    finally:
-        await svc.stop()
 
-
-async def test_store_records_every_call(any_service):
-    service = any_service
+async def test_store_records_every_call(backend_service):
+    service = backend_service
     await add(service, "block", "+86170*")
     await call(service, "+8617012345678")
     await call(service, "anonymous")
