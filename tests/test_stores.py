@@ -420,7 +420,7 @@ async def test_a_database_past_v3_before_it_was_merged_gets_it(backend_settings,
         con.commit()
         con.close()
     async with open_store(settings) as s:
-        assert await s.schema_version() == 6
+        assert await s.schema_version() == sqlite_store.SCHEMA_VERSION
         await s.put_entry(entry("block", "+8613800138001"))
         _, index = await s.load_index()
         assert index.counts() == {"block": 2, "allow": 0} and index.lookup("8613800138000") is not None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import quopri
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Iterable, Iterator
 
@@ -282,9 +282,10 @@ def _too_long(line: str) -> str | None:
 _COMMENT = re.compile(r"\s#")
 
 
-def _parse_text(lines: list[str], opts: FeedOptions) -> Iterator[Item]:
-    """One number or pattern a line; '#' starts a comment line; ' # note' ends a line."""
-    for no, line in enumerate(lines, 1):
+def _parse_text(lines: list[str], opts: FeedOptions, first: int = 1) -> Iterator[Item]:
+    """One number or pattern a line; '#' starts a comment line; ' # note' ends a line.
+    ``first`` is the line number of ``lines[0]`` (a worker parses a slice of the file)."""
+    for no, line in enumerate(lines, first):
         if len(line) > MAX_LINE:
             yield no, _too_long(line) or ""
             continue
@@ -332,9 +333,14 @@ class _LineFeed:
         return line + "\n"
 
 
+def _one_row_a_line(lines: list[str]) -> bool:
+    """No quote and no monster line: every physical line is exactly one CSV row (most feeds)."""
+    return bool(lines) and not any('"' in ln for ln in lines) and max(map(len, lines)) <= MAX_LINE
+
+
 def _csv_rows(lines: list[str], delimiter: str) -> Iterator[tuple[int, list[str] | str]]:
     """(first line of the row, cells) or (line, reason); survives unterminated quotes."""
-    if lines and not any('"' in ln for ln in lines) and max(map(len, lines)) <= MAX_LINE:
+    if _one_row_a_line(lines):
         # no quotes and no monster line (most feeds): one row a line, no bookkeeping per line
         yield from enumerate(csv.reader(lines, delimiter=delimiter, skipinitialspace=True), 1)
         return
@@ -381,7 +387,27 @@ def _looks_like_value(cell: str, region: str) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class CsvLayout:
+    """What the first rows of a CSV file say about all of them: the delimiter and which column
+    holds the number, the name, the label and the category; ``header_line`` is the header row's
+    line number (0: no header)."""
+
+    delimiter: str
+    num_col: int
+    name_col: int | None
+    label_col: int | None
+    cat_col: int | None
+    header_line: int
+
+
 def _parse_csv(lines: list[str], opts: FeedOptions) -> Iterator[Item]:
+    layout, data_rows = _csv_start(lines, opts)
+    return _csv_data(data_rows, layout, opts)
+
+
+def _csv_start(lines: list[str], opts: FeedOptions) -> tuple[CsvLayout, Iterator[tuple[int, list[str] | str]]]:
+    """The layout (from the first rows only) and the data rows, header left out."""
     sample = [ln for ln in lines[:200] if ln.strip() and not ln.lstrip().startswith("#") and len(ln) <= MAX_LINE][:50]
     delimiter = _sniff_delimiter(sample) or ","
     rows: Iterator[tuple[int, list[str] | str]] = _csv_rows(lines, delimiter)
@@ -389,6 +415,7 @@ def _parse_csv(lines: list[str], opts: FeedOptions) -> Iterator[Item]:
     # first real row: header or data?
     pending: list[tuple[int, list[str] | str]] = []
     header: list[str] | None = None
+    header_line = 0
     for no, row in rows:
         if isinstance(row, str) or not any(c.strip() for c in row) or row[0].lstrip().startswith("#"):
             pending.append((no, row))
@@ -398,16 +425,13 @@ def _parse_csv(lines: list[str], opts: FeedOptions) -> Iterator[Item]:
         if any(h in {_norm_header(k) for k in known} for h in normed) or (
             not any(_looks_like_value(c, opts.region) for c in row) and any(re.search(r"[A-Za-z]", c) for c in row)
         ):
-            header = normed
+            header, header_line = normed, no
         else:
             pending.append((no, row))
         break
 
     data_rows = _chain(pending, rows)
     num_col = _number_column(header, opts, pending)
-    name_col = _header_index(header, NAME_HEADERS) if header else None
-    label_col = _header_index(header, LABEL_HEADERS) if header else None
-    cat_col = _header_index(header, CATEGORY_HEADERS) if header else None
     if num_col is None:
         # no header naming the column: the column whose cells read as numbers most often
         buffered = []
@@ -417,7 +441,19 @@ def _parse_csv(lines: list[str], opts: FeedOptions) -> Iterator[Item]:
                 break
         num_col = _detect_column([r for _, r in buffered if not isinstance(r, str)], opts.region)
         data_rows = _chain(buffered, data_rows)
+    layout = CsvLayout(
+        delimiter, num_col,
+        _header_index(header, NAME_HEADERS) if header else None,
+        _header_index(header, LABEL_HEADERS) if header else None,
+        _header_index(header, CATEGORY_HEADERS) if header else None,
+        header_line,
+    )
+    return layout, data_rows
 
+
+def _csv_data(data_rows: Iterable[tuple[int, list[str] | str]], layout: CsvLayout, opts: FeedOptions) -> Iterator[Item]:
+    """Every data row's outcome (the loop a worker runs on its slice of a file)."""
+    num_col, name_col, label_col, cat_col = layout.num_col, layout.name_col, layout.label_col, layout.cat_col
     # the loop below runs once a line of files with millions: option lookups hoisted, category
     # verdicts remembered per distinct cell (bounded: a hostile file may make every cell differ)
     region = opts.region
@@ -590,6 +626,92 @@ def _parse_vcf(lines: list[str], opts: FeedOptions) -> Iterator[Item]:
         yield from flush()
 
 
+# ------------------------------------------------------------------------------ chunks
+@dataclass
+class Chunk:
+    """What a run of a file's lines became, in a form that is cheap to send between processes
+    (a million Entry objects are not): the refusals, and for the usable lines parallel lists of
+    line number, canonical pattern text, compact key (lists.exact_num, None for a pattern) and
+    an index into ``metas``, the distinct (list, category, note, source, created_at, expires_at)
+    of the chunk. ``last_line`` is the last line the chunk covers (progress)."""
+
+    refused: list[tuple[int, str]] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)
+    patterns: list[str] = field(default_factory=list)
+    nums: list[int | None] = field(default_factory=list)
+    meta_ids: list[int] = field(default_factory=list)
+    metas: list[tuple] = field(default_factory=list)
+    last_line: int = 0
+
+    def __len__(self) -> int:
+        return len(self.lines) + len(self.refused)
+
+
+def chunked(items: Iterable[Item], size: int = 20000) -> Iterator[Chunk]:
+    """parse_feed's items grouped into Chunks of ``size`` items, in file order."""
+    chunk, ids = Chunk(), {}
+    for no, item in items:
+        if isinstance(item, str):
+            chunk.refused.append((no, item))
+        else:
+            meta = (item.list, item.category, item.note, item.source, item.created_at, item.expires_at)
+            mid = ids.get(meta)
+            if mid is None:
+                mid = ids[meta] = len(chunk.metas)
+                chunk.metas.append(meta)
+            chunk.lines.append(no)
+            chunk.patterns.append(item.pattern.text)
+            chunk.nums.append(exact_num(item.pattern))
+            chunk.meta_ids.append(mid)
+        chunk.last_line = no
+        if len(chunk) >= size:
+            yield chunk
+            chunk, ids = Chunk(), {}
+    if len(chunk):
+        yield chunk
+
+
+@dataclass(frozen=True)
+class Slices:
+    """A file cut into slices of lines that parse independently, to the same items as the
+    whole file in one go: text files (a line is a line), and CSV files where every line is
+    one row (no quotes, no monster line) once the layout is read from the first rows."""
+
+    fmt: str
+    lines: list[str]
+    layout: CsvLayout | None
+    ranges: list[tuple[int, int]]  # [start, end) indexes into lines
+
+
+def plan_slices(text: str, fmt: str, opts: FeedOptions, size: int) -> Slices | None:
+    """Slices of ``size`` lines, or None when the file cannot be cut (vCard, quoted CSV).
+    Raises FeedError as parse_feed would (e.g. --column names no column)."""
+    if fmt not in ("text", "csv"):
+        return None
+    lines = split_lines(text)
+    layout, start = None, 0
+    if fmt == "csv":
+        if not _one_row_a_line(lines):
+            return None
+        layout, _ = _csv_start(lines, opts)
+        start = layout.header_line  # lines before the header are blank or comments: no items
+    return Slices(fmt, lines, layout, [(a, min(a + size, len(lines))) for a in range(start, len(lines), size)])
+
+
+def parse_slice(slices: Slices, i: int, opts: FeedOptions) -> Chunk:
+    """Slice ``i`` parsed into one Chunk (what a worker process runs)."""
+    a, b = slices.ranges[i]
+    part = slices.lines[a:b]
+    if slices.layout is None:
+        items = _parse_text(part, opts, a + 1)
+    else:
+        rows = enumerate(csv.reader(part, delimiter=slices.layout.delimiter, skipinitialspace=True), a + 1)
+        items = _csv_data(rows, slices.layout, opts)
+    chunk = next(chunked(items, size=b - a + 1), None) or Chunk()
+    chunk.last_line = b
+    return chunk
+
+
 # ------------------------------------------------------------------------------ duplicates
 class Seen:
     """First line of every (list, pattern) in one import: a repeated number counts once.
@@ -603,7 +725,10 @@ class Seen:
 
     def first_line(self, line_no: int, e: Entry) -> int | None:
         """None the first time an entry's pattern appears, else the line it first appeared on."""
-        num = exact_num(e.pattern)
-        key: object = (num if e.list == "block" else -num) if num is not None else (e.list, e.pattern.text)
+        return self.first(line_no, e.list, e.pattern.text, exact_num(e.pattern))
+
+    def first(self, line_no: int, list_name: str, text: str, num: int | None) -> int | None:
+        """first_line for a Chunk's columns (pattern text and compact key)."""
+        key: object = (num if list_name == "block" else -num) if num is not None else (list_name, text)
         first = self._first.setdefault(key, line_no)
         return None if first == line_no else first

@@ -12,7 +12,9 @@ database could not be used; 2 usage mistake; 3 nothing written because lines wer
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import csv
 import sys
 import time
@@ -24,14 +26,14 @@ from .config import Settings
 from .decisionlog import escape_text
 from .durations import parse_offset_or_date
 from .errors import EdgefilterError
-from .feeds import FeedError, FeedOptions, Seen, count_lines, decode, detect_format, parse_feed
-from .lists import Entry
+from .feeds import FeedError, FeedOptions, Seen, count_lines, decode, detect_format
+from .feedworkers import default_jobs, parse_chunks
+from .store import StagedRow
 from .stores import open_store, store_exists
 
 EXIT_REFUSED = 3
 #: Refused lines printed one by one; past this only the count is kept (a garbage file has millions).
 MAX_SHOWN = 1000
-STAGE_BATCH = 20000
 
 
 class Progress:
@@ -124,35 +126,44 @@ async def cmd_import(args, settings: Settings, *, now: float | None = None) -> i
             print(f"{shown_name}:{line_no}: {escape_text(reason, 300)}", file=err)
 
     try:
-        items = parse_feed(text, fmt, opts)
-        async with open_store(settings) as store:
+        # the workers (feedworkers) start before the database is opened; chunks come in file order
+        chunks = parse_chunks(text, fmt, opts, getattr(args, "jobs", None) or default_jobs())
+        del text
+        metas: dict[tuple, tuple] = {}  # one meta object per distinct meta: staging compares identity
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(chunks.close)  # type: ignore[attr-defined]  # workers stop on any exit
+            store = await stack.enter_async_context(open_store(settings))
             await store.begin_import()
-            batch: list[Entry] = []
-            staging: asyncio.Task | None = None  # SQLite stages one batch while the next is parsed
-            for line_no, item in items:
-                if not line_no & 1023:
-                    progress.update(line_no)
-                if isinstance(item, str):
-                    report(line_no, item)
-                    continue
-                first = seen.first_line(line_no, item)
-                if first is not None:
-                    duplicates += 1
-                    if duplicates <= MAX_SHOWN:
-                        progress.clear()
-                        print(f"{shown_name}:{line_no}: duplicate of line {first} ({item.pattern.text}); counted once", file=err)
-                    continue
-                good += 1
-                batch.append(item)
-                if len(batch) >= STAGE_BATCH:
-                    if staging is not None:
-                        await staging
-                    staging = asyncio.ensure_future(store.stage_import(batch))
-                    batch = []
-                    await asyncio.sleep(0)  # let the staging task hand its batch to SQLite's thread
+            staging: asyncio.Task | None = None  # SQLite stages one chunk while the next is handled
+            first = seen.first
+            while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+                shared = [metas.setdefault(m, m) for m in chunk.metas]
+                refusals, r = chunk.refused, 0
+                rows: list[StagedRow] = []
+                append = rows.append
+                for line_no, text_, num, mid in zip(chunk.lines, chunk.patterns, chunk.nums, chunk.meta_ids):
+                    while r < len(refusals) and refusals[r][0] < line_no:  # messages in line order
+                        report(*refusals[r])
+                        r += 1
+                    meta = shared[mid]
+                    dup = first(line_no, meta[0], text_, num)
+                    if dup is not None:
+                        duplicates += 1
+                        if duplicates <= MAX_SHOWN:
+                            progress.clear()
+                            print(f"{shown_name}:{line_no}: duplicate of line {dup} ({text_}); counted once", file=err)
+                        continue
+                    append((text_, num, meta))
+                for item in refusals[r:]:
+                    report(*item)
+                good += len(rows)
+                if staging is not None:
+                    await staging
+                staging = asyncio.ensure_future(store.stage_rows(rows))
+                await asyncio.sleep(0)  # let the staging task hand its rows to SQLite's thread
+                progress.update(chunk.last_line)
             if staging is not None:
                 await staging
-            await store.stage_import(batch)
             del seen
             progress.clear()
             if refused > MAX_SHOWN:
@@ -175,6 +186,16 @@ async def cmd_import(args, settings: Settings, *, now: float | None = None) -> i
         raise EdgefilterError(f"{shown_name}: {e}") from None
     _totals(out, fmt, good, duplicates, refused, result, args.dry_run)
     return 0
+
+
+def _jobs(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of processes, 1 or more")
+    return n
 
 
 def _default_source(path: Path) -> str:
@@ -254,6 +275,8 @@ def add_parsers(sub, common, lists: tuple[str, ...]) -> None:
                    help="also delete this source's entries (on --list) that are not in the file")
     p.add_argument("--expires", metavar="WHEN", help="entries expire: duration from now (30d) or a date (YYYY-MM-DD)")
     p.add_argument("--dry-run", action="store_true", help="report what would change; write nothing")
+    p.add_argument("--jobs", "-j", type=_jobs, metavar="N",
+                   help="processes parsing a big file (default: one per CPU; 1: this process only)")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("export", parents=[common], help="write list entries as text or CSV (re-importable)")

@@ -27,7 +27,7 @@ import aiosqlite
 from .errors import StoreError
 from .lists import LISTS, Entry, ListIndex, Pattern, exact_num
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 def _num_sql(row: str = "") -> str:
@@ -166,7 +166,7 @@ MIGRATIONS: dict[int, str] = {
     # 3 (issue 6, lists at scale; merged after 4-6, see LATE_MIGRATIONS): exact numbers get an
     # int64 key (num) and a shared metadata
     # profile so that the service loads 10 million entries as two arrays, not 10 million rows of
-    # text. Triggers keep num/profile right for writers that do not know about them.
+    # text. A trigger drops the profile of a row whose metadata a writer changes.
     3: f"""
     ALTER TABLE entries ADD COLUMN num INTEGER;
     ALTER TABLE entries ADD COLUMN profile INTEGER;
@@ -184,13 +184,25 @@ MIGRATIONS: dict[int, str] = {
     CREATE INDEX IF NOT EXISTS entries_num ON entries (list, num, profile) WHERE num IS NOT NULL;
     CREATE INDEX IF NOT EXISTS entries_loose ON entries (list, pattern) WHERE num IS NULL;
     CREATE INDEX IF NOT EXISTS entries_unprofiled ON entries (list, pattern) WHERE num IS NOT NULL AND profile IS NULL;
-    CREATE TRIGGER IF NOT EXISTS entries_num_insert AFTER INSERT ON entries
-        WHEN NEW.num IS NULL AND NEW.kind = 'exact'
-        BEGIN UPDATE entries SET num = {_num_sql("NEW.")} WHERE list = NEW.list AND pattern = NEW.pattern; END;
+    -- (a trigger entries_num_insert filling num on INSERT was created here until migration 7
+    -- dropped it; it is no longer created, so a late-applied 3 does not bring it back)
     CREATE TRIGGER IF NOT EXISTS entries_profile_stale AFTER UPDATE OF category, note, source, created_at, expires_at ON entries
         WHEN NEW.profile IS NOT NULL
         BEGIN UPDATE entries SET profile = NULL WHERE list = NEW.list AND pattern = NEW.pattern; END;
     {ASSIGN_PROFILES}
+    """,
+    # 7 (issue 6, imports at scale): the per-row AFTER INSERT trigger that filled num for writers
+    # which do not set it cost a bulk import ~2 s per million rows even when it did nothing. Every
+    # edgefilter writer sets num; a row written without it (a foreign writer) still loads, through
+    # the generic path (entries_loose), just as a Python object instead of two array slots.
+    # The key index held every exact number a second time (its key is its pattern without '+'):
+    # it now holds only the rows the compact path does not (prefixes, masks, short numbers), and
+    # masks get an index of their own, so candidates() reads only indexes, never the whole table.
+    7: """
+    DROP TRIGGER IF EXISTS entries_num_insert;
+    DROP INDEX IF EXISTS entries_key;
+    CREATE INDEX IF NOT EXISTS entries_key ON entries (key) WHERE num IS NULL;
+    CREATE INDEX IF NOT EXISTS entries_masks ON entries (length(key)) WHERE kind = 'mask';
     """,
 }
 
@@ -333,9 +345,25 @@ def describe_sqlite_error(path: str, exc: BaseException) -> str:
     return f"{path}: database error: {exc}"
 
 
+#: One entry as an import stages it: (pattern text, its compact key (lists.exact_num) or None,
+#: meta) with meta = (list, category, note, source, created_at, expires_at). A feed's entries share
+#: a handful of meta tuples (the same object, not equal copies), which is what makes a
+#: million-line import cheap to stage: no Entry object is needed per line.
+StagedRow = tuple[str, "int | None", tuple]
+
+
+def staged_row(e: Entry) -> StagedRow:
+    """The StagedRow of an Entry (callers that have Entry objects; bulk imports build rows directly)."""
+    return e.pattern.text, exact_num(e.pattern), (e.list, e.category, e.note, e.source, e.created_at, e.expires_at)
+
+
 class BatchedImport:
-    """``import_entries`` for any store with begin_import / stage_import / apply_import: the same
-    staging loop on SQLite and PostgreSQL, written once."""
+    """``import_entries`` and ``stage_import`` for any store with begin_import / stage_rows /
+    apply_import: the same staging loop on SQLite and PostgreSQL, written once."""
+
+    async def stage_import(self, entries: Iterable[Entry]) -> None:
+        """Add entries to the import being staged (the first of a duplicate pattern wins)."""
+        await self.stage_rows([staged_row(e) for e in entries])
 
     async def import_entries(
         self, entries: Iterable[Entry], *, replace_source: str | None = None, lists: Sequence[str] = LISTS,
@@ -433,15 +461,17 @@ class Store(BatchedImport):
             raise StoreError(
                 f"{self.path}: database schema v{version} is newer than this edgefilter (v{SCHEMA_VERSION}); upgrade edgefilter"
             )
-        for v in range(version + 1, SCHEMA_VERSION + 1):
+        for v in range(1, SCHEMA_VERSION + 1):  # in version order: a late one before those after it
             if v not in MIGRATIONS:  # a number reserved for a change not merged yet
                 continue
-            await self.db.executescript("BEGIN IMMEDIATE;\n" + MIGRATIONS[v] + f"\nPRAGMA user_version = {v};\nCOMMIT;")
-        for v, (table, column) in LATE_MIGRATIONS.items():
-            # a database that went past v while its number was still reserved lacks it
-            cur = await self.db.execute(f"SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?", (column,))
-            if await cur.fetchone() is None:
-                await self.db.executescript("BEGIN IMMEDIATE;\n" + MIGRATIONS[v] + "\nCOMMIT;")
+            if v > version:
+                await self.db.executescript("BEGIN IMMEDIATE;\n" + MIGRATIONS[v] + f"\nPRAGMA user_version = {v};\nCOMMIT;")
+            elif v in LATE_MIGRATIONS:
+                # a database that went past v while its number was still reserved lacks it
+                table, column = LATE_MIGRATIONS[v]
+                cur = await self.db.execute(f"SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?", (column,))
+                if await cur.fetchone() is None:
+                    await self.db.executescript("BEGIN IMMEDIATE;\n" + MIGRATIONS[v] + "\nCOMMIT;")
         return SCHEMA_VERSION
 
     async def schema_version(self) -> int:
@@ -550,9 +580,11 @@ class Store(BatchedImport):
         await self.db.execute("DROP TABLE IF EXISTS temp.import_profiles")
         # staged rows arrive in file order (random keys): appended to a heap, then copied once,
         # sorted, into the keyed table in apply_import (B-tree appends instead of random inserts)
-        await self.db.execute("CREATE TEMP TABLE import_heap (list TEXT NOT NULL, pattern TEXT NOT NULL, profile INTEGER NOT NULL)")
         await self.db.execute(
-            "CREATE TEMP TABLE import_stage (list TEXT NOT NULL, pattern TEXT NOT NULL, profile INTEGER NOT NULL, "
+            "CREATE TEMP TABLE import_heap (list TEXT NOT NULL, pattern TEXT NOT NULL, num INTEGER, profile INTEGER NOT NULL)"
+        )
+        await self.db.execute(
+            "CREATE TEMP TABLE import_stage (list TEXT NOT NULL, pattern TEXT NOT NULL, num INTEGER, profile INTEGER NOT NULL, "
             "st TEXT, PRIMARY KEY (list, pattern)) WITHOUT ROWID"
         )
         await self.db.execute(
@@ -578,17 +610,17 @@ class Store(BatchedImport):
             self._used_profiles[pid] = meta
         return pid
 
-    async def stage_import(self, entries: Iterable[Entry]) -> None:
-        """Add entries to the staging table (the first of a duplicate pattern wins)."""
-        rows = []
+    async def stage_rows(self, rows: Sequence[StagedRow]) -> None:
+        """Add rows to the staging table (the first of a duplicate pattern wins)."""
+        out = []
+        append = out.append
         last_meta, pid = None, 0
-        for e in entries:
-            meta = (e.list, e.category, e.note, e.source, e.created_at, e.expires_at)
-            if meta != last_meta:  # consecutive entries of a feed share everything but the pattern
+        for text, num, meta in rows:
+            if meta is not last_meta and meta != last_meta:  # a feed's consecutive rows share one meta
                 pid = self._staged_profile(meta)
                 last_meta = meta
-            rows.append((e.list, e.pattern.text, pid))
-        await self.db.executemany("INSERT INTO temp.import_heap VALUES (?, ?, ?)", rows)
+            append((meta[0], text, num, pid))
+        await self.db.executemany("INSERT INTO temp.import_heap VALUES (?, ?, ?, ?)", out)
         await self.db.commit()
 
     async def apply_import(
@@ -603,7 +635,7 @@ class Store(BatchedImport):
         """
         # sorted by key (appends to the keyed table); the first staged of a duplicate pattern wins
         await self.db.execute(
-            "INSERT OR IGNORE INTO temp.import_stage SELECT list, pattern, profile, NULL FROM temp.import_heap "
+            "INSERT OR IGNORE INTO temp.import_stage SELECT list, pattern, num, profile, NULL FROM temp.import_heap "
             "ORDER BY list, pattern, rowid"
         )
         await self.db.execute("DROP TABLE temp.import_heap")
@@ -630,18 +662,18 @@ class Store(BatchedImport):
                        FROM main.entries e JOIN temp.import_profiles p ON p.prov = s.profile
                        WHERE e.list = s.list AND e.pattern = s.pattern), 'add')"""
             )
-            num = (
-                "CASE WHEN s.pattern GLOB '+[0-9]*' AND substr(s.pattern, 2) NOT GLOB '*[^0-9]*' "
-                "AND length(s.pattern) <= 19 THEN CAST('1' || substr(s.pattern, 2) AS INTEGER) END"
-            )
+            # num was computed while staging (lists.exact_num); kind and key follow from the
+            # canonical text (as Pattern.from_text reads it), spelt out only for the rare non-numbers
             await self.db.execute(
                 f"""INSERT INTO main.entries ({ENTRY_COLUMNS}, num, profile)
                     SELECT s.list, s.pattern,
-                           CASE WHEN s.pattern GLOB '*[*]' THEN 'prefix' WHEN instr(s.pattern, '#') THEN 'mask' ELSE 'exact' END,
-                           CASE WHEN s.pattern GLOB '*[*]' THEN substr(s.pattern, 2, length(s.pattern) - 2)
+                           CASE WHEN s.num IS NOT NULL THEN 'exact' WHEN s.pattern GLOB '*[*]' THEN 'prefix'
+                                WHEN instr(s.pattern, '#') THEN 'mask' ELSE 'exact' END,
+                           CASE WHEN s.num IS NOT NULL THEN substr(s.pattern, 2)
+                                WHEN s.pattern GLOB '*[*]' THEN substr(s.pattern, 2, length(s.pattern) - 2)
                                 ELSE ltrim(s.pattern, '+') END,
-                           p.category, p.note, p.source, p.created_at, p.expires_at, {num},
-                           CASE WHEN {num} IS NULL THEN NULL ELSE p.real END
+                           p.category, p.note, p.source, p.created_at, p.expires_at, s.num,
+                           CASE WHEN s.num IS NOT NULL THEN p.real END
                     FROM temp.import_stage s JOIN temp.import_profiles p ON p.prov = s.profile
                     WHERE s.st = 'add' ORDER BY s.list, s.pattern"""
             )
@@ -736,9 +768,10 @@ class Store(BatchedImport):
         keys = [digits[:i] for i in range(1, len(digits) + 1)]
         marks = ", ".join("?" * len(keys))
         cur = await self.db.execute(
-            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE (key IN ({marks}) AND kind != 'mask') "
-            "OR (kind = 'mask' AND length(key) = ?)",
-            (*keys, len(digits)),
+            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE list IN ('block', 'allow') AND pattern IN (?, ?) "
+            f"UNION ALL SELECT {ENTRY_COLUMNS} FROM entries WHERE num IS NULL AND kind = 'prefix' AND key IN ({marks}) "
+            f"UNION ALL SELECT {ENTRY_COLUMNS} FROM entries WHERE kind = 'mask' AND length(key) = ?",
+            ("+" + digits, digits, *keys, len(digits)),
         )
         return [entry_from_row(r) for r in await cur.fetchall()]
 
