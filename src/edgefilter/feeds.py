@@ -732,3 +732,18 @@ class Seen:
         key: object = (num if list_name == "block" else -num) if num is not None else (list_name, text)
         first = self._first.setdefault(key, line_no)
         return None if first == line_no else first
+
+    def repeats(self, chunk: Chunk, lists: list[str]) -> dict[int, int]:
+        """{index in chunk: first line} for the chunk's entries seen before (``lists``: the list
+        of each of the chunk's metas). One call a chunk: this runs once a line of big files."""
+        out: dict[int, int] = {}
+        first = self._first.setdefault
+        for i, (line_no, num, mid) in enumerate(zip(chunk.lines, chunk.nums, chunk.meta_ids)):
+            name = lists[mid]
+            if num is None:
+                f = first((name, chunk.patterns[i]), line_no)
+            else:
+                f = first(num if name == "block" else -num, line_no)
+            if f != line_no:
+                out[i] = f
+        return out

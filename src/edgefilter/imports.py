@@ -26,7 +26,7 @@ from .config import Settings
 from .decisionlog import escape_text
 from .durations import parse_offset_or_date
 from .errors import EdgefilterError
-from .feeds import FeedError, FeedOptions, Seen, count_lines, decode, detect_format
+from .feeds import Chunk, FeedError, FeedOptions, Seen, count_lines, decode, detect_format
 from .feedworkers import default_jobs, parse_chunks
 from .store import StagedRow
 from .stores import open_store, store_exists
@@ -125,6 +125,13 @@ async def cmd_import(args, settings: Settings, *, now: float | None = None) -> i
             progress.clear()
             print(f"{shown_name}:{line_no}: {escape_text(reason, 300)}", file=err)
 
+    def duplicate(line_no: int, first: int, text: str) -> None:
+        nonlocal duplicates
+        duplicates += 1
+        if duplicates <= MAX_SHOWN:
+            progress.clear()
+            print(f"{shown_name}:{line_no}: duplicate of line {first} ({text}); counted once", file=err)
+
     try:
         # the workers (feedworkers) start before the database is opened; chunks come in file order
         chunks = parse_chunks(text, fmt, opts, getattr(args, "jobs", None) or default_jobs())
@@ -135,27 +142,13 @@ async def cmd_import(args, settings: Settings, *, now: float | None = None) -> i
             store = await stack.enter_async_context(open_store(settings))
             await store.begin_import()
             staging: asyncio.Task | None = None  # SQLite stages one chunk while the next is handled
-            first = seen.first
             while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
                 shared = [metas.setdefault(m, m) for m in chunk.metas]
-                refusals, r = chunk.refused, 0
-                rows: list[StagedRow] = []
-                append = rows.append
-                for line_no, text_, num, mid in zip(chunk.lines, chunk.patterns, chunk.nums, chunk.meta_ids):
-                    while r < len(refusals) and refusals[r][0] < line_no:  # messages in line order
-                        report(*refusals[r])
-                        r += 1
-                    meta = shared[mid]
-                    dup = first(line_no, meta[0], text_, num)
-                    if dup is not None:
-                        duplicates += 1
-                        if duplicates <= MAX_SHOWN:
-                            progress.clear()
-                            print(f"{shown_name}:{line_no}: duplicate of line {dup} ({text_}); counted once", file=err)
-                        continue
-                    append((text_, num, meta))
-                for item in refusals[r:]:
-                    report(*item)
+                repeats = seen.repeats(chunk, [m[0] for m in shared])
+                if not repeats and not chunk.refused:  # most chunks of a clean feed
+                    rows = [(t, n, shared[m]) for t, n, m in zip(chunk.patterns, chunk.nums, chunk.meta_ids)]
+                else:
+                    rows = _rows_reporting(chunk, shared, repeats, report, duplicate)
                 good += len(rows)
                 if staging is not None:
                     await staging
@@ -186,6 +179,24 @@ async def cmd_import(args, settings: Settings, *, now: float | None = None) -> i
         raise EdgefilterError(f"{shown_name}: {e}") from None
     _totals(out, fmt, good, duplicates, refused, result, args.dry_run)
     return 0
+
+
+def _rows_reporting(chunk: Chunk, shared: list[tuple], repeats: dict[int, int], report, duplicate) -> list[StagedRow]:
+    """A chunk's rows to stage, its refusals and repeats reported in line order on the way."""
+    refusals, r = chunk.refused, 0
+    rows: list[StagedRow] = []
+    for i, (line_no, text, num, mid) in enumerate(zip(chunk.lines, chunk.patterns, chunk.nums, chunk.meta_ids)):
+        while r < len(refusals) and refusals[r][0] < line_no:
+            report(*refusals[r])
+            r += 1
+        first = repeats.get(i)
+        if first is not None:
+            duplicate(line_no, first, text)
+        else:
+            rows.append((text, num, shared[mid]))
+    for item in refusals[r:]:
+        report(*item)
+    return rows
 
 
 def _jobs(text: str) -> int:

@@ -614,11 +614,12 @@ class Store(BatchedImport):
         """Add rows to the staging table (the first of a duplicate pattern wins)."""
         out = []
         append = out.append
-        last_meta, pid = None, 0
+        pids: dict[int, int] = {}  # by id(): a feed's rows share a few meta objects (alive in rows)
+        get = pids.get
         for text, num, meta in rows:
-            if meta is not last_meta and meta != last_meta:  # a feed's consecutive rows share one meta
-                pid = self._staged_profile(meta)
-                last_meta = meta
+            pid = get(id(meta))
+            if pid is None:
+                pid = pids[id(meta)] = self._staged_profile(meta)
             append((meta[0], text, num, pid))
         await self.db.executemany("INSERT INTO temp.import_heap VALUES (?, ?, ?, ?)", out)
         await self.db.commit()
@@ -634,10 +635,11 @@ class Store(BatchedImport):
         the same counts and rolls back.
         """
         # sorted by key (appends to the keyed table); the first staged of a duplicate pattern wins
-        await self.db.execute(
+        cur = await self.db.execute(
             "INSERT OR IGNORE INTO temp.import_stage SELECT list, pattern, num, profile, NULL FROM temp.import_heap "
             "ORDER BY list, pattern, rowid"
         )
+        staged = cur.rowcount
         await self.db.execute("DROP TABLE temp.import_heap")
         await self.db.commit()
         await self.db.execute("BEGIN IMMEDIATE")
@@ -655,16 +657,16 @@ class Store(BatchedImport):
                 """UPDATE temp.import_profiles AS n SET real = (SELECT p.id FROM main.profiles p WHERE p.sig =
                        json_array(n.list, n.category, n.note, n.source, n.created_at, n.expires_at)) WHERE prov < 0"""
             )
+            # st stays NULL for a new entry: only the rows already in the list are written here
             await self.db.execute(
-                """UPDATE temp.import_stage AS s SET st = COALESCE((
-                       SELECT CASE WHEN e.category IS p.category AND e.note IS p.note AND e.source IS p.source
-                                    AND e.expires_at IS p.expires_at THEN 'same' ELSE 'upd' END
-                       FROM main.entries e JOIN temp.import_profiles p ON p.prov = s.profile
-                       WHERE e.list = s.list AND e.pattern = s.pattern), 'add')"""
+                """UPDATE temp.import_stage AS s SET st = CASE WHEN e.category IS p.category AND e.note IS p.note
+                           AND e.source IS p.source AND e.expires_at IS p.expires_at THEN 'same' ELSE 'upd' END
+                   FROM main.entries AS e, temp.import_profiles AS p
+                   WHERE e.list = s.list AND e.pattern = s.pattern AND p.prov = s.profile"""
             )
             # num was computed while staging (lists.exact_num); kind and key follow from the
             # canonical text (as Pattern.from_text reads it), spelt out only for the rare non-numbers
-            await self.db.execute(
+            cur = await self.db.execute(
                 f"""INSERT INTO main.entries ({ENTRY_COLUMNS}, num, profile)
                     SELECT s.list, s.pattern,
                            CASE WHEN s.num IS NOT NULL THEN 'exact' WHEN s.pattern GLOB '*[*]' THEN 'prefix'
@@ -675,17 +677,19 @@ class Store(BatchedImport):
                            p.category, p.note, p.source, p.created_at, p.expires_at, s.num,
                            CASE WHEN s.num IS NOT NULL THEN p.real END
                     FROM temp.import_stage s JOIN temp.import_profiles p ON p.prov = s.profile
-                    WHERE s.st = 'add' ORDER BY s.list, s.pattern"""
+                    WHERE s.st IS NULL ORDER BY s.list, s.pattern"""
             )
-            await self.db.execute(
+            added = cur.rowcount
+            cur = await self.db.execute(
                 """UPDATE main.entries SET category = p.category, note = p.note, source = p.source,
                        expires_at = p.expires_at, profile = NULL
                    FROM temp.import_stage AS s JOIN temp.import_profiles AS p ON p.prov = s.profile
                    WHERE s.st = 'upd' AND entries.list = s.list AND entries.pattern = s.pattern"""
             )
+            updated = cur.rowcount
             await self.db.execute(
                 "INSERT INTO main.changes (list, pattern, op) SELECT list, pattern, 'put' FROM temp.import_stage "
-                "WHERE st IN ('add', 'upd') ORDER BY list, pattern"
+                "WHERE st IS NULL OR st = 'upd' ORDER BY list, pattern"
             )
             removed = 0
             if replace_source is not None:
@@ -704,8 +708,6 @@ class Store(BatchedImport):
                 )
                 removed = cur.rowcount
             await self._assign_profiles()
-            cur = await self.db.execute("SELECT st, COUNT(*) FROM temp.import_stage GROUP BY st")
-            by = dict(await cur.fetchall())
         except BaseException:
             await self.db.rollback()
             raise
@@ -716,7 +718,7 @@ class Store(BatchedImport):
         await self.db.execute("DROP TABLE IF EXISTS temp.import_stage")
         await self.db.execute("DROP TABLE IF EXISTS temp.import_profiles")
         await self.db.commit()
-        return ImportResult(by.get("add", 0), by.get("upd", 0), by.get("same", 0), removed)
+        return ImportResult(added, updated, staged - added - updated, removed)
 
     async def remove_source(self, source: str, list_name: str | None = None) -> int:
         """Delete every entry a source brought in (one transaction, with 'del' changes)."""
