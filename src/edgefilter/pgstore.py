@@ -225,10 +225,15 @@ MIGRATIONS: dict[int, str] = {
     """,
     # 6 (SQLite 6: node + key on calls and challenge outcomes): PostgreSQL has had them since 1 and 5.
     6: "SELECT 1",
-    # 7: masks get an index of their own, so candidates() reads only indexes (SQLite also drops
-    # a per-row trigger that slowed bulk imports; PostgreSQL keeps its BEFORE INSERT trigger,
-    # skipped by its WHEN clause without running PL/pgSQL).
-    7: "CREATE INDEX IF NOT EXISTS entries_masks ON entries (length(key)) WHERE kind = 'mask'",
+    # 7 (as SQLite's): the key index keeps only rows without a compact key (exact numbers are
+    # found by their pattern), masks get an index of their own: candidates() reads only indexes
+    # and a bulk import maintains one index less. (SQLite also drops a per-row trigger;
+    # PostgreSQL keeps its BEFORE INSERT trigger, skipped by its WHEN clause without PL/pgSQL.)
+    7: """
+    DROP INDEX IF EXISTS entries_key;
+    CREATE INDEX entries_key ON entries (key) WHERE num IS NULL;
+    CREATE INDEX IF NOT EXISTS entries_masks ON entries (length(key)) WHERE kind = 'mask';
+    """,
 }
 
 #: Migrations merged after higher numbers had shipped (same numbers as store.LATE_MIGRATIONS).
@@ -487,9 +492,10 @@ class PgStore(BatchedImport):
         keys = [digits[:i] for i in range(1, len(digits) + 1)]
         async with self._connection() as c:
             rows = await c.fetch(
-                f"SELECT {ENTRY_COLUMNS} FROM entries WHERE key = ANY($1::text[]) AND kind != 'mask' "
+                f"SELECT {ENTRY_COLUMNS} FROM entries WHERE list IN ('block', 'allow') AND pattern = ANY($3::text[]) "
+                f"UNION ALL SELECT {ENTRY_COLUMNS} FROM entries WHERE num IS NULL AND kind = 'prefix' AND key = ANY($1::text[]) "
                 f"UNION ALL SELECT {ENTRY_COLUMNS} FROM entries WHERE kind = 'mask' AND length(key) = $2",
-                keys, len(digits),
+                keys, len(digits), ["+" + digits, digits],
             )
         return [entry_from_row(r) for r in rows]
 
