@@ -625,7 +625,7 @@ class PgStore(BatchedImport):
             self._import_conn = await self.pool.acquire(timeout=self._connect_timeout + 1)
             await self._import_conn.execute(
                 "CREATE TEMP TABLE import_stage (seq BIGSERIAL, list TEXT COLLATE \"C\", pattern TEXT COLLATE \"C\", "
-                "category TEXT, note TEXT, source TEXT, created_at DOUBLE PRECISION, expires_at DOUBLE PRECISION)"
+                "num BIGINT, category TEXT, note TEXT, source TEXT, created_at DOUBLE PRECISION, expires_at DOUBLE PRECISION)"
             )
         except _DB_ERRORS as e:
             await self._end_import()
@@ -642,7 +642,7 @@ class PgStore(BatchedImport):
 
     async def stage_rows(self, rows: Sequence[StagedRow]) -> None:
         """Add rows to the staging table by COPY (the first of a duplicate pattern wins)."""
-        records = [(m[0], text, m[1], m[2], m[3], m[4], m[5]) for text, _num, m in rows]
+        records = [(m[0], text, num, m[1], m[2], m[3], m[4], m[5]) for text, num, m in rows]
         if not records:
             return
         c = self._import_conn
@@ -651,7 +651,7 @@ class PgStore(BatchedImport):
         try:
             await c.copy_records_to_table(
                 "import_stage", records=records,
-                columns=["list", "pattern", "category", "note", "source", "created_at", "expires_at"],
+                columns=["list", "pattern", "num", "category", "note", "source", "created_at", "expires_at"],
             )
         except _DB_ERRORS as e:
             await self._end_import()
@@ -667,18 +667,17 @@ class PgStore(BatchedImport):
         c = self._import_conn
         if c is None:
             raise StoreError(f"{self.where}: apply_import before begin_import")
-        num = "CASE WHEN s.pattern ~ '^[+][0-9]{1,18}$' THEN ('1' || substr(s.pattern, 2))::bigint END"
         try:
             tx = c.transaction()
             await tx.start()
             try:
                 await c.execute(
-                    f"""CREATE TEMP TABLE import_rows ON COMMIT DROP AS
+                    """CREATE TEMP TABLE import_rows ON COMMIT DROP AS
                         SELECT s.list, s.pattern,
                                CASE WHEN s.pattern LIKE '%*' THEN 'prefix' WHEN strpos(s.pattern, '#') > 0 THEN 'mask' ELSE 'exact' END AS kind,
                                CASE WHEN s.pattern LIKE '%*' THEN substr(s.pattern, 2, length(s.pattern) - 2)
                                     ELSE ltrim(s.pattern, '+') END AS key,
-                               s.category, s.note, s.source, s.created_at, s.expires_at, {num} AS num,
+                               s.category, s.note, s.source, s.created_at, s.expires_at, s.num,
                                CASE WHEN e.list IS NULL THEN 'add'
                                     WHEN (e.category, e.note, e.source, e.expires_at) IS NOT DISTINCT FROM
                                          (s.category, s.note, s.source, s.expires_at) THEN 'same'
