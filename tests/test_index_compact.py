@@ -203,3 +203,50 @@ def test_exact_and_exact_keys_see_compact_numbers_each_once():
     assert sorted(e.list for e in index.exact("8613800138001")) == ["allow", "block"]
     assert index.exact("8613800138000") == []
     assert [e.pattern.text for e in index.exact("8613900139000")] == ["+8613900139000"]
+
+
+def test_packed_read_gives_the_rows_in_key_order_or_falls_back_to_them(tmp_path, monkeypatch):
+    """read_compact packs (num, profile) into one integer per row when 64 bits leave room; each
+    way out of that (many profiles, long keys, a profile id beyond the profiles table) must read
+    exactly what the row-by-row query reads, across chunk boundaries."""
+    import sqlite3
+
+    from edgefilter import store as store_mod
+
+    monkeypatch.setattr(store_mod, "COMPACT_CHUNK", 37)
+    used = []
+    packed = store_mod._read_compact_packed
+    monkeypatch.setattr(store_mod, "_read_compact_packed", lambda *a: used.append(packed(*a)) or used[-1])
+
+    def case(name, profiles, pick, extra=()):
+        db = str(tmp_path / f"{name}.db")
+        async def migrate():
+            async with Store.open(db):
+                pass
+
+        asyncio.run(migrate())
+        con = sqlite3.connect(db, isolation_level=None)
+        con.execute("BEGIN")
+        con.executemany("INSERT INTO profiles (id, sig, list, category, note, source, created_at) VALUES (?, ?, 'block', '', '', ?, 1.0)",
+                        [(p, f"sig{p}", f"s{p}") for p in range(1, profiles + 1)])
+        rnd = random.Random(name)
+        digits = sorted({f"86138{rnd.randrange(10**8):08d}" for _ in range(500)})
+        con.executemany(
+            "INSERT INTO entries (list, pattern, kind, key, source, created_at, num, profile) VALUES (?, ?, 'exact', ?, 's', 1.0, ?, ?)",
+            [(rnd.choice(["block", "block", "allow"]) if d not in extra else "block", "+" + d, d, digits_num(d), pick(rnd))
+             for d in digits + list(extra)],
+        )
+        con.execute("COMMIT")
+        used.clear()
+        for list_name in ("block", "allow"):
+            want = con.execute("SELECT num, profile FROM entries WHERE list = ? AND num IS NOT NULL AND profile IS NOT NULL "
+                               "ORDER BY num", (list_name,)).fetchall()
+            keys, pids = store_mod.read_compact(con, list_name, profiles)
+            assert list(zip(keys, pids)) == want and len(want) > 100
+        return used
+
+    assert case("few", 3, lambda r: r.randrange(1, 4)) == [True, True]  # 8 bits for the profile id
+    assert case("some", 300, lambda r: r.randrange(1, 301)) == [True, True]  # 16 bits
+    assert case("many", 70000, lambda r: r.randrange(1, 70001)) == []  # no room: row by row
+    assert case("long", 3, lambda r: 1, extra=["861380013800012345"]) == [True]  # 18 digits: block row by row
+    assert case("dangling", 3, lambda r: r.choice([1, 2, 3, 3, 3, 3, 999])) == [False, False]  # packed, refused, re-read
