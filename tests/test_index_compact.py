@@ -250,3 +250,67 @@ def test_packed_read_gives_the_rows_in_key_order_or_falls_back_to_them(tmp_path,
     assert case("many", 70000, lambda r: r.randrange(1, 70001)) == []  # no room: row by row
     assert case("long", 3, lambda r: 1, extra=["861380013800012345"]) == [True]  # 18 digits: block row by row
     assert case("dangling", 3, lambda r: r.choice([1, 2, 3, 3, 3, 3, 999])) == [False, False]  # packed, refused, re-read
+
+
+def test_lookup_agrees_with_the_rules_read_literally():
+    """lookup is written for speed (inlined search, no dict of candidates); here the rules are
+    read literally: among the active entries matching the digits, take each list's most specific
+    (Pattern.fixed_digits); the winner is the more specific of the two, allow at equal; the
+    other list's best is the shadowed one. Compact and dict entries, changes and expiry mixed."""
+    rnd = random.Random(17)
+    numbers = sorted({f"8613800{rnd.randrange(400):03d}{rnd.randrange(30):03d}" for _ in range(300)})
+
+    def matches(p, d):
+        if p.kind == "exact":
+            return p.key == d
+        if p.kind == "prefix":
+            return d.startswith(p.key)
+        return len(p.key) == len(d) and all(m in ("#", c) for m, c in zip(p.key, d))
+
+    profiles = {1: ("fraud", "", "feed", 1.0, None), 2: ("", "n", "crm", 1.0, 150.0), 3: ("x", "", "old", 1.0, 50.0)}
+    index, live = ListIndex(), {}
+    for list_name in ("block", "allow"):
+        mine = sorted(rnd.sample(numbers, 120))
+        pids = [rnd.choice([1, 1, 2, 3]) for _ in mine]
+        index.load_compact(list_name, array("q", map(digits_num, mine)), array("I", pids), profiles)
+        for d, pid in zip(mine, pids):
+            live[(list_name, "+" + d)] = Entry(list_name, Pattern("exact", d, "+" + d), *profiles[pid])
+    for step in range(400):
+        list_name, d = rnd.choice(["block", "allow"]), rnd.choice(numbers)
+        kind = rnd.choice(["exact", "prefix", "prefix", "mask"])
+        if kind == "exact":
+            p = Pattern("exact", d, "+" + d)
+        elif kind == "prefix":
+            p = Pattern("prefix", d[: rnd.randrange(4, 13)], "")
+            p = Pattern("prefix", p.key, f"+{p.key}*")
+        else:
+            key = d[: rnd.randrange(8, 13)].ljust(len(d), "#")
+            p = Pattern("mask", key, "+" + key)
+        if rnd.random() < 0.25:
+            assert index.remove(list_name, p) == (live.pop((list_name, p.text), None) is not None)
+        else:
+            e = Entry(list_name, p, "c", str(step), "s", 2.0, rnd.choice([None, None, 50.0, 150.0]))
+            index.put(e)
+            live[(list_name, p.text)] = e
+    probes = numbers + ["8613800999000", "8613801000000", "86138", "8613800"]
+    for now in (10.0, 50.0, 100.0, 150.0, 200.0):
+        for d in probes:
+            best = {}
+            for e in live.values():
+                if matches(e.pattern, d) and e.active(now):
+                    spec = e.pattern.fixed_digits
+                    best.setdefault(e.list, (spec, []))
+                    if spec > best[e.list][0]:
+                        best[e.list] = (spec, [])
+                    if spec == best[e.list][0]:
+                        best[e.list][1].append(e)
+            m = index.lookup(d, now)
+            if not best:
+                assert m is None, (d, now)
+                continue
+            order = sorted(best, key=lambda name: (best[name][0], name == "allow"), reverse=True)
+            assert m.entry.list == order[0] and m.entry in best[order[0]][1], (d, now)
+            if len(order) == 2:
+                assert m.shadowed in best[order[1]][1], (d, now)
+            else:
+                assert m.shadowed is None

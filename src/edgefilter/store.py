@@ -1203,7 +1203,7 @@ def _read_compact_packed(con: sqlite3.Connection, list_name: str, shift: int, ke
     import json
 
     sql = (
-        f"SELECT max(num), count(*), json_group_array(CASE WHEN profile BETWEEN 0 AND {(1 << shift) - 1} "
+        f"SELECT json_group_array(CASE WHEN profile BETWEEN 0 AND {(1 << shift) - 1} "
         f"THEN num * {1 << shift} + profile END) FROM "
         "(SELECT num, profile FROM entries INDEXED BY entries_num "
         "WHERE list = ? AND num > ? AND profile IS NOT NULL ORDER BY num LIMIT ?)"
@@ -1211,17 +1211,18 @@ def _read_compact_packed(con: sqlite3.Connection, list_name: str, shift: int, ke
     low = shift // 8  # bytes of each packed value that hold the profile id
     last = -1
     while True:
-        top, count, packed = con.execute(sql, (list_name, last, COMPACT_CHUNK)).fetchone()
-        if not count:
-            return True
+        (packed,) = con.execute(sql, (list_name, last, COMPACT_CHUNK)).fetchone()
         values = json.loads(packed)
+        if not values:
+            return True
         try:  # a profile id out of range was packed as null: TypeError here
-            if len(values) != count or values != sorted(values):
+            if values != sorted(values):
                 return False
             raw = array("q", values).tobytes()
         except TypeError:
             return False
-        last = top
+        last = values[-1] >> shift
+        count = len(values)
         key_bytes = bytearray(len(raw))
         for j in range(8 - low):
             key_bytes[j::8] = raw[j + low :: 8]
