@@ -206,17 +206,23 @@ def test_exact_and_exact_keys_see_compact_numbers_each_once():
 
 
 def test_packed_read_gives_the_rows_in_key_order_or_falls_back_to_them(tmp_path, monkeypatch):
-    """read_compact packs (num, profile) into one integer per row when 64 bits leave room; each
-    way out of that (many profiles, long keys, a profile id beyond the profiles table) must read
-    exactly what the row-by-row query reads, across chunk boundaries."""
+    """read_compact packs (num, profile) into one integer per row when 64 bits leave room, else
+    reads two arrays per chunk, else row by row; each way (few or many profiles, long keys, a
+    profile id beyond the profiles table) must read exactly what the row-by-row query reads,
+    across chunk boundaries."""
     import sqlite3
 
     from edgefilter import store as store_mod
 
     monkeypatch.setattr(store_mod, "COMPACT_CHUNK", 37)
-    used = []
-    packed = store_mod._read_compact_packed
-    monkeypatch.setattr(store_mod, "_read_compact_packed", lambda *a: used.append(packed(*a)) or used[-1])
+    used = []  # (shift, usable) of each chunked read
+    chunked = store_mod._read_compact_chunks
+
+    def spy(con, list_name, shift, keys, pids):
+        used.append((shift, chunked(con, list_name, shift, keys, pids)))
+        return used[-1][1]
+
+    monkeypatch.setattr(store_mod, "_read_compact_chunks", spy)
 
     def case(name, profiles, pick, extra=()):
         db = str(tmp_path / f"{name}.db")
@@ -245,11 +251,11 @@ def test_packed_read_gives_the_rows_in_key_order_or_falls_back_to_them(tmp_path,
             assert list(zip(keys, pids)) == want and len(want) > 100
         return used
 
-    assert case("few", 3, lambda r: r.randrange(1, 4)) == [True, True]  # 8 bits for the profile id
-    assert case("some", 300, lambda r: r.randrange(1, 301)) == [True, True]  # 16 bits
-    assert case("many", 70000, lambda r: r.randrange(1, 70001)) == []  # no room: row by row
-    assert case("long", 3, lambda r: 1, extra=["861380013800012345"]) == [True]  # 18 digits: block row by row
-    assert case("dangling", 3, lambda r: r.choice([1, 2, 3, 3, 3, 3, 999])) == [False, False]  # packed, refused, re-read
+    assert case("few", 3, lambda r: r.randrange(1, 4)) == [(8, True)] * 2  # a byte for the profile id
+    assert case("some", 300, lambda r: r.randrange(1, 301)) == [(16, True)] * 2  # two bytes
+    assert case("many", 70000, lambda r: r.randrange(1, 70001)) == [(0, True)] * 2  # no room: two arrays
+    assert case("long", 3, lambda r: 1, extra=["861380013800012345"]) == [(0, True), (8, True)]  # 18 digits in block
+    assert case("dangling", 3, lambda r: r.choice([1, 2, 3, 3, 3, 3, 999])) == [(8, False)] * 2  # refused, read row by row
 
 
 def test_lookup_agrees_with_the_rules_read_literally():

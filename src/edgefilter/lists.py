@@ -577,4 +577,3 @@ def _mask_matches(mask: str, digits: str) -> bool:
         if m != "#" and m != d:
             return False
     return True
-

@@ -1166,13 +1166,13 @@ def read_compact(con: sqlite3.Connection, list_name: str, max_profile: int) -> t
 
     Read row by row, 10 million pairs cost 8 s of a cold start, nearly all of it in the sqlite3
     module (a tuple and two ints per row, the GIL released and taken per step), not in SQLite.
-    So SQLite packs each pair into one integer (``num << shift | profile``: keys are at most 19
-    decimal digits, profile ids are small) and hands over a chunk of them as one JSON array;
-    json.loads and array slicing by bytes unpack it in C: half the time. The packing needs room
-    in 64 bits; when the profile ids or keys do not leave it, the rows are read one by one.
+    So SQLite hands them over in chunks, each chunk one JSON array that json.loads turns into
+    ints in C. Best, each pair is packed into one integer, ``num << shift | profile``: a key of
+    an E.164 number (at most 15 digits) takes 51 bits, which leaves a byte or two for the profile
+    id, and the packed array is split by byte slicing (half the time of row by row). Otherwise
+    keys and profile ids come as two arrays per chunk; rows one by one only when neither works.
     """
     keys, pids = array("q"), array("I")
-    shift = 8 if max_profile < 1 << 8 else 16 if max_profile < 1 << 16 else 0
     lo, hi = con.execute(
         "SELECT (SELECT min(num) FROM entries INDEXED BY entries_num WHERE list = ?1 AND num IS NOT NULL), "
         "(SELECT max(num) FROM entries INDEXED BY entries_num WHERE list = ?1 AND num IS NOT NULL)",
@@ -1180,10 +1180,11 @@ def read_compact(con: sqlite3.Connection, list_name: str, max_profile: int) -> t
     ).fetchone()
     if lo is None:
         return keys, pids
-    if shift and lo >= 0 and hi < 1 << (63 - shift) and sys.byteorder == "little" and keys.itemsize == 8:
-        if _read_compact_packed(con, list_name, shift, keys, pids):
+    if lo >= 0 and sys.byteorder == "little" and keys.itemsize == 8 and pids.itemsize == 4:
+        shift = next((s for s in (8, 16) if max_profile < 1 << s and hi < 1 << (63 - s)), 0)
+        if _read_compact_chunks(con, list_name, shift, keys, pids):
             return keys, pids
-        keys, pids = array("q"), array("I")  # not in key order after all: the plain way below
+        keys, pids = array("q"), array("I")  # see _read_compact_chunks: the plain way below
     cur = con.execute(
         "SELECT num, profile FROM entries INDEXED BY entries_num "
         "WHERE list = ? AND num IS NOT NULL AND profile IS NOT NULL ORDER BY num",
@@ -1195,38 +1196,51 @@ def read_compact(con: sqlite3.Connection, list_name: str, max_profile: int) -> t
     return keys, pids
 
 
-def _read_compact_packed(con: sqlite3.Connection, list_name: str, shift: int, keys: array, pids: array) -> bool:
-    """read_compact's fast way: chunks of ``num << shift | profile`` as JSON arrays, unpacked by
-    byte slicing (little-endian int64: the low ``shift`` bits' bytes are the profile id, the rest
-    the key). False when a chunk did not come in key order (the caller then reads row by row):
-    SQLite feeds the aggregate in the subquery's order, but does not promise it."""
+def _read_compact_chunks(con: sqlite3.Connection, list_name: str, shift: int, keys: array, pids: array) -> bool:
+    """read_compact's fast ways: chunks of ``num << shift | profile`` (``shift`` 8 or 16) as one
+    JSON array, unpacked by byte slicing (little-endian int64: the low ``shift // 8`` bytes are
+    the profile id, the rest the key), or with ``shift`` 0 keys and profile ids as two arrays.
+    False when a chunk is not usable (the caller then reads row by row): not in key order
+    (SQLite feeds an aggregate in its subquery's order, but does not promise it), or a profile
+    id out of range (packed as null; or too big for the array)."""
     import json
 
-    sql = (
-        f"SELECT json_group_array(CASE WHEN profile BETWEEN 0 AND {(1 << shift) - 1} "
-        f"THEN num * {1 << shift} + profile END) FROM "
-        "(SELECT num, profile FROM entries INDEXED BY entries_num "
+    rows = (
+        "FROM (SELECT num, profile FROM entries INDEXED BY entries_num "
         "WHERE list = ? AND num > ? AND profile IS NOT NULL ORDER BY num LIMIT ?)"
     )
+    if shift:
+        sql = (f"SELECT json_group_array(CASE WHEN profile BETWEEN 0 AND {(1 << shift) - 1} "
+               f"THEN num * {1 << shift} + profile END), NULL {rows}")
+    else:
+        sql = f"SELECT json_group_array(num), json_group_array(profile) {rows}"
     low = shift // 8  # bytes of each packed value that hold the profile id
     last = -1
     while True:
-        (packed,) = con.execute(sql, (list_name, last, COMPACT_CHUNK)).fetchone()
-        values = json.loads(packed)
+        first, second = con.execute(sql, (list_name, last, COMPACT_CHUNK)).fetchone()
+        values = json.loads(first)
         if not values:
             return True
-        try:  # a profile id out of range was packed as null: TypeError here
+        try:
             if values != sorted(values):
                 return False
-            raw = array("q", values).tobytes()
-        except TypeError:
+            chunk = array("q", values)
+            if not shift:
+                profile_ids = array("I", json.loads(second))
+                if len(profile_ids) != len(chunk):
+                    return False
+                pids.extend(profile_ids)
+        except (TypeError, OverflowError):
             return False
         last = values[-1] >> shift
-        count = len(values)
+        if not shift:
+            keys.extend(chunk)
+            continue
+        raw = chunk.tobytes()
         key_bytes = bytearray(len(raw))
         for j in range(8 - low):
             key_bytes[j::8] = raw[j + low :: 8]
-        pid_bytes = bytearray(count * 4)
+        pid_bytes = bytearray(len(values) * 4)
         for j in range(low):
             pid_bytes[j::4] = raw[j::8]
         keys.frombytes(key_bytes)
