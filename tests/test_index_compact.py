@@ -6,7 +6,9 @@ import asyncio
 import random
 from array import array
 
-from edgefilter.lists import DELETED, Entry, ListIndex, Pattern, digits_num, parse_pattern
+import pytest
+
+from edgefilter.lists import DELETED, Entry, ListIndex, Pattern, _Compact, digits_num, parse_pattern
 from edgefilter.store import Store, load_index
 
 
@@ -29,7 +31,13 @@ def test_digits_num_keeps_length_and_leading_zeros():
     assert digits_num("12a") is None and digits_num("") is None and digits_num("١٢٣") is None
 
 
-def test_loaded_index_agrees_with_dict_index_under_random_changes(tmp_path):
+#: Both ways a compact list finds a key: a dict for small lists, the binary search for large ones.
+both_searches = pytest.mark.parametrize("small", [_Compact.SMALL, 0], ids=["dict", "search"])
+
+
+@both_searches
+def test_loaded_index_agrees_with_dict_index_under_random_changes(tmp_path, monkeypatch, small):
+    monkeypatch.setattr(_Compact, "SMALL", small)
     rnd = random.Random(66)
     db = str(tmp_path / "e.db")
     numbers = [f"+86138{rnd.randrange(10**8):08d}" for _ in range(400)]
@@ -70,7 +78,9 @@ def test_loaded_index_agrees_with_dict_index_under_random_changes(tmp_path):
     assert sorted(map(key, loaded)) == sorted(map(key, ref))
 
 
-def test_load_compact_adopts_arrays_without_copy():
+@both_searches
+def test_load_compact_adopts_arrays_without_copy(monkeypatch, small):
+    monkeypatch.setattr(_Compact, "SMALL", small)
     idx = ListIndex()
     keys = array("q", [digits_num("8613800138000"), digits_num("8613800138001")])
     pids = array("I", [1, DELETED])
@@ -258,11 +268,13 @@ def test_packed_read_gives_the_rows_in_key_order_or_falls_back_to_them(tmp_path,
     assert case("dangling", 3, lambda r: r.choice([1, 2, 3, 3, 3, 3, 999])) == [(8, False)] * 2  # refused, read row by row
 
 
-def test_lookup_agrees_with_the_rules_read_literally():
+@both_searches
+def test_lookup_agrees_with_the_rules_read_literally(monkeypatch, small):
     """lookup is written for speed (inlined search, no dict of candidates); here the rules are
     read literally: among the active entries matching the digits, take each list's most specific
     (Pattern.fixed_digits); the winner is the more specific of the two, allow at equal; the
     other list's best is the shadowed one. Compact and dict entries, changes and expiry mixed."""
+    monkeypatch.setattr(_Compact, "SMALL", small)
     rnd = random.Random(17)
     numbers = sorted({f"8613800{rnd.randrange(400):03d}{rnd.randrange(30):03d}" for _ in range(300)})
 

@@ -169,19 +169,27 @@ class _Compact:
     DELETED, a new number goes to the dict overlay; the next full load folds everything in.
     """
 
-    __slots__ = ("keys", "profiles", "live", "fences")
+    __slots__ = ("keys", "profiles", "live", "fences", "where")
 
     #: Every FENCE-th key is also kept as a Python int in a list: most of the binary search runs
     #: there (no int object made per probe), the last 6 probes in the array. 6 MB for 10 M keys.
     FENCE = 64
+    #: A list of at most this many numbers (an allow list of customers, usually) also gets a dict
+    #: from key to position, about 120 bytes a number: every lookup searches both lists, and one
+    #: dict probe costs a tenth of the binary search (1.4 us of a 6 us lookup, measured beside 10
+    #: million blocked numbers). Larger lists search only: their dict would cost gigabytes.
+    SMALL = 1 << 18
 
     def __init__(self, keys: array, profiles: array) -> None:
         self.keys = keys
         self.profiles = profiles
         self.live = len(profiles) - profiles.count(DELETED)
         self.fences = keys[:: self.FENCE].tolist()
+        self.where = dict(zip(keys, range(len(keys)))) if len(keys) <= self.SMALL else None
 
     def find(self, num: int) -> int:
+        if self.where is not None:
+            return self.where.get(num, -1)
         j = bisect_right(self.fences, num) - 1
         if j < 0:
             return -1
@@ -420,14 +428,20 @@ class ListIndex:
         if compact and n <= NUM_MAX_DIGITS and digits.isdigit() and digits.isascii():  # digits_num, inlined
             num = int("1" + digits)
             for list_name, c in compact.items():
-                j = bisect_right(c.fences, num) - 1  # _Compact.find, inlined
-                if j < 0:
-                    continue
-                keys = c.keys
-                lo = j * FENCE
-                i = bisect_left(keys, num, lo, min(lo + FENCE, len(keys)))
-                if i == len(keys) or keys[i] != num:
-                    continue
+                where = c.where  # _Compact.find, inlined
+                if where is not None:
+                    i = where.get(num, -1)
+                    if i < 0:
+                        continue
+                else:
+                    j = bisect_right(c.fences, num) - 1
+                    if j < 0:
+                        continue
+                    keys = c.keys
+                    lo = j * FENCE
+                    i = bisect_left(keys, num, lo, min(lo + FENCE, len(keys)))
+                    if i == len(keys) or keys[i] != num:
+                        continue
                 pid = c.profiles[i]
                 if pid == DELETED:
                     continue
