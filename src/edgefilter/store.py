@@ -1180,8 +1180,9 @@ def read_compact(con: sqlite3.Connection, list_name: str, max_profile: int) -> t
     ).fetchone()
     if lo is None:
         return keys, pids
-    if lo >= 0 and sys.byteorder == "little" and keys.itemsize == 8 and pids.itemsize == 4:
-        shift = next((s for s in (8, 16) if max_profile < 1 << s and hi < 1 << (63 - s)), 0)
+    if lo >= 0:
+        packs = sys.byteorder == "little" and keys.itemsize == 8 and pids.itemsize == 4  # the byte slicing
+        shift = next((s for s in (8, 16) if packs and max_profile < 1 << s and hi < 1 << (63 - s)), 0)
         if _read_compact_chunks(con, list_name, shift, keys, pids):
             return keys, pids
         keys, pids = array("q"), array("I")  # see _read_compact_chunks: the plain way below
