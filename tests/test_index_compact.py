@@ -236,6 +236,7 @@ def test_packed_read_gives_the_rows_in_key_order_or_falls_back_to_them(tmp_path,
 
     def case(name, profiles, pick, extra=()):
         db = str(tmp_path / f"{name}.db")
+
         async def migrate():
             async with Store.open(db):
                 pass
@@ -299,8 +300,8 @@ def test_lookup_agrees_with_the_rules_read_literally(monkeypatch, small):
         if kind == "exact":
             p = Pattern("exact", d, "+" + d)
         elif kind == "prefix":
-            p = Pattern("prefix", d[: rnd.randrange(4, 13)], "")
-            p = Pattern("prefix", p.key, f"+{p.key}*")
+            key = d[: rnd.randrange(4, 13)]
+            p = Pattern("prefix", key, f"+{key}*")
         else:
             key = d[: rnd.randrange(8, 13)].ljust(len(d), "#")
             p = Pattern("mask", key, "+" + key)
@@ -328,6 +329,8 @@ def test_lookup_agrees_with_the_rules_read_literally(monkeypatch, small):
                 continue
             order = sorted(best, key=lambda name: (best[name][0], name == "allow"), reverse=True)
             assert m.entry.list == order[0] and m.entry in best[order[0]][1], (d, now)
+            same = best[order[0]][1][best[order[0]][1].index(m.entry)]  # built through slots or not:
+            assert hash(m.entry) == hash(same) and repr(m.entry) == repr(same)  # indistinguishable
             if len(order) == 2:
                 assert m.shadowed in best[order[1]][1], (d, now)
             else:
