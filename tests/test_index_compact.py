@@ -6,7 +6,9 @@ import asyncio
 import random
 from array import array
 
-from edgefilter.lists import DELETED, Entry, ListIndex, Pattern, digits_num, parse_pattern
+import pytest
+
+from edgefilter.lists import DELETED, Entry, ListIndex, Pattern, _Compact, digits_num, parse_pattern
 from edgefilter.store import Store, load_index
 
 
@@ -29,7 +31,13 @@ def test_digits_num_keeps_length_and_leading_zeros():
     assert digits_num("12a") is None and digits_num("") is None and digits_num("١٢٣") is None
 
 
-def test_loaded_index_agrees_with_dict_index_under_random_changes(tmp_path):
+#: Both ways a compact list finds a key: a dict for small lists, the binary search for large ones.
+both_searches = pytest.mark.parametrize("small", [_Compact.SMALL, 0], ids=["dict", "search"])
+
+
+@both_searches
+def test_loaded_index_agrees_with_dict_index_under_random_changes(tmp_path, monkeypatch, small):
+    monkeypatch.setattr(_Compact, "SMALL", small)
     rnd = random.Random(66)
     db = str(tmp_path / "e.db")
     numbers = [f"+86138{rnd.randrange(10**8):08d}" for _ in range(400)]
@@ -70,7 +78,9 @@ def test_loaded_index_agrees_with_dict_index_under_random_changes(tmp_path):
     assert sorted(map(key, loaded)) == sorted(map(key, ref))
 
 
-def test_load_compact_adopts_arrays_without_copy():
+@both_searches
+def test_load_compact_adopts_arrays_without_copy(monkeypatch, small):
+    monkeypatch.setattr(_Compact, "SMALL", small)
     idx = ListIndex()
     keys = array("q", [digits_num("8613800138000"), digits_num("8613800138001")])
     pids = array("I", [1, DELETED])
@@ -203,3 +213,125 @@ def test_exact_and_exact_keys_see_compact_numbers_each_once():
     assert sorted(e.list for e in index.exact("8613800138001")) == ["allow", "block"]
     assert index.exact("8613800138000") == []
     assert [e.pattern.text for e in index.exact("8613900139000")] == ["+8613900139000"]
+
+
+def test_packed_read_gives_the_rows_in_key_order_or_falls_back_to_them(tmp_path, monkeypatch):
+    """read_compact packs (num, profile) into one integer per row when 64 bits leave room, else
+    reads two arrays per chunk, else row by row; each way (few or many profiles, long keys, a
+    profile id beyond the profiles table) must read exactly what the row-by-row query reads,
+    across chunk boundaries."""
+    import sqlite3
+
+    from edgefilter import store as store_mod
+
+    monkeypatch.setattr(store_mod, "COMPACT_CHUNK", 37)
+    used = []  # (shift, usable) of each chunked read
+    chunked = store_mod._read_compact_chunks
+
+    def spy(con, list_name, shift, keys, pids):
+        used.append((shift, chunked(con, list_name, shift, keys, pids)))
+        return used[-1][1]
+
+    monkeypatch.setattr(store_mod, "_read_compact_chunks", spy)
+
+    def case(name, profiles, pick, extra=()):
+        db = str(tmp_path / f"{name}.db")
+
+        async def migrate():
+            async with Store.open(db):
+                pass
+
+        asyncio.run(migrate())
+        con = sqlite3.connect(db, isolation_level=None)
+        con.execute("BEGIN")
+        con.executemany("INSERT INTO profiles (id, sig, list, category, note, source, created_at) VALUES (?, ?, 'block', '', '', ?, 1.0)",
+                        [(p, f"sig{p}", f"s{p}") for p in range(1, profiles + 1)])
+        rnd = random.Random(name)
+        digits = sorted({f"86138{rnd.randrange(10**8):08d}" for _ in range(500)})
+        con.executemany(
+            "INSERT INTO entries (list, pattern, kind, key, source, created_at, num, profile) VALUES (?, ?, 'exact', ?, 's', 1.0, ?, ?)",
+            [(rnd.choice(["block", "block", "allow"]) if d not in extra else "block", "+" + d, d, digits_num(d), pick(rnd))
+             for d in digits + list(extra)],
+        )
+        con.execute("COMMIT")
+        used.clear()
+        for list_name in ("block", "allow"):
+            want = con.execute("SELECT num, profile FROM entries WHERE list = ? AND num IS NOT NULL AND profile IS NOT NULL "
+                               "ORDER BY num", (list_name,)).fetchall()
+            keys, pids = store_mod.read_compact(con, list_name, profiles)
+            assert list(zip(keys, pids)) == want and len(want) > 100
+        return used
+
+    assert case("few", 3, lambda r: r.randrange(1, 4)) == [(8, True)] * 2  # a byte for the profile id
+    assert case("some", 300, lambda r: r.randrange(1, 301)) == [(16, True)] * 2  # two bytes
+    assert case("many", 70000, lambda r: r.randrange(1, 70001)) == [(0, True)] * 2  # no room: two arrays
+    assert case("long", 3, lambda r: 1, extra=["861380013800012345"]) == [(0, True), (8, True)]  # 18 digits in block
+    assert case("dangling", 3, lambda r: r.choice([1, 2, 3, 3, 3, 3, 999])) == [(8, False)] * 2  # refused, read row by row
+
+
+@both_searches
+def test_lookup_agrees_with_the_rules_read_literally(monkeypatch, small):
+    """lookup is written for speed (inlined search, no dict of candidates); here the rules are
+    read literally: among the active entries matching the digits, take each list's most specific
+    (Pattern.fixed_digits); the winner is the more specific of the two, allow at equal; the
+    other list's best is the shadowed one. Compact and dict entries, changes and expiry mixed."""
+    monkeypatch.setattr(_Compact, "SMALL", small)
+    rnd = random.Random(17)
+    numbers = sorted({f"8613800{rnd.randrange(400):03d}{rnd.randrange(30):03d}" for _ in range(300)})
+
+    def matches(p, d):
+        if p.kind == "exact":
+            return p.key == d
+        if p.kind == "prefix":
+            return d.startswith(p.key)
+        return len(p.key) == len(d) and all(m in ("#", c) for m, c in zip(p.key, d))
+
+    profiles = {1: ("fraud", "", "feed", 1.0, None), 2: ("", "n", "crm", 1.0, 150.0), 3: ("x", "", "old", 1.0, 50.0)}
+    index, live = ListIndex(), {}
+    for list_name in ("block", "allow"):
+        mine = sorted(rnd.sample(numbers, 120))
+        pids = [rnd.choice([1, 1, 2, 3]) for _ in mine]
+        index.load_compact(list_name, array("q", map(digits_num, mine)), array("I", pids), profiles)
+        for d, pid in zip(mine, pids):
+            live[(list_name, "+" + d)] = Entry(list_name, Pattern("exact", d, "+" + d), *profiles[pid])
+    for step in range(400):
+        list_name, d = rnd.choice(["block", "allow"]), rnd.choice(numbers)
+        kind = rnd.choice(["exact", "prefix", "prefix", "mask"])
+        if kind == "exact":
+            p = Pattern("exact", d, "+" + d)
+        elif kind == "prefix":
+            key = d[: rnd.randrange(4, 13)]
+            p = Pattern("prefix", key, f"+{key}*")
+        else:
+            key = d[: rnd.randrange(8, 13)].ljust(len(d), "#")
+            p = Pattern("mask", key, "+" + key)
+        if rnd.random() < 0.25:
+            assert index.remove(list_name, p) == (live.pop((list_name, p.text), None) is not None)
+        else:
+            e = Entry(list_name, p, "c", str(step), "s", 2.0, rnd.choice([None, None, 50.0, 150.0]))
+            index.put(e)
+            live[(list_name, p.text)] = e
+    probes = numbers + ["8613800999000", "8613801000000", "86138", "8613800"]
+    for now in (10.0, 50.0, 100.0, 150.0, 200.0):
+        for d in probes:
+            best = {}
+            for e in live.values():
+                if matches(e.pattern, d) and e.active(now):
+                    spec = e.pattern.fixed_digits
+                    best.setdefault(e.list, (spec, []))
+                    if spec > best[e.list][0]:
+                        best[e.list] = (spec, [])
+                    if spec == best[e.list][0]:
+                        best[e.list][1].append(e)
+            m = index.lookup(d, now)
+            if not best:
+                assert m is None, (d, now)
+                continue
+            order = sorted(best, key=lambda name: (best[name][0], name == "allow"), reverse=True)
+            assert m.entry.list == order[0] and m.entry in best[order[0]][1], (d, now)
+            same = best[order[0]][1][best[order[0]][1].index(m.entry)]  # built through slots or not:
+            assert hash(m.entry) == hash(same) and repr(m.entry) == repr(same)  # indistinguishable
+            if len(order) == 2:
+                assert m.shadowed in best[order[1]][1], (d, now)
+            else:
+                assert m.shadowed is None
