@@ -19,6 +19,7 @@ import sys
 import time
 import uuid
 from array import array
+from bisect import bisect_left
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Iterable, Sequence
@@ -1136,6 +1137,11 @@ SNAPSHOT_SUFFIX = ".index"
 SNAPSHOT_MAGIC = b"EDGEFILTER-INDEX-1\n"
 #: A snapshot more than this many changes behind the database is not used (a full load is cheaper).
 SNAPSHOT_MAX_BEHIND = 20000
+#: Further behind than SNAPSHOT_MAX_BEHIND (a big import while the service runs), the snapshot's
+#: arrays still serve: the numbers added since are merged into them in key order (a 100,000-line
+#: feed beside 10 million numbers: about a second instead of a full read). Beyond this many
+#: changes a full read is the cheaper way.
+SNAPSHOT_MERGE_BEHIND = 1_000_000
 
 
 def load_index(path: str, *, busy_timeout_ms: int = 30000, snapshot: bool = True) -> tuple[int, ListIndex]:
@@ -1158,6 +1164,9 @@ def load_index(path: str, *, busy_timeout_ms: int = 30000, snapshot: bool = True
         }
         index = ListIndex()
         snap = _read_snapshot(con, path, rev) if snapshot else None
+        delta: list | None = None  # the changed rows not merged into the arrays (merge path)
+        if snap is not None and rev - snap[0] > SNAPSHOT_MAX_BEHIND:
+            delta = _merge_new_numbers(con, snap[0], snap[1])
         for name in LISTS:
             if snap is not None:
                 keys, pids = snap[1][name]
@@ -1169,7 +1178,14 @@ def load_index(path: str, *, busy_timeout_ms: int = 30000, snapshot: bool = True
             f"SELECT {ENTRY_COLUMNS} FROM entries INDEXED BY entries_unprofiled WHERE num IS NOT NULL AND profile IS NULL",
         ):
             index.extend(map(entry_from_row, con.execute(sql)))
-        if snap is not None:  # bring the snapshot's arrays up to this read transaction
+        if delta is not None:  # the rest of the changes since the snapshot, as they are now
+            for r in delta:
+                if r[2] is not None:
+                    index.put(entry_from_row(r[2:11]))
+                else:
+                    index.remove(r[0], Pattern.from_text(r[1]))
+            check = con.execute("SELECT list, pattern, op FROM changes WHERE rev = ?", (rev,)).fetchone()
+        elif snap is not None:  # bring the snapshot's arrays up to this read transaction
             cols = ", ".join("e." + c.strip() for c in ENTRY_COLUMNS.split(","))
             for r in con.execute(
                 f"SELECT c.list, c.pattern, {cols} FROM changes c LEFT JOIN entries e "
@@ -1183,7 +1199,7 @@ def load_index(path: str, *, busy_timeout_ms: int = 30000, snapshot: bool = True
         else:
             check = con.execute("SELECT list, pattern, op FROM changes WHERE rev = ?", (rev,)).fetchone()
         con.execute("COMMIT")
-        if snap is None and snapshot and rev > 0 and check is not None:
+        if (snap is None or delta is not None) and snapshot and rev > 0 and check is not None:
             _write_snapshot(path, rev, list(check), index)
         return int(rev), index
     except sqlite3.Error as e:
@@ -1283,9 +1299,55 @@ def _read_compact_chunks(con: sqlite3.Connection, list_name: str, shift: int, ke
         pids.frombytes(pid_bytes)
 
 
+def _merge_new_numbers(con: sqlite3.Connection, since: int, arrays: dict[str, tuple[array, array]]) -> list:
+    """Merge the exact numbers added since revision ``since`` into the snapshot's ``arrays`` (in
+    place, per list: new sorted arrays); return every other changed (list, pattern) with its
+    current row (None columns: deleted), for ListIndex.put/remove once the arrays are loaded.
+
+    Each changed pattern is read once, as it is now (not change by change). A number already in
+    the arrays keeps its slot (put rewrites its profile id, remove marks it DELETED); only new
+    keys make the arrays grow, inserted by slices between their positions (memory copies, not
+    a Python loop over 10 million keys).
+    """
+    cols = ", ".join("e." + c.strip() for c in ENTRY_COLUMNS.split(","))
+    new: dict[str, list[tuple[int, int]]] = {name: [] for name in LISTS}
+    rest = []
+    for r in con.execute(
+        f"SELECT c.list, c.pattern, {cols}, e.num, e.profile FROM (SELECT DISTINCT list, pattern FROM changes "
+        "WHERE rev > ?) c LEFT JOIN entries e ON e.list = c.list AND e.pattern = c.pattern",
+        (since,),
+    ):
+        num, pid = r[11], r[12]
+        if r[2] is not None and num is not None and pid is not None and r[0] in new:
+            keys = arrays[r[0]][0]
+            i = bisect_left(keys, num)
+            if i == len(keys) or keys[i] != num:
+                new[r[0]].append((num, pid))
+                continue
+        rest.append(r)
+    for name, pairs in new.items():
+        if not pairs:
+            continue
+        pairs.sort()
+        keys, pids = arrays[name]
+        out_keys, out_pids = array("q"), array("I")
+        prev = 0
+        for num, pid in pairs:
+            i = bisect_left(keys, num, prev)
+            out_keys.extend(keys[prev:i])
+            out_pids.extend(pids[prev:i])
+            out_keys.append(num)
+            out_pids.append(pid)
+            prev = i
+        out_keys.extend(keys[prev:])
+        out_pids.extend(pids[prev:])
+        arrays[name] = (out_keys, out_pids)
+    return rest
+
+
 def _read_snapshot(con: sqlite3.Connection, path: str, head: int) -> tuple[int, dict] | None:
     """The snapshot's (rev, arrays per list) when it belongs to this database, else None."""
-    header = read_snapshot_header(path + SNAPSHOT_SUFFIX, head)
+    header = read_snapshot_header(path + SNAPSHOT_SUFFIX, head, SNAPSHOT_MERGE_BEHIND)
     if header is None:
         return None
     row = con.execute("SELECT list, pattern, op FROM changes WHERE rev = ?", (header["rev"],)).fetchone()
@@ -1295,7 +1357,7 @@ def _read_snapshot(con: sqlite3.Connection, path: str, head: int) -> tuple[int, 
     return None if arrays is None else (header["rev"], arrays)
 
 
-def read_snapshot_header(file: str, head: int) -> dict | None:
+def read_snapshot_header(file: str, head: int, max_behind: int = SNAPSHOT_MAX_BEHIND) -> dict | None:
     """A snapshot file's header ({"rev", "check", "lists", "offset"}) when it is usable at change
     feed revision ``head`` (not ahead of it, not too far behind), else None. The caller then
     checks that the database's change ``rev`` is the one recorded in "check": the same change
@@ -1309,7 +1371,7 @@ def read_snapshot_header(file: str, head: int) -> dict | None:
             header = json.loads(f.readline())
             header["rev"] = int(header["rev"])
             header["offset"] = f.tell()
-            if header["rev"] > head or head - header["rev"] > SNAPSHOT_MAX_BEHIND:
+            if header["rev"] > head or head - header["rev"] > max_behind:
                 return None
             return header
     except (OSError, ValueError, KeyError, TypeError):
