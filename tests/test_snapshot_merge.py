@@ -7,7 +7,7 @@ import asyncio
 import random
 
 from edgefilter import store as sqlite_store
-from edgefilter.lists import LISTS, Entry, parse_pattern
+from edgefilter.lists import LISTS, Entry, ListIndex, parse_pattern
 from edgefilter.store import Store, load_index, read_snapshot_header
 
 
@@ -57,8 +57,8 @@ def test_a_far_behind_snapshot_is_merged_and_equals_a_full_read(tmp_path, monkey
     assert read_snapshot_header(db + ".index", rev0)["rev"] == rev0
     asyncio.run(then())
     merges = []
-    real = sqlite_store._merge_new_numbers
-    monkeypatch.setattr(sqlite_store, "_merge_new_numbers", lambda *a: merges.append(a) or real(*a))
+    real = ListIndex.plan_merge
+    monkeypatch.setattr(ListIndex, "plan_merge", lambda self, *a: merges.append(a) or real(self, *a))
     rev, merged = load_index(db)  # snapshot + merge (far more than 50 changes behind)
     assert len(merges) == 1
     assert rev - rev0 > 50
@@ -86,7 +86,53 @@ def test_too_far_behind_reads_everything(tmp_path, monkeypatch):
     rev0, _ = load_index(db)
     asyncio.run(add([f"+8613900{i:06d}" for i in range(30)]))
     calls = []
-    real = sqlite_store._merge_new_numbers
-    monkeypatch.setattr(sqlite_store, "_merge_new_numbers", lambda *a: calls.append(a) or real(*a))
+    real = ListIndex.plan_merge
+    monkeypatch.setattr(ListIndex, "plan_merge", lambda self, *a: calls.append(a) or real(self, *a))
     rev, index = load_index(db)
     assert not calls and index.size == 40 and rev - rev0 == 30
+
+
+async def test_the_follower_merges_a_big_batch_into_the_running_index_like_a_full_load(tmp_path, monkeypatch):
+    """Interned profile ids of the running index differ from the database's: the merge maps them."""
+    from types import SimpleNamespace
+
+    from edgefilter import service as service_mod
+
+    monkeypatch.setattr(service_mod, "FULL_RELOAD_AFTER", 30)
+    rnd = random.Random(9)
+    db = str(tmp_path / "f.db")
+    base = [f"+86138{rnd.randrange(10**8):08d}" for _ in range(300)]
+    new = [f"+86137{rnd.randrange(10**8):08d}" for _ in range(200)]
+    PROBES[:] = [n[1:] for n in base + new] + ["8617012345678", "8617099999999"]
+    async with Store.open(db) as store:
+        await store.import_entries([mk("block", n, category="fraud", source="feed") for n in base])
+        screener = SimpleNamespace(index=ListIndex())
+        follower = service_mod.ListFollower(store, screener)
+        await follower.poll()  # the first load
+        index = screener.index
+        # a few changes, replayed one by one: an interned profile, an overlay number, a prefix
+        await store.put_entry(mk("block", base[0], category="scam", source="cli"))
+        await store.put_entry(mk("block", new[0], category="marketing", source="cli"))
+        await store.put_entry(mk("block", "+86170*", source="ranges"))
+        await follower.poll()
+        assert screener.index is index and index.lookup(new[0][1:]).entry.category == "marketing"
+        # then a big batch: new numbers (one already in the overlay), updates, deletions, prefixes
+        await store.import_entries([mk("block", n, category="spam", source="feed2") for n in new]
+                                   + [mk("allow", n, source="crm") for n in base[:20]])
+        await store.import_entries([mk("block", n, category="scam", source="feed") for n in base[20:70]])
+        for n in base[70:90]:
+            await store.remove_entry(parse_pattern(n, "CN"), "block")
+        await store.remove_entry(parse_pattern("+86170*", "CN"))
+        await store.put_entry(mk("block", "+861709999*", source="ranges"))
+        merges = []
+        real = ListIndex.plan_merge
+        monkeypatch.setattr(ListIndex, "plan_merge", lambda self, *a: merges.append(a) or real(self, *a))
+        await follower.poll()
+        assert merges and screener.index is index  # merged into the running index
+        _, full = load_index(db, snapshot=False)
+        assert content(index) == content(full)
+        assert index.counts() == {"block": 300 - 20 + 200 + 1, "allow": 20}  # + the new prefix
+        # the index keeps following one change at a time after the merge
+        await store.put_entry(mk("block", new[5], category="fraud", source="cli"))
+        await follower.poll()
+        assert index.lookup(new[5][1:]).entry.category == "fraud"

@@ -58,6 +58,26 @@ async def test_put_update_unchanged_remove_and_the_change_feed(store):
     assert await store.counts() == {"block": 0, "allow": 0}
 
 
+async def test_changed_entries_give_each_changed_pattern_once_as_it_is_now(store):
+    await store.import_entries([entry("block", "+8613800138000", category="fraud", source="feed"),
+                                entry("block", "+86170*", source="feed")])
+    since = await store.head_rev()
+    await store.put_entry(entry("block", "+8613800138000", category="scam", source="cli"))
+    await store.put_entry(entry("block", "+8613800138000", category="marketing", source="cli"))
+    await store.import_entries([entry("allow", "+8613912345678", note="mum", source="crm")])
+    await store.remove_entry(parse_pattern("+86170*", "CN"))
+    head, rows, profiles = await store.changed_entries(since)
+    assert head == await store.head_rev() > since
+    by = {(r[0], r[1]): r for r in rows}
+    assert len(rows) == len(by) == 3  # two changes of one pattern: once, as it is now
+    changed = by[("block", "+8613800138000")][2]
+    assert changed.category == "marketing" and changed.source == "cli"
+    assert by[("block", "+86170*")][2] is None  # deleted
+    lst, text, e, num, pid = by[("allow", "+8613912345678")]
+    assert e.note == "mum" and num == 18613912345678 and profiles[pid][:3] == ("", "mum", "crm")
+    assert (await store.changed_entries(head))[1] == []
+
+
 async def test_every_field_survives_and_candidates_find_exact_prefix_and_mask(store):
     rows = [
         entry("block", "+8613800138000", category="fraud", note="caller said \"bank\"", source="import:cnfeed", created_at=1700000001.5, expires_at=1900000000.25),

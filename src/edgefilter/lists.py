@@ -155,6 +155,20 @@ def exact_num(p: Pattern) -> int | None:
 
 #: The metadata an entry carries besides its list and pattern, shared by every entry of an import.
 Profile = tuple  # (category, note, source, created_at, expires_at)
+#: A changed entry as it is now: (list, pattern text, Entry or None if deleted, compact key or
+#: None, database profile id or None) - what the stores read for a big batch of changes.
+ChangedRow = tuple
+
+
+@dataclass
+class MergePlan:
+    """ListIndex.plan_merge's result: new compact arrays per list, the profiles they introduce,
+    the next free profile id, and the changed rows left for put/remove."""
+
+    compact: dict
+    profiles: dict
+    next_profile: int
+    rest: list
 
 
 def entry_profile(e: Entry) -> Profile:
@@ -244,6 +258,75 @@ class ListIndex:
         self._compact[list_name] = c
         self._counts[list_name] += c.live
         self.size += c.live
+
+    def plan_merge(self, rows: Iterable[ChangedRow], profiles: dict[int, Profile]) -> "MergePlan":
+        """A big batch of changes as new compact arrays plus the rows left for put/remove.
+
+        ``rows`` are changed entries as they are now: (list, pattern text, Entry or None when
+        deleted, its compact key or None, its database profile id or None). A row that brings a
+        number new to its list's arrays (the bulk of an import) is inserted into new arrays, in
+        key order, by slices between the new keys' positions; every other row (an update, a
+        deletion, a prefix, a number held in the dict overlay) is left to put/remove, which
+        change the arrays in place. Reads this index only, so it may run in a worker thread
+        while the event loop answers lookups; adopt_merge then installs the result at once.
+        Database profile ids are mapped to this index's own (it interns profiles of its own).
+        """
+        pid_of: dict[int, int] = {}
+        new_profiles: dict[int, Profile] = {}
+        new_ids: dict[Profile, int] = {}
+        next_pid = self._next_profile
+        pairs: dict[str, list[tuple[int, int]]] = {name: [] for name in self._compact}
+        rest: list[ChangedRow] = []
+        for row in rows:
+            list_name, _text, entry, num, db_pid = row
+            c = self._compact.get(list_name)
+            if entry is None or num is None or db_pid is None or c is None or c.find(num) >= 0 \
+                    or db_pid not in profiles or entry.pattern.key in self._exact:
+                rest.append(row)
+                continue
+            pid = pid_of.get(db_pid)
+            if pid is None:
+                prof = profiles[db_pid]
+                pid = self._profile_ids.get(prof) or new_ids.get(prof)
+                if pid is None:
+                    pid = new_ids[prof] = next_pid
+                    new_profiles[pid] = prof
+                    next_pid += 1
+                pid_of[db_pid] = pid
+            pairs[list_name].append((num, pid))
+        compact: dict[str, _Compact] = {}
+        for name, new in pairs.items():
+            if not new:
+                continue
+            new.sort()
+            c = self._compact[name]
+            keys, pids = c.keys, c.profiles
+            out_keys, out_pids = array("q"), array("I")
+            prev = 0
+            for num, pid in new:
+                i = bisect_left(keys, num, prev)
+                out_keys.extend(keys[prev:i])
+                out_pids.extend(pids[prev:i])
+                out_keys.append(num)
+                out_pids.append(pid)
+                prev = i
+            out_keys.extend(keys[prev:])
+            out_pids.extend(pids[prev:])
+            compact[name] = _Compact(out_keys, out_pids)
+        return MergePlan(compact, new_profiles, next_pid, rest)
+
+    def adopt_merge(self, plan: "MergePlan") -> list[ChangedRow]:
+        """Install a plan_merge result (nothing may have changed this index since: the caller
+        owns all changes); returns the rows still to put/remove."""
+        for pid, prof in plan.profiles.items():
+            self._profiles[pid] = prof
+            self._profile_ids.setdefault(prof, pid)
+        self._next_profile = max(self._next_profile, plan.next_profile)
+        for name, c in plan.compact.items():
+            old = self._compact[name]
+            self._compact[name] = c
+            self._added(name, c.live - old.live)
+        return plan.rest
 
     def compact_arrays(self) -> dict[str, tuple[array, array]]:
         """The (keys, profile ids) arrays per list, empty for a list with none (for snapshots)."""

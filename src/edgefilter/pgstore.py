@@ -37,10 +37,10 @@ import asyncpg
 
 from .config import redact_url
 from .errors import StoreError
-from .lists import LISTS, Entry, ListIndex, Pattern
+from .lists import LISTS, ChangedRow, Entry, ListIndex, Pattern
 from .store import (
     CALL_COLUMNS, ENTRY_COLUMNS, KEYED_CALL_COLUMNS, OUTCOME_COLUMNS, REFUSAL_COLUMNS, REPUTATION_COLUMNS,
-    BatchedImport, CallOutcome, CallRecord, ContactSeen, ImportResult, Refusal, ReputationRow, StagedRow, entry_from_row, keyed_row,
+    CHANGED_SQL, PROFILES_SQL, BatchedImport, CallOutcome, CallRecord, ContactSeen, ImportResult, Refusal, ReputationRow, StagedRow, changed_row, entry_from_row, keyed_row,
     read_snapshot_arrays, read_snapshot_header, write_snapshot,
 )
 
@@ -529,6 +529,16 @@ class PgStore(BatchedImport):
                 rev, limit,
             )
         return [(r[0], r[1], r[2], r[3], entry_from_row(tuple(r)[4:]) if r[4] is not None else None) for r in rows]
+
+    async def changed_entries(self, since: int) -> tuple[int, list[ChangedRow], dict]:
+        """(head revision, each entry changed after ``since`` once as it is now, the metadata
+        profiles), in one repeatable-read transaction: a big batch for ListIndex.plan_merge."""
+        async with self._connection() as c:
+            async with c.transaction(isolation="repeatable_read", readonly=True):
+                head = int(await c.fetchval("SELECT COALESCE(MAX(rev), 0) FROM changes"))
+                rows = await c.fetch(CHANGED_SQL.replace("rev > ?", "rev > $1").replace("rev <= ?", "rev <= $2"), since, head)
+                profiles = {r[0]: tuple(r)[1:] for r in await c.fetch(PROFILES_SQL)}
+        return head, [changed_row(tuple(r)) for r in rows], profiles
 
     async def watch_changes(self, wake: Callable[[], None], resync: Callable[[], None] | None = None) -> None:
         """Run for ever: LISTEN on the change channel and call ``wake`` on every notice and after

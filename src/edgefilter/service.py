@@ -43,7 +43,8 @@ from .stores import AnyStore, open_store
 
 log = logging.getLogger("edgefilter.service")
 
-FULL_RELOAD_AFTER = 20000  # changes behind: cheaper to reload everything than to replay them
+FULL_RELOAD_AFTER = 20000  # changes behind: cheaper to merge them (or reload) than to replay them
+MERGE_MAX_BEHIND = 1_000_000  # changes behind: beyond, a full reload is cheaper than a merge
 SETTLE_HEAP_AFTER = 50000  # list entries from which settle_heap runs a full collection first
 
 
@@ -93,6 +94,38 @@ class ListFollower:
             hook()
         return self.screener.index.size
 
+    async def merge_big_batch(self) -> bool:
+        """A batch too big to replay one by one (an import while the service runs): the entries
+        changed since are read once, as they are now; the numbers new to the compact arrays are
+        merged into new arrays in a worker thread (calls keep being answered from the current
+        ones) and swapped in; the few other changes are applied in place. Much cheaper than a
+        full reload beside millions of entries. False (the caller reloads) when the batch is
+        beyond MERGE_MAX_BEHIND changes."""
+        head = await self.store.head_rev()
+        if head - self.rev > MERGE_MAX_BEHIND:
+            return False
+        t0 = time.perf_counter()
+        rev, rows, profiles = await self.store.changed_entries(self.rev)
+        index = self.screener.index
+        plan = await asyncio.to_thread(index.plan_merge, rows, profiles)
+        if index is not self.screener.index:  # replaced meanwhile (never by design): start over
+            return False
+        rest = index.adopt_merge(plan)
+        for i, (list_name, text, entry, _num, _pid) in enumerate(rest, 1):
+            if entry is not None:
+                index.put(entry)
+            else:
+                index.remove(list_name, Pattern.from_text(text))
+            if not i % 2000:
+                await asyncio.sleep(0)  # a long tail of updates must not hold calls up
+        self.rev = rev
+        self.applied += len(rows)
+        log.info("merged %d changed list entries in %.0f ms (rev %d, %d entries)", len(rows),
+                 (time.perf_counter() - t0) * 1000, rev, index.size)
+        for hook in self.on_load:  # as after a reload: listeners resynchronise from the index
+            hook()
+        return True
+
     async def poll(self) -> int:
         """Apply changes made since the last poll; returns how many were applied."""
         if not self.loaded or self.stale:
@@ -112,7 +145,8 @@ class ListFollower:
                 await self.load()
             return 0
         if len(changes) > FULL_RELOAD_AFTER:
-            await self.load()
+            if not await self.merge_big_batch():
+                await self.load()
             return len(changes)
         index = self.screener.index
         for rev, op, list_name, pattern_text, entry in changes:

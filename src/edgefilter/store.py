@@ -27,7 +27,7 @@ from typing import AsyncIterator, Iterable, Sequence
 import aiosqlite
 
 from .errors import StoreError
-from .lists import LISTS, Entry, ListIndex, Pattern, exact_num, make_entry, make_pattern
+from .lists import LISTS, ChangedRow, Entry, ListIndex, Pattern, exact_num, make_entry, make_pattern
 
 SCHEMA_VERSION = 7
 
@@ -806,6 +806,17 @@ class Store(BatchedImport):
             out.append((r[0], r[1], r[2], r[3], entry))
         return out
 
+    async def changed_entries(self, since: int) -> tuple[int, list[ChangedRow], dict]:
+        """(head revision, each entry changed after ``since`` once as it is now, the metadata
+        profiles): a big batch of changes for ListIndex.plan_merge, read in a worker thread on a
+        connection of its own (one read transaction)."""
+        if self.path == ":memory:":  # no second connection to a memory database: this one
+            head = await self.head_rev()
+            rows = [changed_row(r) for r in await (await self.db.execute(CHANGED_SQL, (since, head))).fetchall()]
+            profiles = {r[0]: tuple(r[1:]) for r in await (await self.db.execute(PROFILES_SQL)).fetchall()}
+            return head, rows, profiles
+        return await asyncio.to_thread(read_changed_file, self.path, since)
+
     async def watch_changes(self, wake, resync=None) -> None:
         """PostgreSQL pushes change notices to ``wake``; SQLite has none: the poll is the feed."""
         return None
@@ -1158,15 +1169,10 @@ def load_index(path: str, *, busy_timeout_ms: int = 30000, snapshot: bool = True
     try:
         con.execute("BEGIN")  # one read snapshot for the revision and the entries
         (rev,) = con.execute("SELECT COALESCE(MAX(rev), 0) FROM changes").fetchone()
-        profiles = {
-            r[0]: tuple(r[1:])
-            for r in con.execute("SELECT id, category, note, source, created_at, expires_at FROM profiles")
-        }
+        profiles = {r[0]: tuple(r[1:]) for r in con.execute(PROFILES_SQL)}
         index = ListIndex()
         snap = _read_snapshot(con, path, rev) if snapshot else None
-        delta: list | None = None  # the changed rows not merged into the arrays (merge path)
-        if snap is not None and rev - snap[0] > SNAPSHOT_MAX_BEHIND:
-            delta = _merge_new_numbers(con, snap[0], snap[1])
+        merge = snap is not None and rev - snap[0] > SNAPSHOT_MAX_BEHIND
         for name in LISTS:
             if snap is not None:
                 keys, pids = snap[1][name]
@@ -1178,12 +1184,10 @@ def load_index(path: str, *, busy_timeout_ms: int = 30000, snapshot: bool = True
             f"SELECT {ENTRY_COLUMNS} FROM entries INDEXED BY entries_unprofiled WHERE num IS NOT NULL AND profile IS NULL",
         ):
             index.extend(map(entry_from_row, con.execute(sql)))
-        if delta is not None:  # the rest of the changes since the snapshot, as they are now
-            for r in delta:
-                if r[2] is not None:
-                    index.put(entry_from_row(r[2:11]))
-                else:
-                    index.remove(r[0], Pattern.from_text(r[1]))
+        if merge:  # far behind: each entry changed since, as it is now; new numbers merged in
+            assert snap is not None
+            _, rows, _ = read_changed(con, snap[0], rev)
+            apply_changed(index, index.adopt_merge(index.plan_merge(rows, profiles)))
             check = con.execute("SELECT list, pattern, op FROM changes WHERE rev = ?", (rev,)).fetchone()
         elif snap is not None:  # bring the snapshot's arrays up to this read transaction
             cols = ", ".join("e." + c.strip() for c in ENTRY_COLUMNS.split(","))
@@ -1199,7 +1203,7 @@ def load_index(path: str, *, busy_timeout_ms: int = 30000, snapshot: bool = True
         else:
             check = con.execute("SELECT list, pattern, op FROM changes WHERE rev = ?", (rev,)).fetchone()
         con.execute("COMMIT")
-        if (snap is None or delta is not None) and snapshot and rev > 0 and check is not None:
+        if (snap is None or merge) and snapshot and rev > 0 and check is not None:
             _write_snapshot(path, rev, list(check), index)
         return int(rev), index
     except sqlite3.Error as e:
@@ -1299,50 +1303,50 @@ def _read_compact_chunks(con: sqlite3.Connection, list_name: str, shift: int, ke
         pids.frombytes(pid_bytes)
 
 
-def _merge_new_numbers(con: sqlite3.Connection, since: int, arrays: dict[str, tuple[array, array]]) -> list:
-    """Merge the exact numbers added since revision ``since`` into the snapshot's ``arrays`` (in
-    place, per list: new sorted arrays); return every other changed (list, pattern) with its
-    current row (None columns: deleted), for ListIndex.put/remove once the arrays are loaded.
+#: Each (list, pattern) changed in (?, ?] once, with its row as it is now (NULL columns: deleted).
+CHANGED_SQL = (
+    "SELECT c.list, c.pattern, " + ", ".join("e." + c.strip() for c in ENTRY_COLUMNS.split(",")) + ", e.num, e.profile "
+    "FROM (SELECT DISTINCT list, pattern FROM changes WHERE rev > ? AND rev <= ?) c "
+    "LEFT JOIN entries e ON e.list = c.list AND e.pattern = c.pattern"
+)
+PROFILES_SQL = "SELECT id, category, note, source, created_at, expires_at FROM profiles"
 
-    Each changed pattern is read once, as it is now (not change by change). A number already in
-    the arrays keeps its slot (put rewrites its profile id, remove marks it DELETED); only new
-    keys make the arrays grow, inserted by slices between their positions (memory copies, not
-    a Python loop over 10 million keys).
-    """
-    cols = ", ".join("e." + c.strip() for c in ENTRY_COLUMNS.split(","))
-    new: dict[str, list[tuple[int, int]]] = {name: [] for name in LISTS}
-    rest = []
-    for r in con.execute(
-        f"SELECT c.list, c.pattern, {cols}, e.num, e.profile FROM (SELECT DISTINCT list, pattern FROM changes "
-        "WHERE rev > ?) c LEFT JOIN entries e ON e.list = c.list AND e.pattern = c.pattern",
-        (since,),
-    ):
-        num, pid = r[11], r[12]
-        if r[2] is not None and num is not None and pid is not None and r[0] in new:
-            keys = arrays[r[0]][0]
-            i = bisect_left(keys, num)
-            if i == len(keys) or keys[i] != num:
-                new[r[0]].append((num, pid))
-                continue
-        rest.append(r)
-    for name, pairs in new.items():
-        if not pairs:
-            continue
-        pairs.sort()
-        keys, pids = arrays[name]
-        out_keys, out_pids = array("q"), array("I")
-        prev = 0
-        for num, pid in pairs:
-            i = bisect_left(keys, num, prev)
-            out_keys.extend(keys[prev:i])
-            out_pids.extend(pids[prev:i])
-            out_keys.append(num)
-            out_pids.append(pid)
-            prev = i
-        out_keys.extend(keys[prev:])
-        out_pids.extend(pids[prev:])
-        arrays[name] = (out_keys, out_pids)
-    return rest
+
+def changed_row(r: Sequence) -> ChangedRow:
+    """A CHANGED_SQL row as ListIndex.plan_merge takes it."""
+    return r[0], r[1], entry_from_row(r[2:11]) if r[2] is not None else None, r[11], r[12]
+
+
+def read_changed(con: sqlite3.Connection, since: int, head: int | None = None) -> tuple[int, list[ChangedRow], dict]:
+    """(head revision, each (list, pattern) changed after ``since`` once, as it is now, every
+    metadata profile) in the caller's read transaction: the input of ListIndex.plan_merge."""
+    if head is None:
+        (head,) = con.execute("SELECT COALESCE(MAX(rev), 0) FROM changes").fetchone()
+    rows = [changed_row(r) for r in con.execute(CHANGED_SQL, (since, head))]
+    return int(head), rows, {r[0]: tuple(r[1:]) for r in con.execute(PROFILES_SQL)}
+
+
+def read_changed_file(path: str, since: int, busy_timeout_ms: int = 30000) -> tuple[int, list[ChangedRow], dict]:
+    """read_changed on a connection of its own, in one read transaction (for a worker thread)."""
+    con = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, isolation_level=None)
+    try:
+        con.execute("BEGIN")
+        out = read_changed(con, since)
+        con.execute("COMMIT")
+        return out
+    except sqlite3.Error as e:
+        raise StoreError(describe_sqlite_error(path, e)) from None
+    finally:
+        con.close()
+
+
+def apply_changed(index: ListIndex, rows: Iterable[ChangedRow]) -> None:
+    """put or remove each changed row (the rows plan_merge left)."""
+    for list_name, text, entry, _num, _pid in rows:
+        if entry is not None:
+            index.put(entry)
+        else:
+            index.remove(list_name, Pattern.from_text(text))
 
 
 def _read_snapshot(con: sqlite3.Connection, path: str, head: int) -> tuple[int, dict] | None:
