@@ -166,8 +166,8 @@ def child(db: str, cfg: str, exact: int, live_import: int = 0) -> None:
         out["visibility_incl_cli_s"] = max(v[1] for v in vis)
         if live_import:
             # a feed imported while the service runs: more changes than it replays one by one,
-            # so it reloads its lists in a thread (calls are answered meanwhile) - how long until
-            # the feed's last number is enforced?
+            # so it merges them in a thread (calls are answered meanwhile) - how long until the
+            # feed's last number is enforced?
             feed = Path(cfg).parent / "live-import.txt"
             digits = [f"8619{k:09d}" for k in range(live_import)]
             feed.write_text("".join(f"+{d}\n" for d in digits))
@@ -288,7 +288,7 @@ def main() -> None:
     if "live_import" in svc:
         n, took, seen = svc["live_import"]
         rows.append((f"{n:,}-line import, service running", f"{took:.1f} s + {seen:.1f} s",
-                     "the import, then until the service enforces its last number (reload in a thread)"))
+                     "the import, then until the service enforces its last number (merged in a thread)"))
     w = max(len(r[0]) for r in rows)
     v = max(len(r[1]) for r in rows)
     print(f"\n{'measure':<{w}}  {'value':<{v}}  note")
