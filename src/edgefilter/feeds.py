@@ -282,9 +282,26 @@ def _too_long(line: str) -> str | None:
 _COMMENT = re.compile(r"\s#")
 
 
-def _parse_text(lines: list[str], opts: FeedOptions, first: int = 1) -> Iterator[Item]:
-    """One number or pattern a line; '#' starts a comment line; ' # note' ends a line.
-    ``first`` is the line number of ``lines[0]`` (a worker parses a slice of the file)."""
+def _parse_text(lines: list[str], opts: FeedOptions) -> Iterator[Item]:
+    return _entries(_text_values(lines, opts, 1), opts)
+
+
+def _entries(values: Iterable[tuple], opts: FeedOptions) -> Iterator[Item]:
+    """(line, reason) as it is; (line, pattern, category, note) as (line, Entry)."""
+    list_name, default_cat, source, created_at, expires_at = (
+        opts.list_name, opts.category, opts.source, opts.created_at, opts.expires_at
+    )
+    for item in values:
+        if len(item) == 2:
+            yield item
+        else:
+            no, pattern, category, note = item
+            yield no, make_entry(list_name, pattern, category or default_cat, note[:MAX_NOTE], source, created_at, expires_at)
+
+
+def _text_values(lines: list[str], opts: FeedOptions, first: int) -> Iterator[tuple]:
+    """Each line's outcome, (line, reason) or (line, pattern, category, note); ``first`` is the
+    line number of ``lines[0]`` (a worker parses a slice of the file)."""
     for no, line in enumerate(lines, first):
         if len(line) > MAX_LINE:
             yield no, _too_long(line) or ""
@@ -297,7 +314,7 @@ def _parse_text(lines: list[str], opts: FeedOptions, first: int = 1) -> Iterator
         if m:
             s, note = s[: m.start()].strip(), s[m.end():].strip()
         try:
-            yield no, _entry(read_value(s, opts.region), opts, note=note)
+            yield no, read_value(s, opts.region), "", note
         except PatternError as e:
             yield no, str(e)
 
@@ -403,7 +420,7 @@ class CsvLayout:
 
 def _parse_csv(lines: list[str], opts: FeedOptions) -> Iterator[Item]:
     layout, data_rows = _csv_start(lines, opts)
-    return _csv_data(data_rows, layout, opts)
+    return _entries(_csv_values(data_rows, layout, opts), opts)
 
 
 def _csv_start(lines: list[str], opts: FeedOptions) -> tuple[CsvLayout, Iterator[tuple[int, list[str] | str]]]:
@@ -451,15 +468,13 @@ def _csv_start(lines: list[str], opts: FeedOptions) -> tuple[CsvLayout, Iterator
     return layout, data_rows
 
 
-def _csv_data(data_rows: Iterable[tuple[int, list[str] | str]], layout: CsvLayout, opts: FeedOptions) -> Iterator[Item]:
-    """Every data row's outcome (the loop a worker runs on its slice of a file)."""
+def _csv_values(data_rows: Iterable[tuple[int, list[str] | str]], layout: CsvLayout, opts: FeedOptions) -> Iterator[tuple]:
+    """Every data row's outcome, (line, reason) or (line, pattern, category, note): the loop a
+    worker runs on its slice of a file."""
     num_col, name_col, label_col, cat_col = layout.num_col, layout.name_col, layout.label_col, layout.cat_col
     # the loop below runs once a line of files with millions: option lookups hoisted, category
     # verdicts remembered per distinct cell (bounded: a hostile file may make every cell differ)
     region = opts.region
-    list_name, default_cat, source, created_at, expires_at = (
-        opts.list_name, opts.category, opts.source, opts.created_at, opts.expires_at
-    )
     cat_seen: dict[str, tuple[str, str | None]] = {}
     for no, row in data_rows:
         if isinstance(row, str):
@@ -496,8 +511,7 @@ def _csv_data(data_rows: Iterable[tuple[int, list[str] | str]], layout: CsvLayou
         except PatternError as e:
             yield no, str(e)
             continue
-        # _entry, inlined
-        yield no, make_entry(list_name, pattern, category or default_cat, note[:MAX_NOTE], source, created_at, expires_at)
+        yield no, pattern, category, note
 
 
 def _chain(first: list, rest: Iterable) -> Iterator:
@@ -703,12 +717,28 @@ def parse_slice(slices: Slices, i: int, opts: FeedOptions) -> Chunk:
     a, b = slices.ranges[i]
     part = slices.lines[a:b]
     if slices.layout is None:
-        items = _parse_text(part, opts, a + 1)
+        values = _text_values(part, opts, a + 1)
     else:
         rows = enumerate(csv.reader(part, delimiter=slices.layout.delimiter, skipinitialspace=True), a + 1)
-        items = _csv_data(rows, slices.layout, opts)
-    chunk = next(chunked(items, size=b - a + 1), None) or Chunk()
-    chunk.last_line = b
+        values = _csv_values(rows, slices.layout, opts)
+    # chunked(_entries(values)) without an Entry per line: the same Chunk, a fifth less work
+    chunk = Chunk(last_line=b)
+    refused, lines, patterns, nums, meta_ids = chunk.refused, chunk.lines, chunk.patterns, chunk.nums, chunk.meta_ids
+    ids: dict[tuple[str, str], int] = {}
+    for item in values:
+        if len(item) == 2:
+            refused.append(item)
+            continue
+        no, pattern, category, note = item
+        mid = ids.get((category, note))
+        if mid is None:
+            mid = ids[(category, note)] = len(chunk.metas)
+            chunk.metas.append((opts.list_name, category or opts.category, note[:MAX_NOTE], opts.source,
+                                opts.created_at, opts.expires_at))
+        lines.append(no)
+        patterns.append(pattern.text)
+        nums.append(exact_num(pattern))
+        meta_ids.append(mid)
     return chunk
 
 
