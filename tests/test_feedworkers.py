@@ -178,3 +178,14 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return "Z"
+
+
+def test_no_worker_processes_to_be_had_means_one_process(small_slices, monkeypatch):
+    """A container without /dev/shm (no semaphores) or a process limit: the file is still read."""
+    def refuse(*a, **kw):
+        raise NotImplementedError("no sem_open")
+
+    monkeypatch.setattr(feedworkers, "ProcessPoolExecutor", refuse)
+    text = "\n".join(messy_lines(500, seed=3, csv=False)) + "\n"
+    chunks = feedworkers.parse_chunks(text, "text", OPTS, jobs=4)
+    assert flat(chunks) == flat(chunked(parse_feed(text, "text", OPTS)))

@@ -59,7 +59,8 @@ def parse_chunks(text: str, fmt: str, opts: FeedOptions, jobs: int) -> Iterator[
             initargs=((slices, opts), os.getpid()),
         )
         results = pool.map(_parse, range(len(slices.ranges)))
-    except OSError:  # no processes to be had (limits): one process does it all
+    except (OSError, NotImplementedError, ImportError):  # no processes or semaphores (limits,
+        # no /dev/shm in a container): one process does it all
         return chunked(parse_feed(text, fmt, opts))
     return _InOrder(pool, results)
 
