@@ -210,3 +210,9 @@ def test_duplicates_in_national_international_and_00_forms_count_once():
     seen = Seen()
     firsts = [seen.first_line(no, e) for no, es in sorted(good.items()) for e in es]
     assert firsts == [None, 1, 1, 1]
+
+
+def test_a_stray_carriage_return_inside_a_csv_line_costs_that_line_only():
+    text = "number,name\n+8613800138000,a\n+8613800138001,b\rc\n+8613800138002,d\n"
+    got = list(parse_feed(text, "csv", FeedOptions()))
+    assert [(no, isinstance(item, str)) for no, item in got] == [(2, False), (3, True), (4, False)]

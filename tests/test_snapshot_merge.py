@@ -136,3 +136,39 @@ async def test_the_follower_merges_a_big_batch_into_the_running_index_like_a_ful
         await store.put_entry(mk("block", new[5], category="fraud", source="cli"))
         await follower.poll()
         assert index.lookup(new[5][1:]).entry.category == "fraud"
+
+
+def test_a_number_held_by_the_other_list_outside_the_arrays_is_still_merged(tmp_path, monkeypatch):
+    """A foreign writer's allow row for X (no compact key: it loads into the dict overlay), then an
+    import that blocks X: the merged snapshot must hold the block, also at the next start."""
+    import sqlite3
+
+    monkeypatch.setattr(sqlite_store, "SNAPSHOT_MAX_BEHIND", 50)
+    db = str(tmp_path / "o.db")
+    x = "+8613900139000"
+    PROBES[:] = [x[1:]]
+
+    async def base():
+        async with Store.open(db) as store:
+            await store.import_entries([mk("block", f"+86138{i:08d}", source="feed") for i in range(200)])
+
+    asyncio.run(base())
+    con = sqlite3.connect(db)
+    con.execute("INSERT INTO entries (list, pattern, kind, key, created_at, expires_at) "
+                "VALUES ('allow', ?, 'exact', ?, 1, 5)", (x, x[1:]))  # an expired allow, num NULL
+    con.execute("INSERT INTO changes (list, pattern, op) VALUES ('allow', ?, 'put')", (x,))
+    con.commit()
+    con.close()
+    load_index(db)  # full read, snapshot written
+
+    async def block_x():
+        async with Store.open(db) as store:
+            await store.import_entries([mk("block", x, source="feed2")]
+                                       + [mk("block", f"+86137{i:08d}", source="feed2") for i in range(100)])
+
+    asyncio.run(block_x())
+    _, merged = load_index(db)
+    _, next_start = load_index(db)  # from the snapshot the merge rewrote
+    _, full = load_index(db, snapshot=False)
+    assert content(merged) == content(next_start) == content(full)
+    assert next_start.lookup(x[1:], 10.0).entry.list == "block"

@@ -351,8 +351,10 @@ class _LineFeed:
 
 
 def _one_row_a_line(lines: list[str]) -> bool:
-    """No quote and no monster line: every physical line is exactly one CSV row (most feeds)."""
-    return bool(lines) and not any('"' in ln for ln in lines) and max(map(len, lines)) <= MAX_LINE
+    """No quote, no stray carriage return inside a line (csv refuses it) and no monster line:
+    every physical line is exactly one CSV row (most feeds)."""
+    return (bool(lines) and not any('"' in ln or "\r" in ln for ln in lines)
+            and max(map(len, lines)) <= MAX_LINE)
 
 
 def _csv_rows(lines: list[str], delimiter: str) -> Iterator[tuple[int, list[str] | str]]:

@@ -138,7 +138,7 @@ async def cmd_import(args, settings: Settings, *, now: float | None = None) -> i
         del text
         metas: dict[tuple, tuple] = {}  # one meta object per distinct meta: staging compares identity
         async with contextlib.AsyncExitStack() as stack:
-            stack.callback(chunks.close)  # type: ignore[attr-defined]  # workers stop on any exit
+            stack.callback(_stop, chunks)  # workers stop on any exit
             store = await stack.enter_async_context(open_store(settings))
             await store.begin_import()
             staging: asyncio.Task | None = None  # SQLite stages one chunk while the next is handled
@@ -179,6 +179,13 @@ async def cmd_import(args, settings: Settings, *, now: float | None = None) -> i
         raise EdgefilterError(f"{shown_name}: {e}") from None
     _totals(out, fmt, good, duplicates, refused, result, args.dry_run)
     return 0
+
+
+def _stop(chunks) -> None:
+    """Stop the parse: the workers, or the generator (unless a thread is inside it right now, as
+    on Ctrl-C: it then ends with its file)."""
+    with contextlib.suppress(ValueError):  # "generator already executing"
+        chunks.close()
 
 
 def _rows_reporting(chunk: Chunk, shared: list[tuple], repeats: dict[int, int], report, duplicate) -> list[StagedRow]:

@@ -281,8 +281,9 @@ class ListIndex:
             list_name, _text, entry, num, db_pid = row
             c = self._compact.get(list_name)
             if entry is None or num is None or db_pid is None or c is None or c.find(num) >= 0 \
-                    or db_pid not in profiles or entry.pattern.key in self._exact:
-                rest.append(row)
+                    or db_pid not in profiles \
+                    or any(e.list == list_name for e in self._exact.get(entry.pattern.key, ())):
+                rest.append(row)  # (a number in the overlay on this list stays there: put replaces it)
                 continue
             pid = pid_of.get(db_pid)
             if pid is None:
@@ -298,7 +299,7 @@ class ListIndex:
         for name, new in pairs.items():
             if not new:
                 continue
-            new.sort()
+            new.sort()  # already in key order (the stores read rows by list and key): linear
             c = self._compact[name]
             keys, pids = c.keys, c.profiles
             out_keys, out_pids = array("q"), array("I")

@@ -533,12 +533,18 @@ class PgStore(BatchedImport):
     async def changed_entries(self, since: int) -> tuple[int, list[ChangedRow], dict]:
         """(head revision, each entry changed after ``since`` once as it is now, the metadata
         profiles), in one repeatable-read transaction: a big batch for ListIndex.plan_merge."""
+        sql = CHANGED_SQL.replace("rev > ?", "rev > $1").replace("rev <= ?", "rev <= $2")
+        rows: list[ChangedRow] = []
         async with self._connection() as c:
             async with c.transaction(isolation="repeatable_read", readonly=True):
                 head = int(await c.fetchval("SELECT COALESCE(MAX(rev), 0) FROM changes"))
-                rows = await c.fetch(CHANGED_SQL.replace("rev > ?", "rev > $1").replace("rev <= ?", "rev <= $2"), since, head)
+                # a cursor, converted as it comes: a million rows must not hold the event loop
+                async for r in c.cursor(sql, since, head, prefetch=5000):
+                    rows.append(changed_row(tuple(r)))
+                    if not len(rows) % 5000:
+                        await asyncio.sleep(0)
                 profiles = {r[0]: tuple(r)[1:] for r in await c.fetch(PROFILES_SQL)}
-        return head, [changed_row(tuple(r)) for r in rows], profiles
+        return head, rows, profiles
 
     async def watch_changes(self, wake: Callable[[], None], resync: Callable[[], None] | None = None) -> None:
         """Run for ever: LISTEN on the change channel and call ``wake`` on every notice and after

@@ -1307,7 +1307,7 @@ def _read_compact_chunks(con: sqlite3.Connection, list_name: str, shift: int, ke
 CHANGED_SQL = (
     "SELECT c.list, c.pattern, " + ", ".join("e." + c.strip() for c in ENTRY_COLUMNS.split(",")) + ", e.num, e.profile "
     "FROM (SELECT DISTINCT list, pattern FROM changes WHERE rev > ? AND rev <= ?) c "
-    "LEFT JOIN entries e ON e.list = c.list AND e.pattern = c.pattern"
+    "LEFT JOIN entries e ON e.list = c.list AND e.pattern = c.pattern ORDER BY c.list, e.num"
 )
 PROFILES_SQL = "SELECT id, category, note, source, created_at, expires_at FROM profiles"
 
