@@ -1,8 +1,9 @@
 """`edgefilter import`, `export` and `remove-source`: lists somebody else keeps, in and out.
 
-An import reads the whole file (feeds.py says what every line became), stages the good entries
-in a TEMP table and applies them in ONE transaction: a crash or a kill at any point leaves the
-previous lists, and re-running the same import changes nothing. Refused lines are printed as
+An import reads the whole file (feeds.py says what every line became; a big file is parsed by
+one process per CPU, feedworkers.py, in the same order), stages the good entries in a TEMP table
+while the rest is parsed, and applies them in ONE transaction: a crash or a kill at any point
+leaves the previous lists, and re-running the same import changes nothing. Refused lines are printed as
 ``FILE:LINE: reason`` on stderr (escaped: the file is hostile), totals on stdout.
 
 Exit status: 0 imported (refused lines, if any, were reported and skipped); 1 the file or the
