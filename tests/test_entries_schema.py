@@ -84,3 +84,32 @@ async def test_a_v6_database_gets_v7_and_keeps_its_entries(tmp_path):
     _, index = load_index(db)
     assert index.lookup("8613800138000") is not None and index.lookup("8613900139000") is not None
     assert index.compact_arrays()["block"][0].tolist() == [18613800138000, 18613900139000]
+
+
+async def test_updated_entries_get_their_profile_in_the_same_pass(tmp_path):
+    """A re-import that changes every entry's source and expiry keeps each entry's created_at and
+    gives it the matching profile at once (no NULL profile left for a second pass)."""
+    db = str(tmp_path / "u.db")
+    numbers = [f"+86138{i:08d}" for i in range(300)]
+    async with Store.open(db) as store:
+        await store.import_entries([Entry("block", parse_pattern(n, "CN"), category="fraud", source="a", created_at=100.0)
+                                    for n in numbers])
+        await store.import_entries([Entry("block", parse_pattern(n, "CN"), category="fraud", source="a", created_at=50.0)
+                                    for n in numbers[:10]])  # unchanged: created_at is not compared
+        result = await store.import_entries(
+            [Entry("block", parse_pattern(n, "CN"), category="scam" if i % 2 else "fraud", source="b", created_at=200.0,
+                   expires_at=9e9) for i, n in enumerate(numbers)] + [mk("block", "+8613900139000")])
+    assert (result.added, result.updated, result.unchanged) == (1, 300, 0)
+    con = sqlite3.connect(db)
+    rows = con.execute(
+        "SELECT e.pattern, e.profile, e.category, e.source, e.created_at, e.expires_at, "
+        "p.category, p.source, p.created_at, p.expires_at FROM entries e LEFT JOIN profiles p ON p.id = e.profile"
+    ).fetchall()
+    con.close()
+    assert len(rows) == 301 and all(r[1] is not None for r in rows)
+    assert all(r[2:6] == r[6:10] for r in rows)  # the profile says what the row says
+    assert {r[4] for r in rows if r[0] in numbers} == {100.0}  # created_at kept
+    _, index = load_index(db)
+    assert sum(len(k) for k, _ in index.compact_arrays().values()) == 301  # all compact, none in dicts
+    hit = index.lookup("8613800000001", 10.0).entry
+    assert (hit.category, hit.source, hit.created_at, hit.expires_at) == ("scam", "b", 100.0, 9e9)
