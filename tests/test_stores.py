@@ -12,7 +12,7 @@ import pytest
 
 from edgefilter.errors import StoreError
 from edgefilter.lists import Entry, parse_pattern
-from edgefilter.store import CallOutcome, CallRecord, ContactSeen, Refusal
+from edgefilter.store import CallOutcome, CallRecord, ContactSeen, Refusal, entry_from_row
 from edgefilter.stores import open_store
 
 
@@ -70,11 +70,11 @@ async def test_changed_entries_give_each_changed_pattern_once_as_it_is_now(store
     assert head == await store.head_rev() > since
     by = {(r[0], r[1]): r for r in rows}
     assert len(rows) == len(by) == 3  # two changes of one pattern: once, as it is now
-    changed = by[("block", "+8613800138000")][2]
+    changed = entry_from_row(by[("block", "+8613800138000")][2])
     assert changed.category == "marketing" and changed.source == "cli"
     assert by[("block", "+86170*")][2] is None  # deleted
-    lst, text, e, num, pid = by[("allow", "+8613912345678")]
-    assert e.note == "mum" and num == 18613912345678 and profiles[pid][:3] == ("", "mum", "crm")
+    lst, text, columns, num, pid = by[("allow", "+8613912345678")]
+    assert entry_from_row(columns).note == "mum" and num == 18613912345678 and profiles[pid][:3] == ("", "mum", "crm")
     assert (await store.changed_entries(head))[1] == []
 
 

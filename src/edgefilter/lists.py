@@ -155,8 +155,9 @@ def exact_num(p: Pattern) -> int | None:
 
 #: The metadata an entry carries besides its list and pattern, shared by every entry of an import.
 Profile = tuple  # (category, note, source, created_at, expires_at)
-#: A changed entry as it is now: (list, pattern text, Entry or None if deleted, compact key or
-#: None, database profile id or None) - what the stores read for a big batch of changes.
+#: A changed entry as it is now: (list, pattern text, its stored columns (store.ENTRY_COLUMNS) or
+#: None if deleted, compact key or None, database profile id or None) - what the stores read for
+#: a big batch of changes. Columns, not an Entry: most rows of a big batch only need the key.
 ChangedRow = tuple
 
 
@@ -194,10 +195,10 @@ class _Compact:
     #: million blocked numbers). Larger lists search only: their dict would cost gigabytes.
     SMALL = 1 << 18
 
-    def __init__(self, keys: array, profiles: array) -> None:
+    def __init__(self, keys: array, profiles: array, live: int | None = None) -> None:
         self.keys = keys
         self.profiles = profiles
-        self.live = len(profiles) - profiles.count(DELETED)
+        self.live = len(profiles) - profiles.count(DELETED) if live is None else live
         self.fences = keys[:: self.FENCE].tolist()
         self.where = dict(zip(keys, range(len(keys)))) if len(keys) <= self.SMALL else None
 
@@ -262,8 +263,8 @@ class ListIndex:
     def plan_merge(self, rows: Iterable[ChangedRow], profiles: dict[int, Profile]) -> "MergePlan":
         """A big batch of changes as new compact arrays plus the rows left for put/remove.
 
-        ``rows`` are changed entries as they are now: (list, pattern text, Entry or None when
-        deleted, its compact key or None, its database profile id or None). A row that brings a
+        ``rows`` are changed entries as they are now (ChangedRow: list, pattern text, stored
+        columns or None when deleted, compact key or None, database profile id or None). A row that brings a
         number new to its list's arrays (the bulk of an import) is inserted into new arrays, in
         key order, by slices between the new keys' positions; every other row (an update, a
         deletion, a prefix, a number held in the dict overlay) is left to put/remove, which
@@ -278,11 +279,11 @@ class ListIndex:
         pairs: dict[str, list[tuple[int, int]]] = {name: [] for name in self._compact}
         rest: list[ChangedRow] = []
         for row in rows:
-            list_name, _text, entry, num, db_pid = row
+            list_name, text, columns, num, db_pid = row
             c = self._compact.get(list_name)
-            if entry is None or num is None or db_pid is None or c is None or c.find(num) >= 0 \
+            if columns is None or num is None or db_pid is None or c is None or c.find(num) >= 0 \
                     or db_pid not in profiles \
-                    or any(e.list == list_name for e in self._exact.get(entry.pattern.key, ())):
+                    or any(e.list == list_name for e in self._exact.get(text[1:], ())):  # num: text is +key
                 rest.append(row)  # (a number in the overlay on this list stays there: put replaces it)
                 continue
             pid = pid_of.get(db_pid)
@@ -313,7 +314,7 @@ class ListIndex:
                 prev = i
             out_keys.extend(keys[prev:])
             out_pids.extend(pids[prev:])
-            compact[name] = _Compact(out_keys, out_pids)
+            compact[name] = _Compact(out_keys, out_pids, c.live + len(new))
         return MergePlan(compact, new_profiles, next_pid, rest)
 
     def adopt_merge(self, plan: "MergePlan") -> list[ChangedRow]:

@@ -38,7 +38,7 @@ from .routes import DecisionObserver, challenge_result_route, screen_route
 from .screen import Decision, Screener
 from .spool import Spool
 from .starcodes import StarCodes
-from .store import CallOutcome, CallRecord, ContactSeen
+from .store import CallOutcome, CallRecord, ContactSeen, entry_from_row
 from .stores import AnyStore, open_store
 
 log = logging.getLogger("edgefilter.service")
@@ -111,9 +111,9 @@ class ListFollower:
         if index is not self.screener.index:  # replaced meanwhile (never by design): start over
             return False
         rest = index.adopt_merge(plan)
-        for i, (list_name, text, entry, _num, _pid) in enumerate(rest, 1):
-            if entry is not None:
-                index.put(entry)
+        for i, (list_name, text, columns, _num, _pid) in enumerate(rest, 1):
+            if columns is not None:
+                index.put(entry_from_row(columns))
             else:
                 index.remove(list_name, Pattern.from_text(text))
             if not i % 2000:

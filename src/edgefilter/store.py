@@ -1345,7 +1345,7 @@ PROFILES_SQL = "SELECT id, category, note, source, created_at, expires_at FROM p
 
 def changed_row(r: Sequence) -> ChangedRow:
     """A CHANGED_SQL row as ListIndex.plan_merge takes it."""
-    return r[0], r[1], entry_from_row(r[2:11]) if r[2] is not None else None, r[11], r[12]
+    return r[0], r[1], tuple(r[2:11]) if r[2] is not None else None, r[11], r[12]
 
 
 def read_changed(con: sqlite3.Connection, since: int, head: int | None = None) -> tuple[int, list[ChangedRow], dict]:
@@ -1373,9 +1373,9 @@ def read_changed_file(path: str, since: int, busy_timeout_ms: int = 30000) -> tu
 
 def apply_changed(index: ListIndex, rows: Iterable[ChangedRow]) -> None:
     """put or remove each changed row (the rows plan_merge left)."""
-    for list_name, text, entry, _num, _pid in rows:
-        if entry is not None:
-            index.put(entry)
+    for list_name, text, columns, _num, _pid in rows:
+        if columns is not None:
+            index.put(entry_from_row(columns))
         else:
             index.remove(list_name, Pattern.from_text(text))
 
