@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from edgefilter import cli, feedworkers
-from edgefilter.feeds import FeedError, FeedOptions, chunked, parse_feed, plan_slices
+from edgefilter.feeds import FeedError, FeedOptions, chunked, feed_values, parse_feed, plan_slices
+from edgefilter.lists import exact_num
 
 OPTS = FeedOptions(list_name="block", region="DE", source="feed", created_at=1.0,
                    categories=frozenset({"marketing", "fraud", "scam"}))
@@ -26,6 +27,18 @@ def flat(chunks) -> list[tuple]:
         out += [(no, "refused", reason) for no, reason in c.refused]
         out += [(no, text, num, c.metas[mid]) for no, text, num, mid in zip(c.lines, c.patterns, c.nums, c.meta_ids)]
     return sorted(out, key=lambda t: t[0])
+
+
+def one_process(text: str, fmt: str) -> list[tuple]:
+    """What parse_feed says line by line, from its Entry objects (the reference)."""
+    out = []
+    for no, item in parse_feed(text, fmt, OPTS):
+        if isinstance(item, str):
+            out.append((no, "refused", item))
+        else:
+            meta = (item.list, item.category, item.note, item.source, item.created_at, item.expires_at)
+            out.append((no, item.pattern.text, exact_num(item.pattern), meta))
+    return out
 
 
 def messy_lines(n: int, seed: int, csv: bool) -> list[str]:
@@ -81,7 +94,8 @@ def test_workers_read_a_file_exactly_as_one_process(small_slices, kind):
     fmt = "text" if kind == "text" else "csv"
     plan = plan_slices(text, fmt, OPTS, feedworkers.SLICE_LINES)
     assert plan is not None and len(plan.ranges) > 10  # really cut
-    one = flat(chunked(parse_feed(text, fmt, OPTS), size=333))
+    one = one_process(text, fmt)
+    assert flat(chunked(feed_values(text, fmt, OPTS), OPTS, size=333)) == one
     many = flat(feedworkers.parse_chunks(text, fmt, OPTS, jobs=3))
     assert many == one
     assert sum(1 for t in one if t[1] == "refused") > 50 and sum(1 for t in one if t[1] != "refused") > 1000
@@ -188,4 +202,4 @@ def test_no_worker_processes_to_be_had_means_one_process(small_slices, monkeypat
     monkeypatch.setattr(feedworkers, "ProcessPoolExecutor", refuse)
     text = "\n".join(messy_lines(500, seed=3, csv=False)) + "\n"
     chunks = feedworkers.parse_chunks(text, "text", OPTS, jobs=4)
-    assert flat(chunks) == flat(chunked(parse_feed(text, "text", OPTS)))
+    assert flat(chunks) == one_process(text, "text")

@@ -75,7 +75,7 @@ def test_a_far_behind_snapshot_is_merged_and_equals_a_full_read(tmp_path, monkey
 
 def test_too_far_behind_reads_everything(tmp_path, monkeypatch):
     monkeypatch.setattr(sqlite_store, "SNAPSHOT_MAX_BEHIND", 5)
-    monkeypatch.setattr(sqlite_store, "SNAPSHOT_MERGE_BEHIND", 20)
+    monkeypatch.setattr(sqlite_store, "MERGE_MAX_BEHIND", 20)
     db = str(tmp_path / "e.db")
 
     async def add(numbers):

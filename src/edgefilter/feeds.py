@@ -16,12 +16,13 @@ import quopri
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import islice
 from typing import Iterable, Iterator
 
 import phonenumbers
 
 from .errors import PatternError
-from .lists import MAX_NOTE, Entry, Pattern, exact_num, exact_pattern, make_entry, parse_pattern
+from .lists import MAX_NOTE, Entry, Pattern, exact_num, make_entry, make_pattern, parse_pattern
 from .numbers import national_prefix, strip_visual
 
 FORMATS = ("auto", "text", "csv", "vcf")
@@ -138,12 +139,19 @@ def _unquoted(line: str) -> str:
 
 def parse_feed(text: str, fmt: str, opts: FeedOptions) -> Iterator[Item]:
     """Every line's outcome in file order: ``(line_no, Entry)`` or ``(line_no, reason)``."""
+    return _entries(feed_values(text, fmt, opts), opts)
+
+
+def feed_values(text: str, fmt: str, opts: FeedOptions) -> Iterator[tuple]:
+    """parse_feed without an Entry per line: ``(line_no, reason)`` or ``(line_no, pattern,
+    category, note)``; the list, source and dates of every entry are the options'."""
     if fmt == "text":
-        return _parse_text(split_lines(text), opts)
+        return _text_values(split_lines(text), opts, 1)
     if fmt == "csv":
-        return _parse_csv(split_lines(text), opts)
+        layout, data_rows = _csv_start(split_lines(text), opts)
+        return _csv_values(data_rows, layout, opts)
     if fmt == "vcf":
-        return _parse_vcf(split_lines(text), opts)
+        return _vcf_values(split_lines(text), opts)
     raise FeedError(f"unknown format {fmt!r}; expected one of: {', '.join(FORMATS)}")
 
 
@@ -237,7 +245,7 @@ def fast_pattern(compact: str, region: str) -> Pattern | None:
             return None
     elif not rest or rest[0] == "0" or any(p.match(rest) for p in pats):
         return None
-    return exact_pattern(digits, "+" + digits)
+    return make_pattern("exact", digits, "+" + digits)
 
 
 def read_value(raw: str, region: str) -> Pattern:
@@ -252,12 +260,6 @@ def read_value(raw: str, region: str) -> Pattern:
 def _show(raw: str, limit: int = 40) -> str:
     raw = raw.strip()
     return repr(raw[:limit]) + ("..." if len(raw) > limit else "")
-
-
-def _entry(pattern: Pattern, opts: FeedOptions, category: str = "", note: str = "") -> Entry:
-    return make_entry(
-        opts.list_name, pattern, category or opts.category, note[:MAX_NOTE], opts.source, opts.created_at, opts.expires_at
-    )
 
 
 def _category(value: str, opts: FeedOptions) -> tuple[str, str | None]:
@@ -280,10 +282,6 @@ def _too_long(line: str) -> str | None:
 
 # ------------------------------------------------------------------------------ text
 _COMMENT = re.compile(r"\s#")
-
-
-def _parse_text(lines: list[str], opts: FeedOptions) -> Iterator[Item]:
-    return _entries(_text_values(lines, opts, 1), opts)
 
 
 def _entries(values: Iterable[tuple], opts: FeedOptions) -> Iterator[Item]:
@@ -418,11 +416,6 @@ class CsvLayout:
     label_col: int | None
     cat_col: int | None
     header_line: int
-
-
-def _parse_csv(lines: list[str], opts: FeedOptions) -> Iterator[Item]:
-    layout, data_rows = _csv_start(lines, opts)
-    return _entries(_csv_values(data_rows, layout, opts), opts)
 
 
 def _csv_start(lines: list[str], opts: FeedOptions) -> tuple[CsvLayout, Iterator[tuple[int, list[str] | str]]]:
@@ -594,15 +587,15 @@ def _vcard_text(params: str, value: str) -> str:
     return value.replace("\\,", ",").replace("\\;", ";").replace("\\n", " ").replace("\\\\", "\\")
 
 
-def _parse_vcf(lines: list[str], opts: FeedOptions) -> Iterator[Item]:
+def _vcf_values(lines: list[str], opts: FeedOptions) -> Iterator[tuple]:
     in_card = False
     name = ""
     tels: list[tuple[int, str]] = []
 
-    def flush() -> Iterator[Item]:
+    def flush() -> Iterator[tuple]:
         for no, value in tels:
             try:
-                yield no, _entry(read_value(value, opts.region), opts, note=name)
+                yield no, read_value(value, opts.region), "", name
             except PatternError as e:
                 yield no, str(e)
 
@@ -663,28 +656,36 @@ class Chunk:
         return len(self.lines) + len(self.refused)
 
 
-def chunked(items: Iterable[Item], size: int = 20000) -> Iterator[Chunk]:
-    """parse_feed's items grouped into Chunks of ``size`` items, in file order."""
-    chunk, ids = Chunk(), {}
-    for no, item in items:
-        if isinstance(item, str):
-            chunk.refused.append((no, item))
-        else:
-            meta = (item.list, item.category, item.note, item.source, item.created_at, item.expires_at)
-            mid = ids.get(meta)
-            if mid is None:
-                mid = ids[meta] = len(chunk.metas)
-                chunk.metas.append(meta)
-            chunk.lines.append(no)
-            chunk.patterns.append(item.pattern.text)
-            chunk.nums.append(exact_num(item.pattern))
-            chunk.meta_ids.append(mid)
-        chunk.last_line = no
-        if len(chunk) >= size:
-            yield chunk
-            chunk, ids = Chunk(), {}
-    if len(chunk):
+def chunked(values: Iterable[tuple], opts: FeedOptions, size: int = 20000) -> Iterator[Chunk]:
+    """feed_values grouped into Chunks of ``size`` outcomes, in file order."""
+    values = iter(values)
+    while len(chunk := _fill(Chunk(), islice(values, size), opts)):
         yield chunk
+
+
+def _fill(chunk: Chunk, values: Iterable[tuple], opts: FeedOptions) -> Chunk:
+    """Append feed_values outcomes to ``chunk`` (no Entry per line: a fifth less work than
+    building them); ``last_line`` becomes the last outcome's line."""
+    refused, lines, patterns, nums, meta_ids = chunk.refused, chunk.lines, chunk.patterns, chunk.nums, chunk.meta_ids
+    ids: dict[tuple[str, str], int] = {}
+    no = chunk.last_line
+    for item in values:
+        no = item[0]
+        if len(item) == 2:
+            refused.append(item)
+            continue
+        _, pattern, category, note = item
+        mid = ids.get((category, note))
+        if mid is None:
+            mid = ids[(category, note)] = len(chunk.metas)
+            chunk.metas.append((opts.list_name, category or opts.category, note[:MAX_NOTE], opts.source,
+                                opts.created_at, opts.expires_at))
+        lines.append(no)
+        patterns.append(pattern.text)
+        nums.append(exact_num(pattern))
+        meta_ids.append(mid)
+    chunk.last_line = no
+    return chunk
 
 
 @dataclass(frozen=True)
@@ -723,24 +724,8 @@ def parse_slice(slices: Slices, i: int, opts: FeedOptions) -> Chunk:
     else:
         rows = enumerate(csv.reader(part, delimiter=slices.layout.delimiter, skipinitialspace=True), a + 1)
         values = _csv_values(rows, slices.layout, opts)
-    # chunked(_entries(values)) without an Entry per line: the same Chunk, a fifth less work
-    chunk = Chunk(last_line=b)
-    refused, lines, patterns, nums, meta_ids = chunk.refused, chunk.lines, chunk.patterns, chunk.nums, chunk.meta_ids
-    ids: dict[tuple[str, str], int] = {}
-    for item in values:
-        if len(item) == 2:
-            refused.append(item)
-            continue
-        no, pattern, category, note = item
-        mid = ids.get((category, note))
-        if mid is None:
-            mid = ids[(category, note)] = len(chunk.metas)
-            chunk.metas.append((opts.list_name, category or opts.category, note[:MAX_NOTE], opts.source,
-                                opts.created_at, opts.expires_at))
-        lines.append(no)
-        patterns.append(pattern.text)
-        nums.append(exact_num(pattern))
-        meta_ids.append(mid)
+    chunk = _fill(Chunk(), values, opts)
+    chunk.last_line = b
     return chunk
 
 
@@ -757,11 +742,8 @@ class Seen:
 
     def first_line(self, line_no: int, e: Entry) -> int | None:
         """None the first time an entry's pattern appears, else the line it first appeared on."""
-        return self.first(line_no, e.list, e.pattern.text, exact_num(e.pattern))
-
-    def first(self, line_no: int, list_name: str, text: str, num: int | None) -> int | None:
-        """first_line for a Chunk's columns (pattern text and compact key)."""
-        key: object = (num if list_name == "block" else -num) if num is not None else (list_name, text)
+        num = exact_num(e.pattern)
+        key: object = (num if e.list == "block" else -num) if num is not None else (e.list, e.pattern.text)
         first = self._first.setdefault(key, line_no)
         return None if first == line_no else first
 

@@ -21,7 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Iterator
 
-from .feeds import Chunk, FeedOptions, Slices, chunked, count_lines, parse_feed, parse_slice, plan_slices
+from .feeds import Chunk, FeedOptions, Slices, chunked, count_lines, feed_values, parse_slice, plan_slices
 
 #: Below this many lines one process is faster than starting workers (~50 ms each).
 PARALLEL_MIN_LINES = 50_000
@@ -52,7 +52,7 @@ def parse_chunks(text: str, fmt: str, opts: FeedOptions, jobs: int) -> Iterator[
     if jobs > 1 and count_lines(text) >= PARALLEL_MIN_LINES:
         slices = plan_slices(text, fmt, opts, SLICE_LINES)
     if slices is None or len(slices.ranges) < 2:
-        return chunked(parse_feed(text, fmt, opts))
+        return chunked(feed_values(text, fmt, opts), opts)
     try:
         pool = ProcessPoolExecutor(
             min(jobs, len(slices.ranges)), mp_context=get_context("fork"), initializer=_start_worker,
@@ -61,7 +61,7 @@ def parse_chunks(text: str, fmt: str, opts: FeedOptions, jobs: int) -> Iterator[
         results = pool.map(_parse, range(len(slices.ranges)))
     except (OSError, NotImplementedError, ImportError):  # no processes or semaphores (limits,
         # no /dev/shm in a container): one process does it all
-        return chunked(parse_feed(text, fmt, opts))
+        return chunked(feed_values(text, fmt, opts), opts)
     return _InOrder(pool, results)
 
 

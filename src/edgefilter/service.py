@@ -38,13 +38,12 @@ from .routes import DecisionObserver, challenge_result_route, screen_route
 from .screen import Decision, Screener
 from .spool import Spool
 from .starcodes import StarCodes
-from .store import CallOutcome, CallRecord, ContactSeen, entry_from_row
+from .store import MERGE_MAX_BEHIND, CallOutcome, CallRecord, ContactSeen, apply_changed
 from .stores import AnyStore, open_store
 
 log = logging.getLogger("edgefilter.service")
 
 FULL_RELOAD_AFTER = 20000  # changes behind: cheaper to merge them (or reload) than to replay them
-MERGE_MAX_BEHIND = 1_000_000  # changes behind: beyond, a full reload is cheaper than a merge
 SETTLE_HEAP_AFTER = 50000  # list entries from which settle_heap runs a full collection first
 
 
@@ -111,13 +110,9 @@ class ListFollower:
         if index is not self.screener.index:  # replaced meanwhile (never by design): start over
             return False
         rest = index.adopt_merge(plan)
-        for i, (list_name, text, columns, _num, _pid) in enumerate(rest, 1):
-            if columns is not None:
-                index.put(entry_from_row(columns))
-            else:
-                index.remove(list_name, Pattern.from_text(text))
-            if not i % 2000:
-                await asyncio.sleep(0)  # a long tail of updates must not hold calls up
+        for i in range(0, len(rest), 2000):  # a long tail of updates must not hold calls up
+            apply_changed(index, rest[i:i + 2000])
+            await asyncio.sleep(0)
         self.rev = rev
         self.applied += len(rows)
         log.info("merged %d changed list entries in %.0f ms (rev %d, %d entries)", len(rows),

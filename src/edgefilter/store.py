@@ -19,7 +19,6 @@ import sys
 import time
 import uuid
 from array import array
-from bisect import bisect_left
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Iterable, Sequence
@@ -587,6 +586,7 @@ class Store(BatchedImport):
         await self.db.execute("DROP TABLE IF EXISTS temp.import_stage")
         await self.db.execute("DROP TABLE IF EXISTS temp.import_heap")
         await self.db.execute("DROP TABLE IF EXISTS temp.import_profiles")
+        await self.db.execute("DROP TABLE IF EXISTS temp.import_upd_profiles")
         # staged rows arrive in file order (random keys): appended to a heap, then copied once,
         # sorted, into the keyed table in apply_import (B-tree appends instead of random inserts)
         await self.db.execute(
@@ -599,6 +599,11 @@ class Store(BatchedImport):
         await self.db.execute(
             "CREATE TEMP TABLE import_profiles (prov INTEGER PRIMARY KEY, real INTEGER, list TEXT, category TEXT, "
             "note TEXT, source TEXT, created_at REAL, expires_at REAL)"
+        )
+        # profiles of updated entries: (import profile, the entry's own created_at) -> profile id
+        await self.db.execute(
+            "CREATE TEMP TABLE import_upd_profiles (prov INTEGER NOT NULL, created_at REAL NOT NULL, real INTEGER, "
+            "PRIMARY KEY (prov, created_at))"
         )
         await self.db.commit()
         # profiles are never deleted, so the ids seen now are still right when the import applies;
@@ -692,11 +697,6 @@ class Store(BatchedImport):
             added = cur.rowcount
             # an updated entry keeps its created_at: its profile is the import's with that date.
             # The few (import profile, created_at) pairs get their profile ids first, set-wise.
-            await self.db.execute("DROP TABLE IF EXISTS temp.import_upd_profiles")
-            await self.db.execute(
-                "CREATE TEMP TABLE import_upd_profiles (prov INTEGER NOT NULL, created_at REAL NOT NULL, real INTEGER, "
-                "PRIMARY KEY (prov, created_at))"
-            )
             await self.db.execute(
                 "INSERT INTO temp.import_upd_profiles (prov, created_at) SELECT DISTINCT profile, old_created "
                 "FROM temp.import_stage WHERE st = 'upd' AND num IS NOT NULL"
@@ -845,7 +845,7 @@ class Store(BatchedImport):
             head = await self.head_rev()
             rows = [changed_row(r) for r in await (await self.db.execute(CHANGED_SQL, (since, head))).fetchall()]
             profiles = {r[0]: tuple(r[1:]) for r in await (await self.db.execute(PROFILES_SQL)).fetchall()}
-            return head, rows, profiles
+            return head, rows, profiles  # (read_changed_file's work, on the aiosqlite connection)
         return await asyncio.to_thread(read_changed_file, self.path, since)
 
     async def watch_changes(self, wake, resync=None) -> None:
@@ -1180,10 +1180,10 @@ SNAPSHOT_MAGIC = b"EDGEFILTER-INDEX-1\n"
 #: A snapshot more than this many changes behind the database is not used (a full load is cheaper).
 SNAPSHOT_MAX_BEHIND = 20000
 #: Further behind than SNAPSHOT_MAX_BEHIND (a big import while the service runs), the snapshot's
-#: arrays still serve: the numbers added since are merged into them in key order (a 100,000-line
-#: feed beside 10 million numbers: about a second instead of a full read). Beyond this many
-#: changes a full read is the cheaper way.
-SNAPSHOT_MERGE_BEHIND = 1_000_000
+#: arrays still serve, as do a running service's (service.ListFollower): the numbers added since
+#: are merged into them in key order (a 100,000-line feed beside 10 million numbers: about a
+#: second instead of a full read). Beyond this many changes a full read is the cheaper way.
+MERGE_MAX_BEHIND = 1_000_000
 
 
 def load_index(path: str, *, busy_timeout_ms: int = 30000, snapshot: bool = True) -> tuple[int, ListIndex]:
@@ -1200,7 +1200,7 @@ def load_index(path: str, *, busy_timeout_ms: int = 30000, snapshot: bool = True
     try:
         con.execute("BEGIN")  # one read snapshot for the revision and the entries
         (rev,) = con.execute("SELECT COALESCE(MAX(rev), 0) FROM changes").fetchone()
-        profiles = {r[0]: tuple(r[1:]) for r in con.execute(PROFILES_SQL)}
+        profiles = read_profiles(con)
         index = ListIndex()
         snap = _read_snapshot(con, path, rev) if snapshot else None
         merge = snap is not None and rev - snap[0] > SNAPSHOT_MAX_BEHIND
@@ -1215,26 +1215,14 @@ def load_index(path: str, *, busy_timeout_ms: int = 30000, snapshot: bool = True
             f"SELECT {ENTRY_COLUMNS} FROM entries INDEXED BY entries_unprofiled WHERE num IS NOT NULL AND profile IS NULL",
         ):
             index.extend(map(entry_from_row, con.execute(sql)))
-        if merge:  # far behind: each entry changed since, as it is now; new numbers merged in
-            assert snap is not None
-            _, rows, _ = read_changed(con, snap[0], rev)
-            apply_changed(index, index.adopt_merge(index.plan_merge(rows, profiles)))
-            check = con.execute("SELECT list, pattern, op FROM changes WHERE rev = ?", (rev,)).fetchone()
-        elif snap is not None:  # bring the snapshot's arrays up to this read transaction
-            cols = ", ".join("e." + c.strip() for c in ENTRY_COLUMNS.split(","))
-            for r in con.execute(
-                f"SELECT c.list, c.pattern, {cols} FROM changes c LEFT JOIN entries e "
-                "ON e.list = c.list AND e.pattern = c.pattern WHERE c.rev > ? ORDER BY c.rev",
-                (snap[0],),
-            ):
-                if r[2] is not None:
-                    index.put(entry_from_row(r[2:]))
-                else:
-                    index.remove(r[0], Pattern.from_text(r[1]))
-        else:
-            check = con.execute("SELECT list, pattern, op FROM changes WHERE rev = ?", (rev,)).fetchone()
+        if snap is not None:  # bring the snapshot up to this read transaction: each entry changed
+            # since, as it is now; far behind, the numbers new to the arrays are merged into them
+            rows = changed_rows(con, snap[0], rev)
+            apply_changed(index, index.adopt_merge(index.plan_merge(rows, profiles)) if merge else rows)
+        rewrite = snapshot and rev > 0 and (snap is None or merge)
+        check = con.execute("SELECT list, pattern, op FROM changes WHERE rev = ?", (rev,)).fetchone() if rewrite else None
         con.execute("COMMIT")
-        if (snap is None or merge) and snapshot and rev > 0 and check is not None:
+        if check is not None:
             _write_snapshot(path, rev, list(check), index)
         return int(rev), index
     except sqlite3.Error as e:
@@ -1348,21 +1336,25 @@ def changed_row(r: Sequence) -> ChangedRow:
     return r[0], r[1], tuple(r[2:11]) if r[2] is not None else None, r[11], r[12]
 
 
-def read_changed(con: sqlite3.Connection, since: int, head: int | None = None) -> tuple[int, list[ChangedRow], dict]:
-    """(head revision, each (list, pattern) changed after ``since`` once, as it is now, every
-    metadata profile) in the caller's read transaction: the input of ListIndex.plan_merge."""
-    if head is None:
-        (head,) = con.execute("SELECT COALESCE(MAX(rev), 0) FROM changes").fetchone()
-    rows = [changed_row(r) for r in con.execute(CHANGED_SQL, (since, head))]
-    return int(head), rows, {r[0]: tuple(r[1:]) for r in con.execute(PROFILES_SQL)}
+def changed_rows(con: sqlite3.Connection, since: int, head: int) -> list[ChangedRow]:
+    """Each (list, pattern) changed in (since, head] once, as it is now: the input of
+    ListIndex.plan_merge, or of apply_changed alone."""
+    return [changed_row(r) for r in con.execute(CHANGED_SQL, (since, head))]
+
+
+def read_profiles(con: sqlite3.Connection) -> dict[int, tuple]:
+    """Every metadata profile: {id: (category, note, source, created_at, expires_at)}."""
+    return {r[0]: tuple(r[1:]) for r in con.execute(PROFILES_SQL)}
 
 
 def read_changed_file(path: str, since: int, busy_timeout_ms: int = 30000) -> tuple[int, list[ChangedRow], dict]:
-    """read_changed on a connection of its own, in one read transaction (for a worker thread)."""
+    """(head revision, changed_rows since ``since``, the profiles) on a connection of its own, in
+    one read transaction (for a worker thread)."""
     con = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, isolation_level=None)
     try:
         con.execute("BEGIN")
-        out = read_changed(con, since)
+        (head,) = con.execute("SELECT COALESCE(MAX(rev), 0) FROM changes").fetchone()
+        out = int(head), changed_rows(con, since, head), read_profiles(con)
         con.execute("COMMIT")
         return out
     except sqlite3.Error as e:
@@ -1382,7 +1374,7 @@ def apply_changed(index: ListIndex, rows: Iterable[ChangedRow]) -> None:
 
 def _read_snapshot(con: sqlite3.Connection, path: str, head: int) -> tuple[int, dict] | None:
     """The snapshot's (rev, arrays per list) when it belongs to this database, else None."""
-    header = read_snapshot_header(path + SNAPSHOT_SUFFIX, head, SNAPSHOT_MERGE_BEHIND)
+    header = read_snapshot_header(path + SNAPSHOT_SUFFIX, head, MERGE_MAX_BEHIND)
     if header is None:
         return None
     row = con.execute("SELECT list, pattern, op FROM changes WHERE rev = ?", (header["rev"],)).fetchone()
