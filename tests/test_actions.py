@@ -47,7 +47,7 @@ async def test_reject_carries_the_configured_cause(running, cause):
     await block(svc, "+8617012345678")
     v = await call(svc, "+8617012345678")
     assert v["EDGEFILTER_ACTION"] == "reject" and v["EDGEFILTER_REJECT_CAUSE"] == cause
-    assert "EDGEFILTER_REJECT_SIT" not in v
+    assert v["EDGEFILTER_REJECT_SIT"] == "0"  # always sent: the dial plan branches on it unchecked
     assert "EDGEFILTER_REJECT_CAUSE" not in await call(svc, "+8613900139000")  # only on reject
 
 
@@ -58,12 +58,18 @@ async def test_reject_sit_flag(running):
     assert v["EDGEFILTER_REJECT_SIT"] == "1" and v["EDGEFILTER_REJECT_CAUSE"] == "608"
 
 
-async def test_voicemail_box_only_when_configured(running):
+async def test_voicemail_box_from_the_subroutine_then_the_config_then_the_extension(running):
     svc = await running()
-    v = await call(svc, "hello world")  # CLI_GARBAGE: voicemail
-    assert v["EDGEFILTER_ACTION"] == "voicemail" and "EDGEFILTER_VOICEMAIL_BOX" not in v
-    svc = await running(actions={"voicemail_box": "6001@default"})
+    v = await call(svc, "hello world")  # CLI_GARBAGE: voicemail; the called extension's box
+    assert v["EDGEFILTER_ACTION"] == "voicemail" and v["EDGEFILTER_VOICEMAIL_BOX"] == "1000@default"
+    v = await call(svc, "hello world", args=("exten=7000", "vmbox=6001@default"))  # ARG2 of the Gosub
+    assert v["EDGEFILTER_VOICEMAIL_BOX"] == "6001@default"
+    v = await call(svc, "hello world", args=("exten=7000", "vmbox=6001@default,x"))  # not a box: ignored
+    assert v["EDGEFILTER_VOICEMAIL_BOX"] == "7000@default"
+    svc = await running(actions={"voicemail_box": "6002@default"})
     v = await call(svc, "hello world")
+    assert v["EDGEFILTER_VOICEMAIL_BOX"] == "6002@default"
+    v = await call(svc, "hello world", args=("vmbox=6001@default",))  # the line's own box still wins
     assert v["EDGEFILTER_VOICEMAIL_BOX"] == "6001@default"
 
 

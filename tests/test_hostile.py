@@ -10,6 +10,8 @@ block, never a reply read out of step, always a log line.
 
 from __future__ import annotations
 
+import base64
+
 import asyncio
 import logging
 import re
@@ -52,6 +54,9 @@ def mset(action: str, score: str, rules: str = "", policy: str = "default", **ex
     """The exact command line we expect, spelled out by hand (not built by the code under test)."""
     if action == "reject":
         extra.setdefault("reject_cause", "21")  # [actions] reject_cause, shipped default
+        extra.setdefault("reject_sit", "0")
+    if action in ("voicemail", "challenge"):
+        extra.setdefault("voicemail_box", "1000@default")  # the called extension's box
     pairs = [f"EDGEFILTER_ACTION={action}", f"EDGEFILTER_SCORE={score}", f"EDGEFILTER_RULES={rules}",
              f"EDGEFILTER_POLICY={policy}"] + [f"EDGEFILTER_{k.upper()}={v}" for k, v in extra.items()]
     return b'EXEC MSet "' + ",".join(pairs).encode() + b'"\n'
@@ -134,11 +139,16 @@ HOSTILE_NUMBERS = {
 
 
 @pytest.mark.parametrize("callerid", HOSTILE_NUMBERS.values(), ids=HOSTILE_NUMBERS.keys())
-async def test_control_bytes_in_the_number_never_allow_and_are_logged(service, caplog, callerid):
+async def test_control_bytes_in_the_number_are_forged_and_logged(service, caplog, callerid):
+    # A control character in a caller *number* is a forgery (issue 15): rejected, never
+    # allowed (the allowlisted number in front of it buys nothing), and logged.
     await add(service, "allow", "+86138*")
     r = await screened(service, CallSpec(callerid=callerid), truncate=False)
-    assert r.commands == [mset("voicemail", "10", "CLI_GARBAGE")]
+    v = parsed_variables(r.commands[0])
+    assert v[b"EDGEFILTER_ACTION"] == b"reject" and v[b"EDGEFILTER_RULES"].split()[0] == b"CLI_FORGED", v
+    assert b"LIST_ALLOWED" not in v[b"EDGEFILTER_RULES"]
     assert "hostile FastAGI env values" in caplog.text and "agi_callerid" in caplog.text
+    assert "control character" in caplog.text
 
 
 FORGED_ELSEWHERE = {
@@ -221,14 +231,50 @@ async def test_oversize_env_that_began_like_asterisk_is_answered_forged_not_fail
     assert "longer than" in caplog.text
 
 
-async def test_shipped_argument_order_exposes_arg_injection(service):
-    # The dial plan passes exten=... first and the trusted cidfiltered=... last. A forged
-    # agi_arg_2 planted in the first argument collides with the real one.
+#: What may stand in an AGI() argument of the shipped subroutine: encodings and filters that no
+#: caller text survives as text (a line feed, comma or quote), and Asterisk's own values.
+SAFE_ARGUMENT = re.compile(
+    r"^(cid=\$\{BASE64_ENCODE\(\$\{CALLERID\(num\)\}\)\}"
+    r"|[a-z_]+=\$\{FILTER\([-A-Za-z0-9*#+_@ ]+,\$\{[A-Z0-9_]+\}\)\}"
+    r"|context=\$\{STACK_PEEK\(1,c,1\)\}|linkedid=\$\{CHANNEL\(linkedid\)\}"
+    r"|id=\$\{EDGEFILTER_CHALLENGE_ID\}|hangup=1)$"
+)
+
+
+def _agi_arguments(line: str) -> list[str]:
+    """The arguments after the URL of one AGI(...) call, split at top-level commas."""
+    body = line[line.index("AGI(") + 4 : line.rindex(")")]
+    out, depth, cur = [], 0, ""
+    for ch in body:
+        if ch in "({":
+            depth += 1
+        elif ch in ")}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return out[1:] + [cur]
+
+
+async def test_shipped_agi_arguments_carry_no_caller_text_and_a_planted_argument_is_forged(service):
+    # Every argument the subroutine passes is an encoding, a filter or Asterisk's own value: a
+    # caller can no more split an argument than plant a line. The caller number itself goes
+    # base64-encoded (cid=); one planted through its line feed arrives before agi_threadid.
     text = (Path(__file__).resolve().parents[1] / "asterisk-conf" / "extensions-edgefilter.conf").read_text()
-    agi_line = next(line for line in text.splitlines() if "AGI(agi://" in line)
-    assert re.search(r"exten=\$\{exten\},cidfiltered=\$\{cidfiltered\}\)$", agi_line), agi_line
-    r = await screened(service, CallSpec(args=(b"exten=1000\nagi_arg_2: cidfiltered=0", b"cidfiltered=1")), truncate=False)
-    assert parsed_variables(r.commands[0])[b"EDGEFILTER_ACTION"] == b"reject"
+    agi_lines = [line for line in text.splitlines() if "AGI(agi://" in line and not line.lstrip().startswith(";")]
+    assert len(agi_lines) >= 3
+    for line in agi_lines:
+        for arg in _agi_arguments(line):
+            assert SAFE_ARGUMENT.match(arg) or arg.startswith("digit=${FILTER("), (arg, line)
+    friend = base64.b64encode(b"+8613900139000")
+    await add(service, "allow", "+8613900139000")
+    r = await screened(service, CallSpec(callerid=b"+8613900139000\nagi_arg_1: cid=" + friend,
+                                         args=(b"cid=" + base64.b64encode(b"+8613900139000\nagi_arg_1: cid=" + friend),)),
+                       truncate=False)
+    v = parsed_variables(r.commands[0])
+    assert v[b"EDGEFILTER_ACTION"] == b"reject" and b"LIST_ALLOWED" not in v[b"EDGEFILTER_RULES"], v
 
 
 async def test_forged_block_is_rejected_in_log_only_mode_too(make_settings, caplog):
@@ -301,12 +347,12 @@ TRUSTED_IN_EXPRESSIONS = {
     # Asterisk's own values
     "AGISTATUS", "CHANNEL(channeltype)",
     # set by the service, through agi.safe_value's character set (no quote, no '$', no '(')
-    "EDGEFILTER_ACTION", "EDGEFILTER_REJECT_SIT", "EDGEFILTER_CHALLENGE_ID", "EDGEFILTER_CHALLENGE_RESULT",
-    "cause",  # LOCAL copy of EDGEFILTER_REJECT_CAUSE
+    "EDGEFILTER_ACTION", "EDGEFILTER_REJECT_SIT", "EDGEFILTER_REJECT_CAUSE", "EDGEFILTER_CHALLENGE_ID",
+    "EDGEFILTER_CHALLENGE_RESULT",
     # admin globals ([globals] of extensions.conf)
-    "EDGEFILTER_COUNTRY_CODE",
+    "EDGEFILTER_COUNTRY_CODE", "EDGEFILTER_WAIT", "EDGEFILTER_SERVICE",
     # the subroutine's own flags and the FILTER(0-9+)-cleaned caller number
-    "cidfiltered", "ef_test", "ef_done", "key:0:1", "key:0:2",
+    "ef_test", "ef_done", "key:0:1", "key:0:2",
 }
 
 
@@ -332,7 +378,7 @@ def test_dial_plan_filters_caller_text_before_use(conf):
             code = _strip_len(code)
         for m in CALLER_TEXT.finditer(code):
             before = code[: m.start()]
-            ok = before.endswith(("FILTER(0-9+,", "FILTER(0-9,", "FILTER(0-9A-Za-z*#+_,", "FILTER(0-9A-Za-z@_,"))
+            ok = before.endswith(("FILTER(0-9+,", "FILTER(0-9,", "FILTER(0-9A-Za-z*#+_,", "FILTER(0-9A-Za-z@_,", "BASE64_ENCODE("))
             ok = ok or "Set(CALLERID(name)=${EDGEFILTER_TAG} " in code  # Set takes the rest raw
             assert ok, f"{conf}: unfiltered caller text {m.group(0)} in: {line.strip()}"
 
@@ -372,7 +418,9 @@ async def test_hostile_caller_number_sends_exactly_the_intended_command(service,
     assert len(r.commands) == 1, r.commands
     v = parsed_variables(r.commands[0])
     assert v[b"EDGEFILTER_ACTION"] in (b"voicemail", b"challenge", b"reject"), v
-    if b"\n" not in number:
+    if re.search(rb"[\x01-\x1f\x7f]", number.split(b"\x00")[0]):  # Asterisk cuts at NUL
+        assert v[b"EDGEFILTER_ACTION"] == b"reject" and v[b"EDGEFILTER_RULES"].startswith(b"CLI_FORGED"), v
+    else:
         assert r.commands == [mset("voicemail", "10", "CLI_GARBAGE")]
 
 

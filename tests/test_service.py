@@ -52,6 +52,7 @@ async def test_one_round_trip_then_close(service):
         "EDGEFILTER_RULES": "LIST_BLOCKED",
         "EDGEFILTER_POLICY": "default",
         "EDGEFILTER_REJECT_CAUSE": "21",
+        "EDGEFILTER_REJECT_SIT": "0",
     }
 
 

@@ -11,6 +11,7 @@ close. Only values from a strict character set are ever written back into the co
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import re
 import time
@@ -67,6 +68,10 @@ MAX_LINE = 8192
 MAX_COMMAND = 2046
 #: Control bytes no real caller ID or name should carry (TAB is kept: pjsip passes it, 10/10b).
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+#: Control bytes in a caller *number* (TAB included: no number carries one).
+_NUMBER_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: An Asterisk context name as the dial plan passes it (context=); anything else is ignored.
+_CONTEXT_NAME = re.compile(r"[A-Za-z0-9_\-.]{1,79}\Z")
 #: What Asterisk may legitimately have sent between the env block and our first command.
 _HANGUP = b"HANGUP\n"
 
@@ -283,20 +288,55 @@ def build_call(env: EnvBlock) -> Call:
         pres = int(v.get("agi_callingpres", "0"))
     except ValueError:
         pres = 0
+    forged = list(env.forged)
+    callerid = caller_number(v.get("agi_callerid", ""), params.pop("cid", None), forged)
+    context = v.get("agi_context", "")
+    # The shipped subroutine passes the caller's context (inside a Gosub, agi_context is the
+    # subroutine's own): policies match on the context the call came in on.
+    given = params.get("context", "")
+    if given and _CONTEXT_NAME.match(given):
+        context = given
     return Call(
-        callerid=v.get("agi_callerid", ""),
+        callerid=callerid,
         calleridname=v.get("agi_calleridname", ""),
         dnid=v.get("agi_dnid", ""),
         extension=v.get("agi_extension", ""),
-        context=v.get("agi_context", ""),
+        context=context,
         uniqueid=v.get("agi_uniqueid", ""),
         channel=v.get("agi_channel", ""),
         callingpres=pres,
         args=tuple(args),
         params=params,
-        forged="; ".join(dict.fromkeys(env.forged)),
+        forged="; ".join(dict.fromkeys(forged)),
         route=route.strip("/").lower(),
     )
+
+
+def caller_number(env_value: str, encoded: str | None, forged: list[str]) -> str:
+    """The caller number to judge, from the env block and the dial plan's ``cid=`` argument.
+
+    ``cid`` is ``${BASE64_ENCODE(${CALLERID(num)})}``: the caller number exactly as Asterisk has
+    it, which no caller text can split or forge on its way here (the env block's
+    ``agi_callerid`` is written raw and ends at the first line feed). A number that carries a
+    control character (a line feed planted through ``%0A`` in the SIP From user part, a CR, a
+    TAB) is forged: the reason goes into ``forged`` (always rejected) and the number is cut in
+    front of that character, so that a blocked number still meets its own block.
+    """
+    raw = env_value
+    if encoded is not None and encoded != "":
+        try:
+            raw = base64.b64decode(encoded.encode("ascii"), validate=True).decode("utf-8", errors="replace")
+        except (ValueError, UnicodeEncodeError):
+            forged.append("cid argument is not base64")
+    elif encoded == "" and env_value not in ("", "unknown"):
+        # CALLERID(num) was empty, yet the env block names a number: the env line was planted.
+        forged.append("cid argument empty but agi_callerid is not")
+    bad = _NUMBER_CONTROL.search(raw)
+    if bad is None:
+        return raw
+    head = raw[: bad.start()]
+    forged.append(f"control character {ord(bad.group()):#04x} in the caller ID after {len(head)} characters")
+    return head
 
 
 def safe_value(text: str, limit: int = 200) -> str:

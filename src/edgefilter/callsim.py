@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import base64
 import dataclasses
 import itertools
 import re
@@ -46,6 +47,7 @@ __all__ = [
     "load_transcript",
     "transcript_env",
     "ASTERISK_VERSION",
+    "subroutine_call",
 ]
 
 # --- constants mirrored from res_agi.c / Asterisk -------------------------------------
@@ -498,6 +500,57 @@ def _env_lines(spec: CallSpec, host: str, port: int, truncate: bool) -> list[byt
     lines = [k.encode() + b": " + v + b"\n" for k, v in pairs if v is not None]
     lines.append(b"\n")
     return lines
+
+
+def _dialplan_filter(allowed: bytes, value: bytes) -> bytes:
+    """Asterisk's FILTER(allowed,value) for the ranges the shipped subroutine uses."""
+    keep = set()
+    i = 0
+    while i < len(allowed):
+        if i + 2 < len(allowed) and allowed[i + 1] == 0x2D:  # a-b
+            keep.update(range(allowed[i], allowed[i + 2] + 1))
+            i += 3
+        else:
+            keep.add(allowed[i])
+            i += 1
+    return bytes(b for b in value if b in keep)
+
+
+def subroutine_call(
+    callerid: bytes | str | None = b"+8613800138000",
+    *,
+    exten: bytes | str = b"1000",
+    vmbox: bytes | str = b"",
+    inbound_context: bytes | str = b"from-trunk",
+    stir: bytes | str = b"",
+    stir_verify: bytes | str = b"",
+    **spec: object,
+) -> CallSpec:
+    """A call as the shipped ``edgefilter-screen`` subroutine sends it (Gosub from
+    ``inbound_context`` with ``ARG1=exten``, ``ARG2=vmbox``).
+
+    Recorded from Asterisk 22.10.1 (tests/data/asterisk/subroutine-*.txt): inside the Gosub
+    ``agi_context`` is ``edgefilter-screen``, ``agi_extension`` ``s`` and ``agi_priority`` 3; the
+    arguments are ``cid=`` (the caller number base64-encoded), ``exten=`` and ``vmbox=`` through
+    FILTER(), ``context=`` (the caller's context, STACK_PEEK), ``linkedid=`` (the uniqueid of
+    the first channel), ``stir=`` and ``stir_verify=``. The caller number itself still reaches
+    ``agi_callerid`` raw, line feeds and all.
+    """
+    number = _normalize_number(_b(callerid), True)
+    uniqueid = _b(spec.pop("uniqueid", None)) or _new_uniqueid()  # type: ignore[arg-type]
+    args = (
+        b"cid=" + base64.b64encode(number),
+        b"exten=" + _dialplan_filter(b"0-9A-Za-z*#+_", _b(exten) or b""),
+        b"vmbox=" + _dialplan_filter(b"0-9A-Za-z@_", _b(vmbox) or b""),
+        b"context=" + (_b(inbound_context) or b""),
+        b"linkedid=" + uniqueid,
+        b"stir=" + _dialplan_filter(b"A-Za-z0-9_", _b(stir) or b""),
+        b"stir_verify=" + _dialplan_filter(b"A-Z a-z0-9_", _b(stir_verify) or b""),
+    )
+    extra = dict(spec.pop("extra", None) or {})  # type: ignore[arg-type]
+    extra.setdefault("agi_priority", b"3")
+    return CallSpec(callerid=callerid, context=b"edgefilter-screen", extension=b"s", uniqueid=uniqueid, args=args,
+                    extra=extra, **spec)  # type: ignore[arg-type]
 
 
 def build_env(spec: CallSpec, host: str = "127.0.0.1", port: int = 4573, truncate: bool = True) -> bytes:

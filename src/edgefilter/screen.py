@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -176,9 +177,27 @@ def channel_variables(decision: Decision, settings: Settings) -> dict[str, str]:
             tag = f"{tag} {v.category}"
         out["EDGEFILTER_TAG"] = tag
     if v.action is Action.REJECT:
+        # Both, always: the dial plan branches on them without checking for empty values.
         out["EDGEFILTER_REJECT_CAUSE"] = acts.reject_cause
-        if acts.reject_sit:
-            out["EDGEFILTER_REJECT_SIT"] = "1"
-    if v.action is Action.VOICEMAIL and acts.voicemail_box:
-        out["EDGEFILTER_VOICEMAIL_BOX"] = acts.voicemail_box
+        out["EDGEFILTER_REJECT_SIT"] = "1" if acts.reject_sit else "0"
+    if v.action in (Action.VOICEMAIL, Action.CHALLENGE):  # a challenge without an id falls back to voicemail
+        out["EDGEFILTER_VOICEMAIL_BOX"] = voicemail_box(decision.call, acts.voicemail_box)
     return out
+
+
+#: A mailbox as the dial plan may pass it (vmbox=, exten=): box or box@context.
+_BOX = re.compile(r"[0-9A-Za-z_]{1,40}(@[0-9A-Za-z_]{1,40})?\Z")
+
+
+def voicemail_box(call: Call, configured: str) -> str:
+    """The box for the voicemail action: the subroutine's ARG2 (``vmbox=``, per line), else
+    ``[actions] voicemail_box``, else the called extension's box in context ``default``."""
+    given = call.params.get("vmbox", "")
+    if _BOX.match(given):
+        return given
+    if configured:
+        return configured
+    exten = call.params.get("exten") or call.extension
+    if _BOX.match(exten) and "@" not in exten:
+        return f"{exten}@default"
+    return ""

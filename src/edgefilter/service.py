@@ -38,6 +38,7 @@ from .routes import DecisionObserver, challenge_result_route, screen_route
 from .screen import Decision, Screener
 from .spool import Spool
 from .starcodes import StarCodes
+from .systemd import Notifier
 from .store import MERGE_MAX_BEHIND, CallOutcome, CallRecord, ContactSeen, apply_changed
 from .stores import AnyStore, open_store
 
@@ -716,7 +717,15 @@ async def serve(config_path: str | None, *, workers: int | None = None, worker: 
         from .workers import WorkerPool
 
         log.info("edgefilter %s starting %d workers (pid %d), config: %s", _version(), count, os.getpid(), ", ".join(settings.sources))
-        await WorkerPool(config_path, count, settings.agi.listen).run()
+        notifier = Notifier()
+        pinging = asyncio.get_running_loop().create_task(notifier.watchdog()) if notifier.enabled else None
+        notifier.notify("READY=1")
+        try:
+            await WorkerPool(config_path, count, settings.agi.listen).run()
+        finally:
+            if pinging is not None:
+                pinging.cancel()
+            notifier.close()
         return
     if worker is None:
         log.info("edgefilter %s starting (pid %d), config: %s", _version(), os.getpid(), ", ".join(settings.sources))
@@ -724,7 +733,15 @@ async def serve(config_path: str | None, *, workers: int | None = None, worker: 
         log.info("edgefilter %s worker %d starting (pid %d)", _version(), worker, os.getpid())
     service = Service(settings, config_path=config_path, worker=worker)
     await service.start()
-    await service.run_forever()
+    notifier = Notifier()
+    if notifier.enabled and worker is None:
+        notifier.notify("READY=1")
+        service.tasks.append(asyncio.get_running_loop().create_task(notifier.watchdog()))
+    try:
+        await service.run_forever()
+    finally:
+        notifier.notify("STOPPING=1")
+        notifier.close()
 
 
 def _version() -> str:

@@ -57,7 +57,9 @@ def evaluate(
         fire("CLI_SHORT", number.reason)
 
     allowed = False
-    trusted = number.kind in ALLOWABLE_KINDS
+    # Only numbers that could really exist may be allowed, and never from a forged env block or
+    # caller ID (the number in front of a planted line feed may be a friend's).
+    trusted = number.kind in ALLOWABLE_KINDS and not call.forged
     if match is not None and match.entry.list == "allow" and not trusted:
         # An invalid caller ID never buys an allow (a prefix like +86138* must not admit "138").
         match = Match(match.shadowed) if match.shadowed is not None and match.shadowed.list == "block" else None

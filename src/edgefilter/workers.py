@@ -25,6 +25,7 @@ import time
 
 from .challenge import SECRET_ENV
 from .errors import EdgefilterError
+from .systemd import child_environment
 
 log = logging.getLogger("edgefilter.workers")
 
@@ -52,7 +53,7 @@ class WorkerPool:
         return argv
 
     async def _spawn(self, index: int) -> None:
-        env = {**os.environ, SECRET_ENV: self.challenge_secret}
+        env = {**child_environment(), SECRET_ENV: self.challenge_secret}
         self.procs[index] = await asyncio.create_subprocess_exec(*self._argv(index), stdin=asyncio.subprocess.DEVNULL, env=env)
         self.started[index] = time.monotonic()
 
