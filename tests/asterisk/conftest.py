@@ -70,7 +70,7 @@ def _unavailable(reason: str):
 class Phone:
     """A registered softphone played by sipp: ``invites()`` are the calls that reached it."""
 
-    def __init__(self, lab: "Lab", user: str, answer: bool) -> None:
+    def __init__(self, lab: "Lab", user: str, answer: bool, in_call: str = "") -> None:
         self.lab, self.user = lab, user
         self.port = free_port(socket.SOCK_DGRAM)
         work = lab.sipp.work
@@ -79,7 +79,8 @@ class Phone:
         r = lab.sipp.run(self.register, lab.target, port=self.port, timeout=10,
                          extra=("-au", user, "-ap", PHONE_PASSWORDS[user], "-key", "phone_port", str(self.port)))
         assert r.returncode == 0, r.explain()
-        scenario = sc.phone(work / f"phone-{user}-{'answer' if answer else 'busy'}.xml", user, answer=answer)
+        kind = ("keys" if in_call else "answer") if answer else "busy"
+        scenario = sc.phone(work / f"phone-{user}-{kind}.xml", user, answer=answer, in_call=in_call)
         cmd, self.msg, _ = lab.sipp.command(scenario, lab.target, port=self.port, calls=1000)
         import subprocess
 
@@ -157,8 +158,8 @@ class Lab:
                              extra=("-au", user, "-ap", PHONE_PASSWORDS[user]))
 
     @contextlib.contextmanager
-    def phone(self, user: str = "6001", *, answer: bool = True):
-        p = Phone(self, user, answer)
+    def phone(self, user: str = "6001", *, answer: bool = True, in_call: str = ""):
+        p = Phone(self, user, answer, in_call)
         try:
             yield p
         finally:

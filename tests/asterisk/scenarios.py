@@ -206,10 +206,11 @@ def register(path: Path, user: str, expires: int) -> Path:
     return path
 
 
-def phone(path: Path, user: str, *, answer: bool = True, ring_ms: int = 200) -> Path:
+def phone(path: Path, user: str, *, answer: bool = True, ring_ms: int = 200, in_call: str = "") -> Path:
     """The softphone itself (sipp as UAS on the port ``register`` put in the Contact): for each
     INVITE it rings, answers (or refuses with 486 Busy Here) and waits for the BYE. Its message
-    trace holds every INVITE that reached the phone (the name on it: the tag)."""
+    trace holds every INVITE that reached the phone (the name on it: the tag). ``in_call`` is sipp
+    XML run once the call is up (the user pressing keys: ``play_audio(DTMF...)``)."""
     if answer:
         handle = f"""  <send>
     <![CDATA[
@@ -243,7 +244,7 @@ def phone(path: Path, user: str, *, answer: bool = True, ring_ms: int = 200) -> 
     ]]>
   </send>
   <recv request="ACK"/>
-  <recv request="BYE"/>
+{in_call}  <recv request="BYE"/>
 {_ok_to_request()}"""
     else:
         handle = """  <send>

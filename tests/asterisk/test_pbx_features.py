@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 from . import scenarios as sc
+from .dtmf import write_keys
 from .pbx import SIPP_DIR, wait_for
 
 ALICE = 'From: "Alice" <sip:6001@[local_ip]:[local_port]>'
@@ -68,6 +69,26 @@ def test_star_codes_from_a_registered_phone_refuse_undo_block_and_report(lab, wo
     assert "edgefilter: report-last -> ok " + k in log, log[-2000:]
     listed = [line for line in lab.service.cli("list", "block").stdout.splitlines() if k in line]
     assert listed and "marketing" in listed[0], listed
+
+
+def test_star_0_during_the_call_refuses_the_caller_and_hangs_up(lab, work):
+    """The called phone presses *0 mid-call (features-edgefilter.conf): the caller is refused,
+    the call ends, and the caller's next call to that phone is REFUSED_BEFORE."""
+    n = lab.number()
+    # sip-tester's star and 0 files would not do: the 0's timestamp is older than the star's
+    keys = '  <pause milliseconds="500"/>\n' + sc.play_audio(str(write_keys(work / "star0.pcap", "*0")))
+    mark = lab.pbx.log_size()
+    with lab.phone("6001", in_call=keys) as phone:
+        r = lab.call(sc.answered(work / "star0.xml"), n, service="6001", timeout=30)  # Asterisk's BYE ends it
+        assert r.returncode == 0, r.explain()
+        assert phone.invites()
+    log = lab.pbx.log_since(mark)
+    assert "edgefilter: in-call refusal -> ok " + n in log, log[-3000:]
+    mark = lab.mark()
+    r = lab.call(sc.answered(work / "after-star0.xml", hang_up_ms=300), n, service="6001")
+    assert r.returncode == 0, r.explain()
+    d = lab.decision_for(n, mark)
+    assert any(h.startswith("REFUSED_BEFORE") for h in d["rules"]), d
 
 
 def test_a_star_code_with_no_caller_to_act_on_says_so(lab, work):
