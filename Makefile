@@ -8,7 +8,7 @@ CONFIG ?=
 BENCH_SIZES ?= 10000,1000000
 BENCH_ARGS ?=
 
-.PHONY: run test venv clean bench bench-lists
+.PHONY: run test venv clean bench bench-lists bench-asterisk
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ bench: $(STAMP)
 # Lists at scale (issue 6): 10M exact numbers + 100k prefixes; not part of CI (minutes, GBs of disk).
 bench-lists: $(STAMP)
 	$(BIN)/python bench/lists_scale.py
+
+# The whole path through a real Asterisk 22 with sipp (issue 16): no screening, a trivial FastAGI,
+# edgefilter bare and through the shipped subroutine; not part of CI (about 13 minutes).
+BENCH_ASTERISK_ARGS ?=
+bench-asterisk: $(STAMP)
+	$(BIN)/python bench/asterisk.py $(BENCH_ASTERISK_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -437,11 +437,15 @@ def csv_file(work: Path, rows: list[tuple[str, str]], name: str | None = None) -
 class Service:
     """``edgefilter serve`` as a real process on its own port, config and database."""
 
-    def __init__(self, root: Path, *, port: int | None = None, config: str = "", ami_port: int | None = None) -> None:
+    def __init__(self, root: Path, *, port: int | None = None, config: str = "", ami_port: int | None = None,
+                 db: Path | None = None, log_format: str = "json", poll_interval: str | None = "50ms") -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.ami_port = ami_port
+        self.db = db or root / "edgefilter.db"
+        self.log_format = log_format
+        self.poll_interval = poll_interval  # tests: CLI changes seen at once; None = the shipped default
         self.extra = config
         self.config = root / "edgefilter.toml"
         self.logfile = root / "service.log"
@@ -461,8 +465,8 @@ class Service:
                    'backoff_initial = "200ms"\nbackoff_max = "1s"\nping_interval = "2s"\nping_timeout = "2s"\n')
         self.config.write_text(
             f'[agi]\nlisten = "127.0.0.1:{self.port}"\n'
-            f'[store]\npath = "{self.root / "edgefilter.db"}"\npoll_interval = "50ms"\n'
-            '[log]\nformat = "json"\nlevel = "info"\n'
+            f'[store]\npath = "{self.db}"\n' + (f'poll_interval = "{self.poll_interval}"\n' if self.poll_interval else "") +
+            f'[log]\nformat = "{self.log_format}"\nlevel = "info"\n'
             f"{ami}{self.extra}"
         )
 
