@@ -132,10 +132,12 @@ def test_the_dial_plan_branches_on_every_action_and_nothing_else():
     # one Goto to the extension named after the action; an unknown or empty action fails open
     goto = [v for s, k, v in parse_conf(SUBROUTINE) if s == "edgefilter-screen" and "${EDGEFILTER_ACTION}" in v
             and "Goto(" in v]
-    assert goto == ["n,Goto(${IF(${DIALPLAN_EXISTS(edgefilter-screen,${EDGEFILTER_ACTION},1)}?${EDGEFILTER_ACTION}:failopen)},1)"]
+    branch = "${IF(${DIALPLAN_EXISTS(edgefilter-screen,${EDGEFILTER_ACTION},1)}?${EDGEFILTER_ACTION}:failopen)}"
+    # the service's answer cleared the wait: branch at once; else clear it first ("cleared")
+    assert goto == ['n,Goto(${IF($["${TIMEOUT(absolute)}" = "0"]?' + branch + ":cleared)},1)", f"n,Goto({branch},1)"]
     exts = _extensions("edgefilter-screen")
     assert {a.value for a in Action} <= exts
-    assert exts - {a.value for a in Action} == {"s", "T", "failopen"}  # no extension an action could hit by accident
+    assert exts - {a.value for a in Action} == {"s", "T", "failopen", "cleared"}  # no extension an action could hit by accident
 
 
 def test_challenge_results_match():

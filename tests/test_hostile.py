@@ -42,7 +42,8 @@ SAFE = re.compile(rb"^[A-Za-z0-9_ .:+\-\[\]?!#/@*]*\Z")
 NAMES = {b"EDGEFILTER_ACTION", b"EDGEFILTER_SCORE", b"EDGEFILTER_RULES", b"EDGEFILTER_POLICY",
          b"EDGEFILTER_CATEGORY", b"EDGEFILTER_WOULD", b"EDGEFILTER_TAG", b"EDGEFILTER_REJECT_CAUSE",
          b"EDGEFILTER_REJECT_SIT", b"EDGEFILTER_VOICEMAIL_BOX", b"EDGEFILTER_CHALLENGE_DIGIT",
-         b"EDGEFILTER_CHALLENGE_ID", b"EDGEFILTER_CHALLENGE_TIMEOUT"}
+         b"EDGEFILTER_CHALLENGE_ID", b"EDGEFILTER_CHALLENGE_TIMEOUT",
+         b"TIMEOUT(absolute)"}  # the one function written: ends the subroutine's wait (always "0")
 
 
 async def add(svc: Service, list_name: str, text: str, **kw) -> None:
@@ -59,6 +60,7 @@ def mset(action: str, score: str, rules: str = "", policy: str = "default", **ex
         extra.setdefault("voicemail_box", "1000@default")  # the called extension's box
     pairs = [f"EDGEFILTER_ACTION={action}", f"EDGEFILTER_SCORE={score}", f"EDGEFILTER_RULES={rules}",
              f"EDGEFILTER_POLICY={policy}"] + [f"EDGEFILTER_{k.upper()}={v}" for k, v in extra.items()]
+    pairs.append("TIMEOUT(absolute)=0")  # ends the subroutine's wait in the same round trip
     return b'EXEC MSet "' + ",".join(pairs).encode() + b'"\n'
 
 
@@ -72,6 +74,7 @@ def parsed_variables(command: bytes) -> dict[bytes, bytes]:
         name, value = _separate_args(pair, 0x3D, 2)
         assert name in NAMES, name
         assert SAFE.match(value), value
+        assert name != b"TIMEOUT(absolute)" or value == b"0", value
         out[name] = value
     return out
 
@@ -351,6 +354,8 @@ TRUSTED_IN_EXPRESSIONS = {
     "EDGEFILTER_CHALLENGE_RESULT",
     # admin globals ([globals] of extensions.conf)
     "EDGEFILTER_COUNTRY_CODE", "EDGEFILTER_WAIT", "EDGEFILTER_SERVICE",
+    # Asterisk's own: what is left of the wait (a number, "0" once cleared)
+    "TIMEOUT(absolute)",
     # the subroutine's own flags and the FILTER(0-9+)-cleaned caller number
     "ef_test", "ef_done", "key:0:1", "key:0:2",
 }

@@ -62,6 +62,9 @@ _RESULT = re.compile(rb"^result=(-?\d+)(?: \((.*)\))?(?: (.*))?$", re.S)
 #: '$', parentheses or control byte: nothing can end the argument, split MSet or expand.
 _SAFE_VALUE = re.compile(r"[^A-Za-z0-9_ .:+\-\[\]?!#/@*]")
 _SAFE_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,63}\Z")  # not "$": it accepts a trailing LF
+#: The one dial plan function we write: MSet writes functions too (pbx_builtin_setvar_helper), so
+#: the answer that carries the verdict also clears the wait the subroutine armed.
+CLEAR_WAIT = {"TIMEOUT(absolute)": "0"}
 MAX_LINE = 8192
 #: res_agi reads a command with fgets() into a 2048-byte buffer: a longer line would be split
 #: into two commands on the Asterisk side, so we never send one (line plus LF <= 2047 bytes).
@@ -369,7 +372,7 @@ def mset_command(variables: dict[str, str]) -> str:
     """``EXEC MSet "A=1,B=x y"``: several variables in one round trip, values made safe."""
     pairs = []
     for name, value in variables.items():
-        if not _SAFE_NAME.match(name):
+        if not _SAFE_NAME.match(name) and name not in CLEAR_WAIT:
             raise ValueError(f"unsafe channel variable name {name!r}")
         pairs.append(f"{name}={safe_value(value)}")
     return f'EXEC MSet "{",".join(pairs)}"'

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from .agi import AgiSession, close_writer, mset_command, safe_value
+from .agi import CLEAR_WAIT, AgiSession, close_writer, mset_command, safe_value
 from .challenge import ChallengeBook, ChallengeRecorder, Outcome
 from .decisionlog import escape_text
 from .errors import ProtocolError
@@ -25,6 +25,9 @@ DecisionObserver = Callable[[Decision], None]
 
 
 def screen_route(screener: Screener, observers: list[DecisionObserver], challenges: ChallengeBook | None = None):
+    """The answer also clears the wait the shipped subroutine armed (``TIMEOUT(absolute)=0``,
+    agi.CLEAR_WAIT) in the same round trip: no dial plan application is spent on it per call."""
+
     async def handle(session: AgiSession) -> None:
         call = session.call
         decision = await screener.screen(call)
@@ -40,7 +43,7 @@ def screen_route(screener: Screener, observers: list[DecisionObserver], challeng
                 # send the (forged) verdict and close without reading anything back.
                 await _send_blind(session, variables)
                 return
-            await session.set_variables(variables)
+            await session.set_variables({**variables, **CLEAR_WAIT})
             junk = session.unread_junk()
             if junk:
                 raise ProtocolError(f"{len(junk)} unexpected bytes after the reply")
@@ -64,7 +67,7 @@ def screen_route(screener: Screener, observers: list[DecisionObserver], challeng
 
 
 async def _send_blind(session: AgiSession, variables: dict[str, str]) -> None:
-    line = mset_command(variables)
+    line = mset_command({**variables, **CLEAR_WAIT})
     session.commands.append(line)
     session.writer.write(line.encode() + b"\n")
     await session.writer.drain()

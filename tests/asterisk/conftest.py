@@ -44,6 +44,12 @@ exten => 7100,1,AGI(agi://${{EDGEFILTER_SERVICE}}/screen,exten=7100)
  same => n,Wait(0.5)
  same => n,Hangup()
  same => n(refuse),Hangup(21)
+; 7300: screened by the shipped subroutine, then a 3-second call: the wait armed for the screening
+; must not cut it (the service's answer clears it, or "cleared" does for an older service)
+exten => 7300,1,Gosub(edgefilter-screen,s,1(7300))
+ same => n,Answer()
+ same => n,Wait(3)
+ same => n,Hangup()
 ; 7200: the classic per-process launcher (agi/edgefilter-agi), screened by the shipped subroutine's
 ; branches: here only reject and allow matter
 exten => 7200,1,AGI({REPO}/agi/edgefilter-agi,exten=7200)

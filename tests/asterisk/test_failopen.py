@@ -113,7 +113,15 @@ def test_a_listener_that_accepts_and_never_answers_is_bounded_too(lab, work):
     ls.bind(("127.0.0.1", 0))
     ls.listen(16)
     held = []
-    threading.Thread(target=lambda: [held.append(ls.accept()) for _ in range(4)], daemon=True).start()
+
+    def accept_and_hold():
+        try:
+            for _ in range(4):
+                held.append(ls.accept())
+        except OSError:  # closed at the end of the test
+            pass
+
+    threading.Thread(target=accept_and_hold, daemon=True).start()
     port = ls.getsockname()[1]
     lab.pbx.rx(f"dialplan set global EDGEFILTER_SERVICE 127.0.0.1:{port}")
     try:
@@ -145,3 +153,62 @@ def _invite_to_200(trace: str) -> float:
             t_ok = ts
     assert t_inv is not None and t_ok is not None, trace[:2000]
     return t_ok - t_inv
+
+
+def _bye_after_answer(trace: str) -> float:
+    """Seconds from the 200 OK sipp received to Asterisk's BYE."""
+    import re
+    from datetime import datetime
+
+    t_ok = t_bye = None
+    for stamp, kind, first in re.findall(r"^-{20,} (\S+ \S+)\n(UDP message (?:sent|received)[^\n]*)\n\n([^\n]*)", trace, re.M):
+        ts = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f").timestamp()
+        if "received" in kind and first.startswith("SIP/2.0 200") and t_ok is None:
+            t_ok = ts
+        if "received" in kind and first.startswith("BYE ") and t_bye is None:
+            t_bye = ts
+    assert t_ok is not None and t_bye is not None, trace[:2000]
+    return t_bye - t_ok
+
+
+def test_the_wait_never_cuts_an_allowed_call(lab, work):
+    """The service's answer clears TIMEOUT(absolute) in the same MSet: a call that rings on
+    lasts as long as it lasts (3 s here, longer than the 2 s wait)."""
+    mark = lab.pbx.log_size()
+    r = lab.call(sc.answered(work / "long.xml"), service="7300")
+    assert r.returncode == 0, r.explain()
+    assert 2.9 <= _bye_after_answer(r.messages) <= 4.0
+    log = lab.pbx.log_since(mark)
+    assert "Channel hangup cancelled" in log and "cleared,1" not in log.replace("Goto (edgefilter-screen,cleared", "")
+
+
+def test_an_older_service_that_leaves_the_wait_armed_does_not_cut_the_call(lab, work):
+    """A FastAGI server that answers the verdict but not TIMEOUT(absolute)=0 (an edgefilter from
+    before this dial plan, or another screening service): the subroutine clears the wait itself."""
+    import socket as _socket
+
+    ls = _socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(4)
+
+    def old_service():
+        c, _ = ls.accept()
+        with c:
+            buf = b""
+            while b"\n\n" not in buf:
+                buf += c.recv(4096)
+            c.sendall(b'EXEC MSet "EDGEFILTER_ACTION=allow,EDGEFILTER_SCORE=0,EDGEFILTER_RULES=,EDGEFILTER_POLICY=default"\n')
+            c.recv(4096)
+
+    t = threading.Thread(target=old_service, daemon=True)
+    t.start()
+    lab.pbx.rx(f"dialplan set global EDGEFILTER_SERVICE 127.0.0.1:{ls.getsockname()[1]}")
+    try:
+        mark = lab.pbx.log_size()
+        r = lab.call(sc.answered(work / "long-old.xml"), service="7300")
+    finally:
+        lab.pbx.rx(f"dialplan set global EDGEFILTER_SERVICE 127.0.0.1:{lab.service.port}")
+        ls.close()
+    assert r.returncode == 0, r.explain()
+    assert 2.9 <= _bye_after_answer(r.messages) <= 4.0
+    assert "Goto (edgefilter-screen,cleared,1)" in lab.pbx.log_since(mark)
