@@ -27,6 +27,7 @@ from .screen import Screener, channel_variables
 from .stores import copy_sqlite_to_postgres, open_store, store_exists
 from .imports import add_parsers as add_import_parsers, parse_expires
 from .replay import add_parser as add_replay_parser
+from .appeals_cli import add_parser as add_appeals_parser
 
 
 def _parse_when(text: str) -> datetime:
@@ -65,10 +66,14 @@ async def cmd_add(args, settings: Settings) -> int:
         created_at=now,
         expires_at=parse_expires(args.expires, now),
     )
+    no_appeal = getattr(args, "no_appeal", False)
     async with open_store(settings) as store:
-        result = await store.put_entry(entry)
+        async with store.transaction():  # the entry and its appeal flag reach the service together
+            result = await store.put_entry(entry)
+            if args.list == "block":
+                await store.set_no_appeal("block", pattern, no_appeal)
     exp = f", expires {_fmt_time(entry.expires_at)}" if entry.expires_at else ""
-    print(f"{args.list} {pattern.text} ({pattern.kind}): {result}{exp}")
+    print(f"{args.list} {pattern.text} ({pattern.kind}): {result}{exp}{', never appealable' if no_appeal else ''}")
     return 0
 
 
@@ -440,6 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--category", help="category (harassment, marketing, fraud, ...)")
         p.add_argument("--source", default="cli", help="source tag (default: cli)")
         p.add_argument("--region", help="ISO region for national forms (default: [numbers] default_region)")
+        if name == "block":
+            p.add_argument("--no-appeal", action="store_true",
+                           help="a refusal by this entry is never appealable from the call ([appeal]); "
+                                "without it, blocking an entry again makes it appealable")
         p.set_defaults(func=cmd_add, list=name)
 
     p = sub.add_parser("remove", parents=[common], help="remove a number or pattern from the lists")
@@ -510,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_db)
     add_import_parsers(sub, common, LISTS)
     add_replay_parser(sub, common)
+    add_appeals_parser(sub, common)
 
     p = sub.add_parser("config", parents=[common], help="check or dump the merged configuration")
     p.add_argument("action", choices=("check", "dump"))
