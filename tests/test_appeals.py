@@ -495,3 +495,55 @@ def test_config_is_strict(make_settings):
                        ({"policies": {"x": {"appeal": "yes"}}}, "appeal")):
         with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
             make_settings(bad)
+
+
+# ------------------------------------------------------------------------ rule precision, evidence
+def test_precision_per_rule_and_source_with_suggestions():
+    from edgefilter.stats import appeal_precision
+    from edgefilter.store import Appeal
+
+    def a(status, rules="LIST_BLOCKED(+20)", source="feed-x", ts=1000.0):
+        return Appeal(0, "1", "k", ts, "+8613800138000", rules=rules, entry_source=source, status=status)
+
+    rows = [a("granted")] * 4 + [a("denied")] * 3 + [a("pending")] * 2 + [
+        a("granted", "RATE_BURST(+6) CLI_INVALID(+8)", ""), a("denied", "LIST_CATEGORY(+8)", "cli"),
+        a("granted", ts=5.0)]  # before the period: not counted
+    st = appeal_precision(rows, {"LIST_BLOCKED": 120, "RATE_BURST": 40, "CLI_INVALID": 10}, since=10.0, until=10.0 + 30 * 86400)
+    assert (st.appealed, st.granted, st.denied) == (11, 5, 4)
+    by = {p.key: p for p in st.rules}
+    lb = by["LIST_BLOCKED"]
+    assert (lb.refused, lb.appealed, lb.granted, lb.denied, lb.pending) == (120, 9, 4, 3, 2)
+    assert round(lb.decided_share, 3) == round(4 / 7, 3) and round(lb.false_positive, 4) == round(4 / 120, 4)
+    assert by["RATE_BURST"].false_positive == 1 / 40
+    src = {p.key: p for p in st.sources}
+    assert (src["feed-x"].refused, src["feed-x"].appealed, src["feed-x"].granted) == (None, 9, 4)
+    assert "source `feed-x`: 4 of 9 appeals granted in 30 days" in st.suggestions[0]
+    assert not any("`cli`" in t for t in st.suggestions)  # nothing granted against it
+    assert any(t.startswith("rule RATE_BURST: 1 of 1 appeals granted") for t in st.suggestions)
+
+
+async def test_stats_report_and_evidence_show_the_appeals(svc, recordings, tmp_path, capsys):
+    await block(svc, source="feed-x")
+    await screen(svc, uniqueid="1700000050.0")  # a refused call in the call log (offer left open)
+    svc.appeals.offers.clear()
+    code = (await appeal_once(svc, recordings, uniqueid="1700000050.1"))["EDGEFILTER_APPEAL_CODE"]
+    await svc.store.decide_appeal(code, "granted", time.time(), entry=None)
+    await svc.calllog.flush()
+    cfg = tmp_path / "cli.toml"
+    cfg.write_text(f'[store]\npath = "{svc.settings.store.path}"\n')
+    html = tmp_path / "r.html"
+    assert await asyncio.to_thread(cli.main, ["stats", "--since", "1h", "--html", str(html), "--config", str(cfg)]) == 0
+    text = capsys.readouterr().out
+    assert "appeals: 1 (1 granted, 0 denied, 0 pending)" in text
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("rule LIST_BLOCKED"))
+    assert line.split()[2:6] == ["2", "1", "1", "0"]  # refused 2 (both calls), appealed, granted, denied
+    assert "suggestion: source `feed-x`: 1 of 1 appeals granted" in text
+    page = html.read_text()
+    assert 'id="appeals"' in page and 'data-source="feed-x"' in page and "appeal-suggestions" in page
+    assert await asyncio.to_thread(cli.main, ["stats", "--since", "1h", "--json", "--config", str(cfg)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["appeals"]["sources"][0] == {**data["appeals"]["sources"][0], "key": "feed-x", "granted": 1}
+    assert await asyncio.to_thread(cli.main, ["evidence", BLOCKED, "--config", str(cfg)]) == 0
+    csv = capsys.readouterr().out
+    assert f"appeal {code} left by the caller, 4 s recorded against {BLOCKED} (feed-x)" in csv
+    assert f"appeal {code} granted" in csv and "appeals_granted,1" in csv

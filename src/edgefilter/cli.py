@@ -212,12 +212,18 @@ async def cmd_stats(args, settings: Settings) -> int:
     until = time.time()
     since = until - span
     builder = StatsBuilder(since=since, until=until, tz=settings.tz, top=args.top)
+    appeals = []
     if store_exists(settings):
         async with open_store(settings, create=False) as store:
             async for batch in store.iter_calls(since, until):
                 for row in batch:
                     builder.add(row)
+            appeals = await store.appeals(since=since)
     st = builder.result()
+    if appeals:  # rule precision from appeals (issue 17)
+        from .stats import appeal_precision
+
+        st = dataclasses.replace(st, appeals=appeal_precision(appeals, st.refused_rules, since=since, until=until))
     if args.json:
         print(json.dumps(st.as_dict(), indent=2, ensure_ascii=True))
     else:
@@ -349,8 +355,10 @@ async def cmd_evidence(args, settings: Settings) -> int:
     async with open_store(settings, create=False) as store:
         calls = await store.calls_from(number.e164, since)
         refusals = await store.refusals(caller=number.e164)
+        appeals = await store.appeals(caller=number.e164, since=since)
     tz = settings.tz or datetime.now().astimezone().tzinfo
-    ev = build(number.e164, calls, refusals, since=since, until=now, tz=tz, scope=settings.behaviour.refusal_scope)
+    ev = build(number.e164, calls, refusals, since=since, until=now, tz=tz, scope=settings.behaviour.refusal_scope,
+               appeals=appeals)
     text = to_csv(ev) if args.format == "csv" else to_html(ev, generated=now, version=__version__)
     if args.output:
         try:
