@@ -547,3 +547,31 @@ async def test_stats_report_and_evidence_show_the_appeals(svc, recordings, tmp_p
     csv = capsys.readouterr().out
     assert f"appeal {code} left by the caller, 4 s recorded against {BLOCKED} (feed-x)" in csv
     assert f"appeal {code} granted" in csv and "appeals_granted,1" in csv
+
+
+async def test_db_copy_brings_appeals_with_their_codes_and_the_no_appeal_flags(pg_url, tmp_path, capsys):
+    from edgefilter.store import Appeal, Store
+    from edgefilter.stores import open_store
+
+    src = tmp_path / "box.db"
+    async with Store.open(str(src)) as box:
+        await box.put_entry(Entry("block", parse_pattern("+86170*", "CN"), source="cli", created_at=1.0))
+        await box.set_no_appeal("block", parse_pattern("+86170*", "CN"), True)
+        a = await box.add_appeal(Appeal(0, "", "k" * 20, 1700000000.0, BLOCKED, rules="LIST_BLOCKED(+20)", entry_source="feed-x"))
+        await box.decide_appeal(a.code, "denied", 1700000100.0, note="no")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[store]\nnode = "box-1"\n')
+    for _ in range(2):  # idempotent
+        assert await asyncio.to_thread(cli.main, ["db", "copy", "--from", str(src), "--to", pg_url, "--config", str(cfg)]) == 0
+        out = capsys.readouterr().out
+    assert "appeals: 1 read, 0 written, 1 already there" in out
+    async with open_store(make_pg(pg_url)) as pg:
+        (got,) = await pg.appeals()
+        assert (got.code, got.status, got.note, got.entry_source, got.decided_at) == (a.code, "denied", "no", "feed-x", 1700000100.0)
+        assert await pg.no_appeal_patterns() == [("block", "+86170*")]
+
+
+def make_pg(url: str):
+    from edgefilter.config import settings_from_dict
+
+    return settings_from_dict({"store": {"url": url}})

@@ -1179,12 +1179,12 @@ class PgStore(BatchedImport):
             rows = await c.fetch("SELECT list, pattern FROM entries WHERE no_appeal != 0")
         return [tuple(r) for r in rows]
 
-    async def add_appeal(self, a: Appeal) -> Appeal:
-        """Store an appeal with a fresh unique code; the same key twice (a retried write) is
-        stored once and the stored one is returned."""
+    async def add_appeal(self, a: Appeal, *, keep_code: bool = False) -> Appeal:
+        """Store an appeal with a fresh unique code (``keep_code``: its own first, as `db copy`
+        does); the same key twice (a retried write) is stored once and the stored one returned."""
         marks = ", ".join(f"${i + 1}" for i in range(len(APPEAL_INSERT.split(", "))))
-        for _ in range(50):
-            row = (new_appeal_code(), *astuple_appeal(a)[2:])
+        for i in range(50):
+            row = (a.code if keep_code and a.code and i == 0 else new_appeal_code(), *astuple_appeal(a)[2:])
             async with self._connection() as c:
                 got = await c.fetchrow(
                     f"INSERT INTO appeals ({APPEAL_INSERT}) VALUES ({marks}) ON CONFLICT DO NOTHING RETURNING {APPEAL_COLUMNS}", *row

@@ -1270,11 +1270,11 @@ class Store(BatchedImport):
         cur = await self.db.execute("SELECT list, pattern FROM entries WHERE no_appeal != 0")
         return [tuple(r) for r in await cur.fetchall()]
 
-    async def add_appeal(self, a: Appeal) -> Appeal:
-        """Store an appeal with a fresh unique code; the same key twice (a retried write) is
-        stored once and the stored one is returned."""
-        for _ in range(50):
-            row = (new_appeal_code(), *astuple_appeal(a)[2:])
+    async def add_appeal(self, a: Appeal, *, keep_code: bool = False) -> Appeal:
+        """Store an appeal with a fresh unique code (``keep_code``: its own first, as `db copy`
+        does); the same key twice (a retried write) is stored once and the stored one returned."""
+        for i in range(50):
+            row = (a.code if keep_code and a.code and i == 0 else new_appeal_code(), *astuple_appeal(a)[2:])
             async with self.transaction():
                 cur = await self.db.execute(f"SELECT {APPEAL_COLUMNS} FROM appeals WHERE key = ?", (a.key,))
                 old = await cur.fetchone()
