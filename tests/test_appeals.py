@@ -575,3 +575,17 @@ def make_pg(url: str):
     from edgefilter.config import settings_from_dict
 
     return settings_from_dict({"store": {"url": url}})
+
+
+async def test_a_store_failure_answers_error_not_a_code_nobody_could_look_up(svc, recordings, monkeypatch):
+    await block(svc)
+    v = await screen(svc, uniqueid="1700000060.1")
+    aid = v["EDGEFILTER_APPEAL_ID"]
+    await step(svc, aid, "digit", digit="1", uniqueid="1700000060.1")
+
+    async def broken(a, **kw):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(svc.store, "add_appeal", broken)
+    assert await step(svc, aid, "recorded", uniqueid="1700000060.1") == {"EDGEFILTER_APPEAL_STEP": "error"}
+    assert (await screen(svc, uniqueid="1700000060.2"))["EDGEFILTER_APPEAL_ID"] == ""  # the cooldown holds all the same

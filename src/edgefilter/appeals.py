@@ -165,12 +165,16 @@ class AppealBook:
 
     # ---------------------------------------------------------------- state from the store
     def load_state(self, no_appeal: list[tuple[str, str]], pending: int, last: list[tuple[str, float]]) -> None:
+        """What the store says (AppealDesk.refresh): the marks in ``unsure`` are cleared there, by
+        what was read, never here (a change applied during the read stays unsure)."""
         self.no_appeal = {tuple(p) for p in no_appeal}
-        self.unsure.clear()
         self.pending = pending
+        cutoff = self.clock() - self._settings().appeal.cooldown  # memory stays bounded by the window
+        merged = {e164: ts for e164, ts in self.last_appeal.items() if ts >= cutoff}
         for e164, ts in last:
-            if ts > self.last_appeal.get(e164, 0.0):
-                self.last_appeal[e164] = ts
+            if ts > merged.get(e164, 0.0):
+                merged[e164] = ts
+        self.last_appeal = merged
 
     def on_list_change(self, list_name: str, pattern: str, entry: object) -> None:
         """ListFollower hook: a block entry changed; until the no-appeal set is read again it
@@ -495,7 +499,10 @@ class AppealDesk:
     async def run(self, interval: float = 10.0) -> None:
         """Refresh on every list change and every ``interval`` (other nodes' appeals, decisions)."""
         failing = False
+        task = asyncio.current_task()
         while True:
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError  # a cancel swallowed by a driver's wait_for (3.11): stop now
             try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel (stop would hang)
                 async with asyncio.timeout(interval):
                     await self.book.refresh_wanted.wait()
@@ -570,8 +577,11 @@ class AppealNotifier:
         import aiohttp
 
         failing = False
+        task = asyncio.current_task()
         async with aiohttp.ClientSession() as http:
             while True:
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError  # swallowed by a library's wait_for (3.11): stop now
                 a = self.settings().appeal
                 try:
                     async with http.post(a.webhook, json=body, timeout=aiohttp.ClientTimeout(total=a.webhook_timeout)) as r:
