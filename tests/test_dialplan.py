@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from edgefilter.appeals import ANSWERS, APPEAL_VARIABLES, ROUTE as APPEAL_ROUTE, SPOOL_FOLDER, STEPS
 from edgefilter.challenge import CHALLENGE_VARIABLES, RESULT_ROUTE, RESULTS
 from edgefilter.config import DEFAULTS_PATH, REJECT_CAUSES
 from edgefilter.model import Action
@@ -96,7 +97,7 @@ def test_edgefilter_variables_are_exactly_those_the_code_sets():
     # example's inheritable __EDGEFILTER_CALL/__EDGEFILTER_CALLEE (the *0 feature) are not matched
     inputs = {"EDGEFILTER_STIR", "EDGEFILTER_STIR_VERIFY"}
     informational = set(INFORMATIONAL)
-    assert named - settings == (set(SCREEN_VARIABLES) - informational) | set(CHALLENGE_VARIABLES) | inputs
+    assert named - settings == (set(SCREEN_VARIABLES) - informational) | set(CHALLENGE_VARIABLES) | set(APPEAL_VARIABLES) | inputs
 
 
 def test_star_code_routes_in_the_dial_plan_exist_in_the_service():
@@ -117,7 +118,7 @@ INFORMATIONAL = ("EDGEFILTER_SCORE", "EDGEFILTER_RULES", "EDGEFILTER_POLICY", "E
 def test_every_code_variable_is_read_somewhere_or_documented():
     text = dialplan_text()
     header = SUBROUTINE.read_text().split("[edgefilter-screen]")[0]
-    for name in (*SCREEN_VARIABLES, *CHALLENGE_VARIABLES):
+    for name in (*SCREEN_VARIABLES, *CHALLENGE_VARIABLES, *APPEAL_VARIABLES):
         if name in INFORMATIONAL:
             assert name in header, f"{name} is not documented in the subroutine's header"
         else:
@@ -163,15 +164,19 @@ def test_agi_routes_and_arguments_are_the_ones_the_service_serves(service):
     # hold function calls such as ${CHANNEL(linkedid)})
     text = SCREEN_CALL.sub("AGI(agi://${ef_svc}/", dialplan_text())
     calls = re.findall(r"AGI\(agi://\$\{ef_svc\}/([a-z-]+),(.*)\)\s*$", text, re.M)
-    assert {route for route, _ in calls} == {"screen", RESULT_ROUTE}
-    assert {"screen", RESULT_ROUTE} <= set(service.server.routes)  # the rest: star codes (features file)
+    assert {route for route, _ in calls} == {"screen", RESULT_ROUTE, APPEAL_ROUTE}
+    assert {"screen", RESULT_ROUTE, APPEAL_ROUTE} <= set(service.server.routes)  # the rest: star codes (features file)
     keys = {route: set() for route, _ in calls}
     for route, args in calls:
         keys[route] |= {a.split("=", 1)[0] for a in re.split(r",(?![^(]*\))", args)}
     assert keys == {
         "screen": {"cid", "exten", "vmbox", "context", "stir", "stir_verify", "linkedid"},
         RESULT_ROUTE: {"id", "digit", "hangup"},
+        APPEAL_ROUTE: {"id", "step", "digit"},
     }
+    steps = {a.split("=", 1)[1] for route, args in calls if route == APPEAL_ROUTE
+             for a in re.split(r",(?![^(]*\))", args) if a.startswith("step=")}
+    assert steps == set(STEPS)
     assert "AGI(" not in re.sub(r"AGI\(agi://\$\{ef_svc\}/", "", text)  # no other AGI
 
 
@@ -187,9 +192,16 @@ def test_prompts_exist_in_the_core_sounds_package():
     for app, args in re.findall(r"\b(Playback|Read)\(([^)]*)\)", text):
         files = args.split(",")[1] if app == "Read" else args.split(",")[0]
         used |= set(files.split("&"))
-    digit_prompts = {f for f in used if "${EDGEFILTER_CHALLENGE_DIGIT}" in f}
-    assert digit_prompts == {"digits/${EDGEFILTER_CHALLENGE_DIGIT}"}
-    plain = used - digit_prompts
+    digit_prompts = {f for f in used if "_DIGIT}" in f}
+    assert digit_prompts == {"digits/${EDGEFILTER_CHALLENGE_DIGIT}", "digits/${EDGEFILTER_APPEAL_DIGIT}"}
+    # the appeal's own prompts (no core sound says "this number does not take your call"): shipped
+    # in asterisk-conf/sounds/edgefilter/, made by make-prompts.sh, installed beside en/
+    ours = {f for f in used if f.startswith("edgefilter/")}
+    assert ours == {"edgefilter/appeal-offer", "edgefilter/appeal-speak", "edgefilter/appeal-reference"}
+    for f in ours:
+        gsm = CONF / "sounds" / f"{f}.gsm"
+        assert gsm.stat().st_size > 1000 and f.split("/")[1] in (CONF / "sounds" / "make-prompts.sh").read_text(), f
+    plain = used - digit_prompts - ours
     assert plain and plain <= sounds, plain - sounds
     assert {f"digits/{d}" for d in "123456789"} <= sounds
 
@@ -231,3 +243,31 @@ def test_every_agi_call_goes_to_the_configured_service(conf):
     assert agi
     for line in agi:
         assert "AGI(agi://${ef_svc}/" in line or SCREEN_CALL.search(line), line
+
+
+# ------------------------------------------------------------------------------ appeals
+def _lines(context: str) -> list[str]:
+    return [v for s, k, v in parse_conf(SUBROUTINE) if s == context]
+
+
+def test_a_plain_reject_costs_no_extra_application_for_appeals():
+    """Issue 16 counts applications per call: the appeal test is folded into the reject branch's
+    one GotoIf, so a reject without an appeal still runs GotoIf + Hangup."""
+    reject = [v for s, k, v in parse_conf(SUBROUTINE) if s == "edgefilter-screen" and v.startswith(("reject,", "n(special)"))
+              or (s == "edgefilter-screen" and v.startswith("n,Hangup(${EDGEFILTER_REJECT_CAUSE})"))]
+    assert reject[0] == ("reject,1,GotoIf($[${EDGEFILTER_REJECT_SIT} = 1 | ${EDGEFILTER_REJECT_CAUSE} > 600 "
+                         "| ${LEN(${EDGEFILTER_APPEAL_ID})} > 0]?special)")
+    assert reject[1] == "n,Hangup(${EDGEFILTER_REJECT_CAUSE})"
+    assert reject[2] == "n(special),GotoIf($[${LEN(${EDGEFILTER_APPEAL_ID})} > 0]?edgefilter-appeal,s,1)"
+    # the fail-open path rejects too (mirrored hard blocks, forged caller IDs): never with a stale id
+    failopen = [v for v in _lines("edgefilter-screen") if "EDGEFILTER_REJECT_CAUSE=21" in v]
+    assert failopen and all("EDGEFILTER_APPEAL_ID=)" in v for v in failopen)
+
+
+def test_the_appeal_records_under_the_spool_named_by_the_id_only_and_bounded():
+    records = [v for v in _lines("edgefilter-appeal") if "Record(" in v]
+    assert records == [f"n,Record(${{ASTSPOOLDIR}}/{SPOOL_FOLDER}/${{EDGEFILTER_APPEAL_ID}}.wav,4,${{EDGEFILTER_APPEAL_SECONDS}},k)"]
+    answers = set(re.findall(r'"\$\{EDGEFILTER_APPEAL_STEP\}" != "([a-z]+)"', dialplan_text()))
+    assert answers <= set(ANSWERS) and answers == {"record", "done"}  # anything else: goodbye
+    assert any("SayDigits(${EDGEFILTER_APPEAL_CODE})" in v for v in _lines("edgefilter-appeal"))
+    assert any("hangup_handler_push)=edgefilter-appeal-hangup,s,1" in v for v in _lines("edgefilter-appeal"))

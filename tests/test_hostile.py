@@ -42,7 +42,8 @@ SAFE = re.compile(rb"^[A-Za-z0-9_ .:+\-\[\]?!#/@*]*\Z")
 NAMES = {b"EDGEFILTER_ACTION", b"EDGEFILTER_SCORE", b"EDGEFILTER_RULES", b"EDGEFILTER_POLICY",
          b"EDGEFILTER_CATEGORY", b"EDGEFILTER_WOULD", b"EDGEFILTER_TAG", b"EDGEFILTER_REJECT_CAUSE",
          b"EDGEFILTER_REJECT_SIT", b"EDGEFILTER_VOICEMAIL_BOX", b"EDGEFILTER_CHALLENGE_DIGIT",
-         b"EDGEFILTER_CHALLENGE_ID", b"EDGEFILTER_CHALLENGE_TIMEOUT",
+         b"EDGEFILTER_CHALLENGE_ID", b"EDGEFILTER_CHALLENGE_TIMEOUT", b"EDGEFILTER_APPEAL_ID",
+         b"EDGEFILTER_APPEAL_DIGIT", b"EDGEFILTER_APPEAL_TIMEOUT", b"EDGEFILTER_APPEAL_SECONDS",
          b"TIMEOUT(absolute)"}  # the one function written: ends the subroutine's wait (always "0")
 
 
@@ -56,6 +57,7 @@ def mset(action: str, score: str, rules: str = "", policy: str = "default", **ex
     if action == "reject":
         extra.setdefault("reject_cause", "21")  # [actions] reject_cause, shipped default
         extra.setdefault("reject_sit", "0")
+        extra.setdefault("appeal_id", "")  # always with a reject: empty unless an appeal is offered
     if action in ("voicemail", "challenge"):
         extra.setdefault("voicemail_box", "1000@default")  # the called extension's box
     pairs = [f"EDGEFILTER_ACTION={action}", f"EDGEFILTER_SCORE={score}", f"EDGEFILTER_RULES={rules}",
@@ -240,7 +242,8 @@ SAFE_ARGUMENT = re.compile(
     r"^(cid=\$\{BASE64_ENCODE\(\$\{CALLERID\(num\)\}\)\}"
     r"|[a-z_]+=\$\{FILTER\([-A-Za-z0-9*#+_@ ]+,\$\{[A-Z0-9_]+\}\)\}"
     r"|context=\$\{STACK_PEEK\(1,c,1\)\}|linkedid=\$\{CHANNEL\(linkedid\)\}"
-    r"|id=\$\{EDGEFILTER_CHALLENGE_ID\}|hangup=1)$"
+    r"|id=\$\{EDGEFILTER_CHALLENGE_ID\}|hangup=1"
+    r"|id=\$\{EDGEFILTER_APPEAL_ID\}|step=(digit|recorded|hangup))$"
 )
 
 
@@ -351,13 +354,13 @@ TRUSTED_IN_EXPRESSIONS = {
     "AGISTATUS", "CHANNEL(channeltype)",
     # set by the service, through agi.safe_value's character set (no quote, no '$', no '(')
     "EDGEFILTER_ACTION", "EDGEFILTER_REJECT_SIT", "EDGEFILTER_REJECT_CAUSE", "EDGEFILTER_CHALLENGE_ID",
-    "EDGEFILTER_CHALLENGE_RESULT",
+    "EDGEFILTER_CHALLENGE_RESULT", "EDGEFILTER_APPEAL_STEP",
     # admin globals ([globals] of extensions.conf)
     "EDGEFILTER_COUNTRY_CODE", "EDGEFILTER_WAIT", "EDGEFILTER_SERVICE",
     # Asterisk's own: what is left of the wait (a number, "0" once cleared)
     "TIMEOUT(absolute)",
     # the subroutine's own flags and the FILTER(0-9+)-cleaned caller number
-    "ef_test", "ef_done", "key:0:1", "key:0:2",
+    "ef_test", "ef_done", "ef_appeal", "key:0:1", "key:0:2",
 }
 
 

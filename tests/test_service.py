@@ -53,6 +53,7 @@ async def test_one_round_trip_then_close(service):
         "EDGEFILTER_POLICY": "default",
         "EDGEFILTER_REJECT_CAUSE": "21",
         "EDGEFILTER_REJECT_SIT": "0",
+        "EDGEFILTER_APPEAL_ID": "",  # always with a reject: empty unless an appeal is offered
         "TIMEOUT(absolute)": "0",  # the subroutine's wait, ended in the same round trip
     }
 

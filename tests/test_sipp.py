@@ -69,7 +69,9 @@ def test_allowed_expects_answer_then_connected_then_bye():
 
 def test_challenge_scenarios_match_what_the_dial_plan_sends():
     sent = re.findall(r"SendText\(([a-z-]+)", DIALPLAN)
-    assert set(sent) == {"edgefilter-challenge-digit", "edgefilter-connected"}
+    # (and the appeal's offer, recording start and reference: tests/asterisk/test_appeals.py reads them)
+    assert set(sent) == {"edgefilter-challenge-digit", "edgefilter-connected", "edgefilter-appeal-offer",
+                         "edgefilter-appeal-recording", "edgefilter-appeal-code"}
     assert "SendText(edgefilter-challenge-digit=${EDGEFILTER_CHALLENGE_DIGIT})" in DIALPLAN
     passed, failed = scenario("uac_challenge_pass"), scenario("uac_challenge_fail")
     regexps = [e.get("regexp") for e in passed.iter("ereg")]

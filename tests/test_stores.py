@@ -478,7 +478,10 @@ def test_both_backends_offer_the_same_methods():
                  "watch_changes", "describe_error", "schema_version",
                  # imports (issue 6): staged atomic import, sources, export, the compact index load
                  "begin_import", "stage_import", "apply_import", "import_entries", "remove_source",
-                 "export_entries", "load_index"):
+                 "export_entries", "load_index",
+                 # appeals (issue 17)
+                 "set_no_appeal", "no_appeal_patterns", "add_appeal", "appeals", "get_appeal", "decide_appeal",
+                 "appeal_summary", "purge_appeals"):
         assert name in api(Store), name
     assert Store.backend == "sqlite" and PgStore.backend == "postgresql"
 
@@ -490,6 +493,60 @@ def test_both_backends_have_the_same_schema_versions():
     missing = sorted(set(store.MIGRATIONS) - set(pgstore.MIGRATIONS))
     assert not missing, f"port SQLite migration(s) {missing} to pgstore.MIGRATIONS (see docs/postgresql.md)"
     assert pgstore.SCHEMA_VERSION == store.SCHEMA_VERSION
+
+
+# ------------------------------------------------------------------ appeals (issue 17)
+def appeal(key: str, ts: float, caller: str = "+8613800138000", **kw):
+    from edgefilter.store import Appeal
+
+    base = dict(uniqueid="1700000000.1", called="7000", node="pbx-a", rules="LIST_BLOCKED(+20)", score=20.0,
+                policy="default", entry_list="block", entry_pattern="+86138*", entry_source="feed-x",
+                entry_category="marketing", recording=f"/spool/edgefilter-appeals/{key}.wav", recording_bytes=80204)
+    base.update(kw)
+    return Appeal(0, "", key, ts, caller, **base)
+
+
+async def test_appeals_get_unique_codes_are_decided_once_and_purged(store):
+    a = await store.add_appeal(appeal("k" * 20, 1700000000.0))
+    assert a.id > 0 and len(a.code) == 6 and a.code.isdigit() and a.status == "pending"
+    assert await store.add_appeal(appeal("k" * 20, 1700000000.0)) == a  # a retried write: stored once
+    b = await store.add_appeal(appeal("m" * 20, 1700000100.0, caller="+8613900139000", recording_bytes=None))
+    assert b.code != a.code and b.recording_bytes is None
+    got = await store.get_appeal(a.code)
+    assert got == a and got.entry_source == "feed-x" and got.rule_names == ["LIST_BLOCKED"]
+    assert [x.code for x in await store.appeals()] == [a.code, b.code]
+    assert [x.code for x in await store.appeals(caller="+8613900139000")] == [b.code]
+    assert await store.appeal_summary(1700000050.0) == (2, [("+8613900139000", 1700000100.0)])
+    # a grant writes its allow entry in the same transaction; a second decision changes nothing
+    allow = entry("allow", "+8613800138000", source="appeal", expires_at=1800000000.0)
+    rev = await store.head_rev()
+    g = await store.decide_appeal(a.code, "granted", 1700000200.0, note="our customer", entry=allow)
+    assert (g.status, g.decided_at, g.note, g.grant_pattern, g.grant_expires) == (
+        "granted", 1700000200.0, "our customer", "+8613800138000", 1800000000.0)
+    assert [(c[1], c[2], c[3]) for c in await store.changes_since(rev, 10)] == [("put", "allow", "+8613800138000")]
+    again = await store.decide_appeal(a.code, "denied", 1700000300.0, note="changed my mind")
+    assert again == g
+    assert (await store.decide_appeal(b.code, "denied", 1700000300.0)).status == "denied"
+    assert await store.decide_appeal("000000", "denied", 1700000300.0) is None
+    assert (await store.appeal_summary(0.0))[0] == 0
+    assert [x.code for x in await store.appeals(status="granted")] == [a.code]
+    gone = await store.purge_appeals(1700000050.0)
+    assert [x.key for x in gone] == ["k" * 20] and [x.code for x in await store.appeals()] == [b.code]
+
+
+async def test_no_appeal_flag_on_entries_with_a_change_row(store):
+    p = parse_pattern("+86170*", "CN")
+    await store.put_entry(entry("block", "+86170*", source="cli"))
+    rev = await store.head_rev()
+    assert await store.set_no_appeal("block", p, True) is True
+    assert await store.set_no_appeal("block", p, True) is False  # already so: no change row
+    assert await store.no_appeal_patterns() == [("block", "+86170*")]
+    assert [(c[1], c[2], c[3]) for c in await store.changes_since(rev, 10)] == [("put", "block", "+86170*")]
+    await store.put_entry(entry("block", "+86170*", source="cli", note="updated"))  # keeps the flag
+    assert await store.no_appeal_patterns() == [("block", "+86170*")]
+    assert await store.set_no_appeal("block", parse_pattern("+86171*", "CN"), True) is False  # no such entry
+    await store.set_no_appeal("block", p, False)
+    assert await store.no_appeal_patterns() == []
 
 
 # ------------------------------------------------------------------ behaviour memory follower

@@ -27,6 +27,7 @@ from .screen import Screener, channel_variables
 from .stores import copy_sqlite_to_postgres, open_store, store_exists
 from .imports import add_parsers as add_import_parsers, parse_expires
 from .replay import add_parser as add_replay_parser
+from .appeals_cli import add_parser as add_appeals_parser
 
 
 def _parse_when(text: str) -> datetime:
@@ -65,10 +66,14 @@ async def cmd_add(args, settings: Settings) -> int:
         created_at=now,
         expires_at=parse_expires(args.expires, now),
     )
+    no_appeal = getattr(args, "no_appeal", False)
     async with open_store(settings) as store:
-        result = await store.put_entry(entry)
+        async with store.transaction():  # the entry and its appeal flag reach the service together
+            result = await store.put_entry(entry)
+            if args.list == "block":
+                await store.set_no_appeal("block", pattern, no_appeal)
     exp = f", expires {_fmt_time(entry.expires_at)}" if entry.expires_at else ""
-    print(f"{args.list} {pattern.text} ({pattern.kind}): {result}{exp}")
+    print(f"{args.list} {pattern.text} ({pattern.kind}): {result}{exp}{', never appealable' if no_appeal else ''}")
     return 0
 
 
@@ -207,12 +212,18 @@ async def cmd_stats(args, settings: Settings) -> int:
     until = time.time()
     since = until - span
     builder = StatsBuilder(since=since, until=until, tz=settings.tz, top=args.top)
+    appeals = []
     if store_exists(settings):
         async with open_store(settings, create=False) as store:
             async for batch in store.iter_calls(since, until):
                 for row in batch:
                     builder.add(row)
+            appeals = await store.appeals(since=since)
     st = builder.result()
+    if appeals:  # rule precision from appeals (issue 17)
+        from .stats import appeal_precision
+
+        st = dataclasses.replace(st, appeals=appeal_precision(appeals, st.refused_rules, since=since, until=until))
     if args.json:
         print(json.dumps(st.as_dict(), indent=2, ensure_ascii=True))
     else:
@@ -344,8 +355,10 @@ async def cmd_evidence(args, settings: Settings) -> int:
     async with open_store(settings, create=False) as store:
         calls = await store.calls_from(number.e164, since)
         refusals = await store.refusals(caller=number.e164)
+        appeals = await store.appeals(caller=number.e164, since=since)
     tz = settings.tz or datetime.now().astimezone().tzinfo
-    ev = build(number.e164, calls, refusals, since=since, until=now, tz=tz, scope=settings.behaviour.refusal_scope)
+    ev = build(number.e164, calls, refusals, since=since, until=now, tz=tz, scope=settings.behaviour.refusal_scope,
+               appeals=appeals)
     text = to_csv(ev) if args.format == "csv" else to_html(ev, generated=now, version=__version__)
     if args.output:
         try:
@@ -440,6 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--category", help="category (harassment, marketing, fraud, ...)")
         p.add_argument("--source", default="cli", help="source tag (default: cli)")
         p.add_argument("--region", help="ISO region for national forms (default: [numbers] default_region)")
+        if name == "block":
+            p.add_argument("--no-appeal", action="store_true",
+                           help="a refusal by this entry is never appealable from the call ([appeal]); "
+                                "without it, blocking an entry again makes it appealable")
         p.set_defaults(func=cmd_add, list=name)
 
     p = sub.add_parser("remove", parents=[common], help="remove a number or pattern from the lists")
@@ -510,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_db)
     add_import_parsers(sub, common, LISTS)
     add_replay_parser(sub, common)
+    add_appeals_parser(sub, common)
 
     p = sub.add_parser("config", parents=[common], help="check or dump the merged configuration")
     p.add_argument("action", choices=("check", "dump"))

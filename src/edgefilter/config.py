@@ -521,6 +521,22 @@ SCHEMA: dict[str, Any] = {
         "hangup_is_failure": _bool,
         "max_pending": _int(1, 1000000),
     },
+    "appeal": {
+        "enabled": _bool,
+        "rules": _list_of(_regex_str(r"[A-Z][A-Z0-9_]{1,63}", "rule names (UPPER_SNAKE_CASE)")),
+        "refused_before": _bool,
+        "digit": _regex_str(r"[0-9]", "one digit, 0-9"),
+        "timeout": _duration,
+        "max_seconds": _int(5, 300),
+        "cooldown": _duration,
+        "max_pending": _int(1, 1_000_000),
+        "max_offers": _int(1, 10000),
+        "retention": _duration,
+        "grant_for": _duration,
+        "recordings_dir": _str,
+        "webhook": _str,
+        "webhook_timeout": _duration,
+    },
     "mirror": {
         "enabled": _bool,
         "family": _regex_str(r"[A-Za-z0-9_-]{1,40}", "letters, digits, '_' and '-' (an AstDB family)"),
@@ -607,6 +623,7 @@ SCHEMA: dict[str, Any] = {
             "actions": _action_map,
             "allowlist_only": _bool,
             "never_block": _list_of(_str),
+            "appeal": _bool,
         },
         _safe_key,
     ),
@@ -709,6 +726,26 @@ class ChallengeSettings:
     fail_window: float = 30 * 86400.0
     hangup_is_failure: bool = True
     max_pending: int = 10000
+
+
+@dataclass(frozen=True)
+class AppealSettings:
+    """[appeal]: a refused caller may press a digit, say why, and get a reference (appeals.py)."""
+
+    enabled: bool = False
+    rules: tuple[str, ...] = ()  # empty: any refusal; else only refusals one of these rules fired on
+    refused_before: bool = False  # refusals while the callee's refusal (REFUSED_BEFORE) is in force
+    digit: str = "1"
+    timeout: float = 6.0
+    max_seconds: int = 30
+    cooldown: float = 30 * 86400.0
+    max_pending: int = 100
+    max_offers: int = 20
+    retention: float = 90 * 86400.0
+    grant_for: float = 30 * 86400.0
+    recordings_dir: str = ""
+    webhook: str = ""
+    webhook_timeout: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -825,6 +862,7 @@ class Policy:
     actions: dict = field(default_factory=dict)
     allowlist_only: bool | None = None
     never_block: tuple[str, ...] = ()
+    appeal: bool | None = None  # [appeal] enabled for this line (None: as the global switch says)
 
     @property
     def specificity(self) -> int:
@@ -899,6 +937,7 @@ class Settings:
     outputs: OutputsSettings = OutputsSettings()
     actions: ActionSettings = field(default_factory=ActionSettings)
     challenge: ChallengeSettings = field(default_factory=ChallengeSettings)
+    appeal: AppealSettings = field(default_factory=AppealSettings)
     mirror: MirrorSettings = field(default_factory=MirrorSettings)
     reputation: ReputationSettings = field(default_factory=ReputationSettings)
     ami: AmiSettings = field(default_factory=AmiSettings)
@@ -1140,6 +1179,7 @@ def _build(m: dict, origins: dict, sources: tuple[str, ...]) -> Settings:
             actions=_action_map(p.get("actions", {})),
             allowlist_only=p.get("allowlist_only"),
             never_block=_list_of(_str)(p.get("never_block", [])),
+            appeal=p.get("appeal"),
         )
         merged_thr = {**thresholds, **pol.thresholds}
         _check_ascending(merged_thr, lambda act, n=name: fail(f"policies.{n}.thresholds", "thresholds must ascend once merged with the global ones"))
@@ -1149,6 +1189,7 @@ def _build(m: dict, origins: dict, sources: tuple[str, ...]) -> Settings:
     reputation = _build_reputation(m.get("reputation", {}), origin_of, fail, budget)
     ami = _build_ami(m.get("ami", {}), fail)
     behaviour = _build_behaviour(m.get("behaviour", {}), fail)
+    appeal = _build_appeal(m.get("appeal", {}), fail, rules)
 
     return Settings(
         agi=AgiSettings(
@@ -1212,6 +1253,7 @@ def _build(m: dict, origins: dict, sources: tuple[str, ...]) -> Settings:
         reputation=reputation,
         ami=ami,
         behaviour=behaviour,
+        appeal=appeal,
     )
 
 
@@ -1380,6 +1422,26 @@ def _build_behaviour(b: dict, fail: Callable[[str, str], ConfigError]) -> Behavi
     return out
 
 
+def _build_appeal(a: dict, fail: Callable[[str, str], ConfigError], rules: dict) -> AppealSettings:
+    conv = {k: SCHEMA["appeal"][k](v) for k, v in a.items()}
+    out = AppealSettings(**conv)
+    for rule in out.rules:
+        if rule not in rules:
+            raise fail("appeal.rules", f"unknown rule {rule!r}{_suggest(rule, rules)}")
+    if "CLI_FORGED" in out.rules:
+        raise fail("appeal.rules", "a forged caller ID is never appealable (CLI_FORGED)")
+    if not 1.0 <= out.timeout <= 60.0:
+        raise fail("appeal.timeout", "between 1s and 60s (how long the dial plan waits for the digit)")
+    for key in ("cooldown", "retention", "grant_for"):
+        if getattr(out, key) <= 0:
+            raise fail(f"appeal.{key}", "must be longer than 0s")
+    if out.webhook and not re.match(r"^https?://[^\s/]+", out.webhook):
+        raise fail("appeal.webhook", "an http:// or https:// URL, or empty for none")
+    if not 0.1 <= out.webhook_timeout <= 60.0:
+        raise fail("appeal.webhook_timeout", "between 100ms and 60s")
+    return out
+
+
 def _default_node() -> str:
     """The host name, cut to a valid node name (several PBXs sharing a database tell calls apart by it)."""
     import socket
@@ -1465,6 +1527,7 @@ __all__ = [
     "SYSLOG_FACILITIES",
     "AmiSettings",
     "BehaviourSettings",
+    "AppealSettings",
     "Policy",
     "Schedule",
     "RuleSettings",

@@ -310,6 +310,10 @@ class StatsdOutput:
     def gauges(self, lists: dict[str, int], outputs: dict[str, dict[str, int]]) -> None:
         self.sender.offer(statsd_gauges(self.prefix, lists, outputs))
 
+    def appeal(self, event: str) -> None:
+        """An appeal event (appeals.py: offered, declined, hangup, recorded): <prefix>.appeals.<event>."""
+        self.sender.offer((f"{metric_name(self.prefix, 'appeals', event)}:1|c".encode("ascii"),))
+
     def stats(self) -> dict[str, int]:
         return self.sender.stats()
 

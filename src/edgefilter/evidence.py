@@ -51,7 +51,7 @@ def _in_force(r: Refusal, callee: str, ts: float, scope: str) -> bool:
 
 
 def build(number: str, calls: list[dict], refusals: list[Refusal], *, since: float, until: float,
-          tz: tzinfo, scope: str = "callee") -> Evidence:
+          tz: tzinfo, scope: str = "callee", appeals: list = ()) -> Evidence:
     """The timeline (calls, refusals, undos in time order) and its totals."""
     ev = Evidence(number, since, until, tz)
     rows: list[dict] = []
@@ -96,6 +96,17 @@ def build(number: str, calls: list[dict], refusals: list[Refusal], *, since: flo
             local, utc = _t(r.undone_at, tz)
             rows.append({**dict.fromkeys(CSV_COLUMNS, ""), "ts": r.undone_at, "event": "undo", "time_local": local,
                          "time_utc": utc, "callee": r.callee, "note": f"{r.kind} of {_t(r.ts, tz)[0]} undone by callee"})
+    for a in appeals:  # store.Appeal: the caller said "wrong number" from the call (issue 17)
+        local, utc = _t(a.ts, tz)
+        secs = "" if a.recording_bytes is None else f", {max(0.0, (a.recording_bytes - 44) / 16000):.0f} s recorded"
+        rows.append({**dict.fromkeys(CSV_COLUMNS, ""), "ts": a.ts, "event": "appeal", "time_local": local, "time_utc": utc,
+                     "callee": a.called, "rules": a.rules, "uniqueid": escape_text(a.uniqueid, 64),
+                     "note": f"appeal {a.code} left by the caller{secs}" + (f" against {a.entry_pattern} ({a.entry_source})" if a.entry_pattern else "")})
+        if a.decided_at is not None:
+            local, utc = _t(a.decided_at, tz)
+            rows.append({**dict.fromkeys(CSV_COLUMNS, ""), "ts": a.decided_at, "event": f"appeal {a.status}", "time_local": local,
+                         "time_utc": utc, "note": f"appeal {a.code} {a.status}" + (f": allowed {a.grant_pattern}" if a.grant_pattern else "")
+                         + (f" ({escape_text(a.note, 200)})" if a.note else "")})
     rows.sort(key=lambda x: (x["ts"], x["event"] != "call"))
     ev.rows = rows
     first, last = (calls[0]["ts"], calls[-1]["ts"]) if calls else (None, None)
@@ -114,6 +125,8 @@ def build(number: str, calls: list[dict], refusals: list[Refusal], *, since: flo
         "refusals": str(sum(1 for r in refusals if r.undone_at is None)),
         "refusals_undone": str(sum(1 for r in refusals if r.undone_at is not None)),
         "calls_after_refusal": str(after),
+        "appeals": str(len(appeals)),
+        "appeals_granted": str(sum(1 for a in appeals if a.status == "granted")),
         **{f"action_{k}": str(v) for k, v in sorted(actions.items())},
     }
     return ev
@@ -195,6 +208,6 @@ in the CSV export. Generated {e(_t(generated, ev.tz)[0])} by edgefilter {e(versi
 <table><tr>{''.join(f'<th>{e(k.replace("_", " "))}</th>' for k in head_cols)}</tr>
 {''.join(rows)}
 </table>
-<p class="meta">Rows in red: calls placed after the callee had refused this number. Yellow: refusals and undos.</p>
+<p class="meta">Rows in red: calls placed after the callee had refused this number. Yellow: refusals, undos and appeals.</p>
 </body></html>
 """

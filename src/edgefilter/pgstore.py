@@ -39,6 +39,7 @@ from .config import redact_url
 from .errors import StoreError
 from .lists import LISTS, ChangedRow, Entry, ListIndex, Pattern
 from .store import (
+    APPEAL_COLUMNS, APPEAL_INSERT, APPEALS_SCHEMA, Appeal, astuple_appeal, new_appeal_code,
     CALL_COLUMNS, ENTRY_COLUMNS, KEYED_CALL_COLUMNS, OUTCOME_COLUMNS, REFUSAL_COLUMNS, REPUTATION_COLUMNS,
     CHANGED_SQL, PROFILES_SQL, BatchedImport, CallOutcome, CallRecord, ContactSeen, ImportResult, Refusal, ReputationRow, StagedRow, changed_row, entry_from_row, keyed_row,
     read_snapshot_arrays, read_snapshot_header, write_snapshot,
@@ -46,7 +47,7 @@ from .store import (
 
 log = logging.getLogger("edgefilter.pgstore")
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 CHANGES_CHANNEL = "edgefilter_changes"
 # pg_advisory_xact_lock keys (bigint): "edgefi" + a small number, unlikely to meet anyone else's.
 LOCK_MIGRATE = 0x65646765666901
@@ -234,6 +235,8 @@ MIGRATIONS: dict[int, str] = {
     CREATE INDEX entries_key ON entries (key) WHERE num IS NULL;
     CREATE INDEX IF NOT EXISTS entries_masks ON entries (length(key)) WHERE kind = 'mask';
     """,
+    # 8 (as SQLite's, issue 17): entries never appealable, and the appeals themselves.
+    8: APPEALS_SCHEMA.replace("{ID}", "BIGSERIAL PRIMARY KEY"),
 }
 
 #: Migrations merged after higher numbers had shipped (same numbers as store.LATE_MIGRATIONS).
@@ -1154,6 +1157,94 @@ class PgStore(BatchedImport):
         async with self._connection() as c:
             row = await c.fetchrow("SELECT COUNT(*), COALESCE(MAX(id), 0), COUNT(undone_at) FROM refusals")
         return int(row[0]), int(row[1]), int(row[2])
+
+    # -- appeals (issue 17) ----------------------------------------------------------------
+    async def set_no_appeal(self, list_name: str, pattern: Pattern, flag: bool) -> bool:
+        """Mark an entry never appealable (or appealable again); a change row wakes followers.
+        False when nothing changed (no such entry, or it was so already)."""
+        async with self.transaction():
+            async with self._connection() as c:
+                status = await c.execute(
+                    "UPDATE entries SET no_appeal = $1 WHERE list = $2 AND pattern = $3 AND no_appeal != $1",
+                    int(flag), list_name, pattern.text,
+                )
+                if status.endswith(" 0"):
+                    return False
+                await self._log_changes(c, [(list_name, pattern.text)], "put")
+        return True
+
+    async def no_appeal_patterns(self) -> list[tuple[str, str]]:
+        """(list, pattern) of every entry marked never appealable."""
+        async with self._connection() as c:
+            rows = await c.fetch("SELECT list, pattern FROM entries WHERE no_appeal != 0")
+        return [tuple(r) for r in rows]
+
+    async def add_appeal(self, a: Appeal, *, keep_code: bool = False) -> Appeal:
+        """Store an appeal with a fresh unique code (``keep_code``: its own first, as `db copy`
+        does); the same key twice (a retried write) is stored once and the stored one returned."""
+        marks = ", ".join(f"${i + 1}" for i in range(len(APPEAL_INSERT.split(", "))))
+        for i in range(50):
+            row = (a.code if keep_code and a.code and i == 0 else new_appeal_code(), *astuple_appeal(a)[2:])
+            async with self._connection() as c:
+                got = await c.fetchrow(
+                    f"INSERT INTO appeals ({APPEAL_INSERT}) VALUES ({marks}) ON CONFLICT DO NOTHING RETURNING {APPEAL_COLUMNS}", *row
+                )
+                if got is not None:
+                    return Appeal(*got)
+                old = await c.fetchrow(f"SELECT {APPEAL_COLUMNS} FROM appeals WHERE key = $1", a.key)
+                if old is not None:
+                    return Appeal(*old)
+        raise StoreError(f"{self.where}: no free appeal code after 50 tries (too many appeals kept?)")
+
+    async def appeals(self, *, status: str | None = None, caller: str | None = None, since: float | None = None,
+                      limit: int = 100000) -> list[Appeal]:
+        """Appeals, oldest first: all, or of one status, one caller, since a time."""
+        cond, args = [], []
+        for col, op, val in (("status", "=", status), ("caller_e164", "=", caller), ("ts", ">=", since)):
+            if val is not None:
+                args.append(val)
+                cond.append(f"{col} {op} ${len(args)}")
+        args.append(limit)
+        sql = f"SELECT {APPEAL_COLUMNS} FROM appeals" + (" WHERE " + " AND ".join(cond) if cond else "")
+        async with self._connection() as c:
+            rows = await c.fetch(sql + f" ORDER BY ts, id LIMIT ${len(args)}", *args)
+        return [Appeal(*r) for r in rows]
+
+    async def get_appeal(self, code: str) -> Appeal | None:
+        async with self._connection() as c:
+            row = await c.fetchrow(f"SELECT {APPEAL_COLUMNS} FROM appeals WHERE code = $1", code)
+        return Appeal(*row) if row else None
+
+    async def decide_appeal(self, code: str, status: str, now: float, *, note: str = "", entry: Entry | None = None) -> Appeal | None:
+        """Grant or deny a pending appeal; a grant's allow entry is written in the same transaction.
+        Returns the appeal as it is after (unchanged when it was not pending), None when unknown."""
+        if status not in ("granted", "denied"):
+            raise ValueError(f"not a decision: {status!r}")
+        async with self.transaction():
+            async with self._connection() as c:
+                done = await c.execute(
+                    "UPDATE appeals SET status = $1, decided_at = $2, note = $3, grant_pattern = $4, grant_expires = $5 "
+                    "WHERE code = $6 AND status = 'pending'",
+                    status, now, note, entry.pattern.text if entry else "", entry.expires_at if entry else None, code,
+                )
+                if not done.endswith(" 0") and entry is not None:
+                    await self.put_entries([entry])  # joins this transaction
+        return await self.get_appeal(code)
+
+    async def appeal_summary(self, since: float) -> tuple[int, list[tuple[str, float]]]:
+        """(appeals pending, (caller, newest ts) of every caller who appealed since ``since``):
+        what the service's guard keeps in memory (cap and cooldown)."""
+        async with self._connection() as c:
+            pending = await c.fetchval("SELECT COUNT(*) FROM appeals WHERE status = 'pending'")
+            rows = await c.fetch("SELECT caller_e164, MAX(ts) FROM appeals WHERE ts >= $1 GROUP BY caller_e164", since)
+        return int(pending), [tuple(r) for r in rows]
+
+    async def purge_appeals(self, before: float) -> list[Appeal]:
+        """Delete appeals that came in before ``before``; returns them (their recordings go too)."""
+        async with self._connection() as c:
+            rows = await c.fetch(f"DELETE FROM appeals WHERE ts < $1 RETURNING {APPEAL_COLUMNS}", before)
+        return [Appeal(*r) for r in rows]
+
 
     async def contacts(self, since: float) -> list[tuple[str, float]]:
         async with self._connection() as c:

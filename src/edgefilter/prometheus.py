@@ -92,6 +92,8 @@ class PrometheusOutput:
             buckets=[b / 1000.0 for b in LATENCY_BUCKETS_MS],
             registry=r,
         )
+        self.appeals = Counter("edgefilter_appeals", "Appeal events: offered, declined (no or wrong digit), hangup, recorded.",
+                               ["event"], registry=r)
         self.lists = Gauge("edgefilter_list_entries", "Entries on each list (refreshed every [outputs] gauge_interval).", ["list"], registry=r)
         r.register(_OutputsCollector(outputs_stats))
         for a in Action:  # every action present from the start, so rate() sees 0 rather than no series
@@ -135,6 +137,9 @@ class PrometheusOutput:
         for rule in dict.fromkeys(v.rules):
             self.rules.labels(rule).inc()
         self.latency.observe(max(d.elapsed_ms, 0.0) / 1000.0)
+
+    def appeal(self, event: str) -> None:
+        self.appeals.labels(event).inc()
 
     def gauges(self, lists: dict[str, int], outputs: dict[str, dict[str, int]]) -> None:
         for name, n in lists.items():

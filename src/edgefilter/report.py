@@ -12,7 +12,7 @@ import html
 from datetime import datetime, tzinfo
 
 from .decisionlog import escape_text
-from .stats import ACTIONS, BLOCKED, Stats
+from .stats import ACTIONS, BLOCKED, AppealStats, Precision, Stats
 
 COLORS = {
     "allow": "#43a047",
@@ -81,7 +81,28 @@ def render_text(s: Stats, tz: tzinfo | None = None) -> str:
         cw = max(len(t) for t in texts)
         for c, t in zip(s.top_blocked_callers, texts):
             out.append(f"  {t:<{cw}} {c.calls:>{w}}  last {_when(c.last_ts, tz)} {c.last_action}")
+    if s.appeals is not None and s.appeals.appealed:
+        out.extend(appeals_text(s.appeals))
     return "\n".join(out)
+
+
+def _share(x: float | None) -> str:
+    return "-" if x is None else _pct(x)
+
+
+def appeals_text(a: AppealStats) -> list[str]:
+    """Rule precision from appeals: per rule and per list source, then the suggestions."""
+    out = [f"appeals: {a.appealed} ({a.granted} granted, {a.denied} denied, {a.appealed - a.granted - a.denied} pending)"]
+    rows: list[tuple[str, Precision]] = [("rule", p) for p in a.rules] + [("source", p) for p in a.sources]
+    kw = max(len(f"{kind} {escape_text(p.key, 40)}") for kind, p in rows)
+    out.append(f"  {'':<{kw}} {'refused':>8} {'appealed':>8} {'granted':>8} {'denied':>7} {'pending':>8} "
+               f"{'granted/decided':>15} {'wrongly refused (at least)':>26}")
+    for kind, p in rows:
+        refused = "-" if p.refused is None else str(p.refused)
+        out.append(f"  {kind + ' ' + escape_text(p.key, 40):<{kw}} {refused:>8} {p.appealed:>8} {p.granted:>8} {p.denied:>7} "
+                   f"{p.pending:>8} {_share(p.decided_share):>15} {_share(p.false_positive):>26}")
+    out.extend(f"  suggestion: {escape_text(t, 300)}" for t in a.suggestions)
+    return out
 
 
 # --------------------------------------------------------------------------- SVG charts
@@ -242,6 +263,21 @@ def render_html(s: Stats, *, tz: tzinfo | None = None, title: str = "edgefilter 
     else:
         out.append("<p>No call was blocked in this period.</p>")
 
+    if s.appeals is not None and s.appeals.appealed:
+        a = s.appeals
+        out.append("<h2>Appeals and rule precision</h2>")
+        out.append(f'<p id="appeals-total">{a.appealed} appeals from refused callers: {a.granted} granted, {a.denied} denied, '
+                   f"{a.appealed - a.granted - a.denied} pending.</p>")
+        out.append('<table id="appeals"><tr><th></th><th class="n">refused</th><th class="n">appealed</th><th class="n">granted</th>'
+                   '<th class="n">denied</th><th class="n">granted of decided</th><th class="n">wrongly refused (at least)</th></tr>')
+        for kind, p in [("rule", p) for p in a.rules] + [("source", p) for p in a.sources]:
+            refused = "-" if p.refused is None else str(p.refused)
+            out.append(f'<tr data-{kind}="{e(p.key)}"><td>{e(kind)} <code>{e(p.key[:80])}</code></td><td class="n">{refused}</td>'
+                       f'<td class="n">{p.appealed}</td><td class="n">{p.granted}</td><td class="n">{p.denied}</td>'
+                       f'<td class="n">{_share(p.decided_share)}</td><td class="n">{_share(p.false_positive)}</td></tr>')
+        out.append("</table>")
+        if a.suggestions:
+            out.append('<ul id="appeal-suggestions">' + "".join(f"<li>{e(t)}</li>" for t in a.suggestions) + "</ul>")
     out.append('<h2>Screening latency</h2><table id="latency"><tr><th>percentile</th><th class="n">ms</th></tr>')
     for k in ("p50", "p90", "p99", "max"):
         out.append(f'<tr data-stat="{k}"><td>{k}</td><td class="n" id="latency-{k}">{_ms(lat.get(k))}</td></tr>')

@@ -24,7 +24,8 @@ log = logging.getLogger("edgefilter.routes")
 DecisionObserver = Callable[[Decision], None]
 
 
-def screen_route(screener: Screener, observers: list[DecisionObserver], challenges: ChallengeBook | None = None):
+def screen_route(screener: Screener, observers: list[DecisionObserver], challenges: ChallengeBook | None = None,
+                 appeals=None):
     """The answer also clears the wait the shipped subroutine armed (``TIMEOUT(absolute)=0``,
     agi.CLEAR_WAIT) in the same round trip: no dial plan application is spent on it per call."""
 
@@ -37,6 +38,11 @@ def screen_route(screener: Screener, observers: list[DecisionObserver], challeng
                 variables.update(challenges.issue(decision))
             except Exception:  # never fail the call: without an id the dial plan uses voicemail
                 log.exception("issuing a challenge failed")
+        if appeals is not None and decision.verdict.action is Action.REJECT:  # appeals.AppealBook
+            try:
+                variables.update(appeals.offer(decision))
+            except Exception:  # never fail the call: EDGEFILTER_APPEAL_ID stays empty, a plain refusal
+                log.exception("offering an appeal failed")
         try:
             if session.out_of_step:
                 # The env block was forged and the rest of it sits where replies should be:

@@ -149,6 +149,7 @@ SCREEN_VARIABLES = (
     "EDGEFILTER_REJECT_CAUSE",
     "EDGEFILTER_REJECT_SIT",
     "EDGEFILTER_VOICEMAIL_BOX",
+    "EDGEFILTER_APPEAL_ID",
 )
 
 
@@ -180,6 +181,9 @@ def channel_variables(decision: Decision, settings: Settings) -> dict[str, str]:
         # Both, always: the dial plan branches on them without checking for empty values.
         out["EDGEFILTER_REJECT_CAUSE"] = acts.reject_cause
         out["EDGEFILTER_REJECT_SIT"] = "1" if acts.reject_sit else "0"
+        # Always, empty unless the screen route offers an appeal (appeals.AppealBook.offer): the
+        # dial plan's reject branch tests its length without checking for a stale value.
+        out["EDGEFILTER_APPEAL_ID"] = ""
     if v.action in (Action.VOICEMAIL, Action.CHALLENGE):  # a challenge without an id falls back to voicemail
         out["EDGEFILTER_VOICEMAIL_BOX"] = voicemail_box(decision.call, acts.voicemail_box)
     return out

@@ -20,6 +20,7 @@ import uuid
 from typing import Callable
 
 from .agi import AgiServer
+from .appeals import ROUTE as APPEAL_ROUTE, AppealBook, AppealDesk, AppealNotifier, appeal_route
 from .ami import AmiListener, load_secret
 from .behaviour import BehaviourRules
 from .challenge import RESULT_ROUTE, ChallengeBook, ChallengeFailures, ChallengeRecorder
@@ -386,6 +387,11 @@ class Service:
         self.challenge_failures = ChallengeFailures(lambda: self.settings)
         self.screener.sources.append(self.challenge_failures)
         self.challenge_recorder: ChallengeRecorder | None = None
+        # appeals (issue 17): offers on the call path (memory), the appeal route, notices
+        self.appeals = AppealBook(lambda: self.settings, lambda: self.screener.index, redecide=self.screener.decide)
+        self.appeal_desk: AppealDesk | None = None
+        self.appeal_notifier = AppealNotifier(lambda: self.settings)
+        self.appeals.count = self._count_appeal
         self.reputation: ReputationClient | None = None
         self.reputation_lookup: ReputationLookup | None = None
         self.reputation_starting: asyncio.Task | None = None  # sources first configured by a reload
@@ -420,15 +426,21 @@ class Service:
             self.mirror = BlockMirror(ami_client, lambda: self.settings, lambda: self.screener.index)
             self.follower.on_load.append(self.mirror.resync)
             self.follower.on_change.append(self.mirror.on_change)
+        self.follower.on_change.append(self.appeals.on_list_change)
+        self.follower.on_load.append(self.appeals.on_list_load)
+        self.appeal_desk = AppealDesk(self.appeals, lambda: self.store, lambda: self.settings, node=s.store.node,
+                                      notify=self.appeal_notifier, count=self._count_appeal)
         self.memory = MemoryFollower(self.store, self.behaviour, lambda: self.settings, s.store.node,
                                      clock=self.screener.clock, shared_node=self.worker is not None)
         if self.store.backend == "sqlite":
             await self.follower.load()  # a local file: failures here are for the admin, at once
             await self._load_memory()
+            await self.appeal_desk.refresh()
         else:
             try:
                 await asyncio.wait_for(self.follower.poll(), 15.0)  # migrate + load
                 await asyncio.wait_for(self._load_memory(), 15.0)
+                await asyncio.wait_for(self.appeal_desk.refresh(), 15.0)
             except Exception as e:
                 reason = self.store.describe_error(e) if not isinstance(e, asyncio.TimeoutError) else f"{s.store.where}: no answer in 15 s"
                 log.error("cannot load the lists or the call history (%s); screening without them until the database answers", reason)
@@ -445,8 +457,9 @@ class Service:
         host, port = s.agi.listen
         self.server = AgiServer(
             {
-                "screen": screen_route(self.screener, self.observers, self.challenges),
+                "screen": screen_route(self.screener, self.observers, self.challenges, self.appeals),
                 RESULT_ROUTE: challenge_result_route(self.challenges, self.challenge_recorder),
+                APPEAL_ROUTE: appeal_route(self.appeal_desk),
                 **starcodes.routes(),
             },
             host=host,
@@ -467,6 +480,8 @@ class Service:
             asyncio.create_task(self._every(lambda: self.settings.outputs.gauge_interval, self._gauges, "gauges")),
             asyncio.create_task(self.challenge_recorder.run()),
             asyncio.create_task(self._every(lambda: 30.0, self._sweep_challenges, "challenge sweep")),
+            asyncio.create_task(self.appeal_desk.run()),
+            asyncio.create_task(self.appeal_notifier.run()),
         ]
         if not self.worker:  # one maintainer per database, not one per worker
             self.tasks.append(asyncio.create_task(self._every(lambda: 600.0, self._maintenance, "maintenance")))
@@ -612,6 +627,17 @@ class Service:
 
     async def _sweep_challenges(self) -> None:
         self.challenges.sweep()
+        self.appeals.sweep()
+
+    def _count_appeal(self, event: str) -> None:
+        """An appeal event (offered, declined, recorded...) to the metric outputs that count them."""
+        for out in self.outputs:
+            count = getattr(out, "appeal", None)
+            if count is not None:
+                try:
+                    count(event)
+                except Exception:
+                    log.exception("[outputs] %s: appeal counter failed", out.name)
 
     async def _maintenance(self) -> None:
         assert self.store is not None
@@ -624,6 +650,8 @@ class Service:
         if old:
             log.info("purged %d call records older than the retention", old)
         await self.store.purge_challenges(time.time() - self.settings.challenge.fail_window)
+        if self.appeal_desk is not None:
+            await self.appeal_desk.purge(time.time())
         stale = await self.store.purge_reputation(expired_at=time.time())
         if stale:
             log.info("purged %d expired reputation answers", stale)

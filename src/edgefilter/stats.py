@@ -77,6 +77,8 @@ class Stats:
     latency_ms: dict[str, float]  # p50, p90, p99, max (empty when there were no calls)
     bucket_seconds: int  # 3600 or 86400
     buckets: list[Bucket] = field(default_factory=list)
+    refused_rules: dict[str, int] = field(default_factory=dict)  # rule -> rejected calls it fired on
+    appeals: "AppealStats | None" = None  # appeal_precision(), when the store has appeals
 
     @property
     def blocked_share(self) -> float:
@@ -108,6 +110,7 @@ class Stats:
             "latency_ms": self.latency_ms,
             "bucket_seconds": self.bucket_seconds,
             "buckets": [{"start": b.start.isoformat(), **b.counts} for b in self.buckets],
+            **({"appeals": self.appeals.as_dict()} if self.appeals is not None else {}),
         }
 
 
@@ -158,6 +161,7 @@ class StatsBuilder:
         self.by_action: Counter[str] = Counter({a: 0 for a in ACTIONS})
         self.would: Counter[str] = Counter()
         self.rules: Counter[str] = Counter()
+        self.refused_rules: Counter[str] = Counter()
         self.blocked_callers: dict[str, list] = {}
         self.latencies: list[float] = []
         self.seconds = 3600 if until - since <= HOURLY_UP_TO else 86400
@@ -175,6 +179,8 @@ class StatsBuilder:
             self.would[r.would] += 1
         if r.rules:
             self.rules.update(set(r.rules.split()))
+            if r.action == "reject":
+                self.refused_rules.update(set(r.rules.split()))
         self.latencies.append(float(r.elapsed_ms))
         if r.action in BLOCKED:
             entry = self.blocked_callers.setdefault(caller_key(r), [0, 0.0, ""])
@@ -206,6 +212,7 @@ class StatsBuilder:
             latency_ms=latency,
             bucket_seconds=self.seconds,
             buckets=[Bucket(b, {a: c[a] for a in order}) for b, c in zip(self.starts, self.bucket_counts)],
+            refused_rules=dict(self.refused_rules),
         )
 
 
@@ -222,3 +229,100 @@ def compute(
     for r in rows:
         builder.add(r)
     return builder.result()
+
+
+# ------------------------------------------------------------------------------ appeals
+class AppealRow(Protocol):
+    """The appeal columns precision reads (``store.Appeal`` has them)."""
+
+    ts: float
+    rules: str  # "RULE(+weight) ..."
+    entry_source: str
+    status: str  # pending | granted | denied
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How one rule (or list source) fared with the people it refused.
+
+    ``refused`` is the rejected calls the rule fired on in the period (the call log does not
+    name list sources: None for them). Granted appeals are refusals an admin found wrong, so
+    ``granted / refused`` is a lower bound of the rule's false-positive rate (not every wronged
+    caller appeals), and ``granted / decided`` says how often an appeal against it was right.
+    """
+
+    key: str
+    refused: int | None
+    appealed: int
+    granted: int
+    denied: int
+
+    @property
+    def pending(self) -> int:
+        return self.appealed - self.granted - self.denied
+
+    @property
+    def decided_share(self) -> float | None:
+        decided = self.granted + self.denied
+        return self.granted / decided if decided else None
+
+    @property
+    def false_positive(self) -> float | None:
+        return self.granted / self.refused if self.refused else None
+
+    def as_dict(self) -> dict:
+        return {"key": self.key, "refused": self.refused, "appealed": self.appealed, "granted": self.granted,
+                "denied": self.denied, "pending": self.pending, "granted_of_decided": self.decided_share,
+                "false_positive_at_least": self.false_positive}
+
+
+@dataclass(frozen=True)
+class AppealStats:
+    appealed: int
+    granted: int
+    denied: int
+    rules: list[Precision]
+    sources: list[Precision]
+    suggestions: list[str]
+
+    def as_dict(self) -> dict:
+        return {"appealed": self.appealed, "granted": self.granted, "denied": self.denied,
+                "rules": [p.as_dict() for p in self.rules], "sources": [p.as_dict() for p in self.sources],
+                "suggestions": self.suggestions}
+
+
+def _span(seconds: float) -> str:
+    days = seconds / 86400
+    return f"{days:.0f} days" if days >= 2 else f"{seconds / 3600:.0f} hours"
+
+
+def appeal_precision(appeals: Iterable[AppealRow], refused_rules: dict[str, int], *, since: float, until: float) -> AppealStats:
+    """Appeals that came in during [since, until), per rule and per list source, with suggestions
+    for every rule or source that produced granted appeals."""
+    rules: dict[str, list[int]] = {}
+    sources: dict[str, list[int]] = {}
+    total = [0, 0, 0]
+    for a in appeals:
+        if not since <= a.ts < until:
+            continue
+        col = {"granted": 1, "denied": 2}.get(a.status)
+        keys = [(rules, r.split("(", 1)[0]) for r in dict.fromkeys(a.rules.split())]
+        if a.entry_source:
+            keys.append((sources, a.entry_source))
+        for table, key in [*keys, (None, "")]:
+            row = total if table is None else table.setdefault(key, [0, 0, 0])
+            row[0] += 1
+            if col:
+                row[col] += 1
+    rule_rows = [Precision(k, refused_rules.get(k, 0), *v) for k, v in rules.items()]
+    source_rows = [Precision(k, None, *v) for k, v in sources.items()]
+    order = lambda p: (-p.granted, -p.appealed, p.key)  # noqa: E731
+    rule_rows.sort(key=order)
+    source_rows.sort(key=order)
+    span = _span(until - since)
+    tips = [f"source `{p.key}`: {p.granted} of {p.appealed} appeals granted in {span}: check the feed "
+            f"(edgefilter export --source {p.key}; remove-source or a fresher file)" for p in source_rows if p.granted]
+    tips += [f"rule {p.key}: {p.granted} of {p.appealed} appeals granted in {span} ({p.granted} of {p.refused} refused calls"
+             f"{', ' + format(p.false_positive, '.1%') if p.false_positive is not None else ''} at least wrongly refused): "
+             "lower its weight or narrow it" for p in rule_rows if p.granted and p.key not in ("LIST_BLOCKED", "LIST_CATEGORY")]
+    return AppealStats(total[0], total[1], total[2], rule_rows, source_rows, tips)

@@ -28,7 +28,7 @@ import aiosqlite
 from .errors import StoreError
 from .lists import LISTS, ChangedRow, Entry, ListIndex, Pattern, exact_num, make_entry, make_pattern
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 
 def _num_sql(row: str = "") -> str:
@@ -49,6 +49,39 @@ ASSIGN_PROFILES = f"""
     UPDATE entries INDEXED BY entries_unprofiled SET profile = (SELECT p.id FROM profiles p WHERE p.sig = json_array(
             entries.list, entries.category, entries.note, entries.source, entries.created_at, entries.expires_at))
         WHERE num IS NOT NULL AND profile IS NULL;
+"""
+#: Migration 8 on both backends ({ID}: the id column's type). ``code`` is the reference the caller
+#: hears and admins type; ``key`` the service's appeal id (a retried write is stored once).
+APPEALS_SCHEMA = """
+    ALTER TABLE entries ADD COLUMN no_appeal INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX IF NOT EXISTS entries_no_appeal ON entries (list, pattern) WHERE no_appeal != 0;
+    CREATE TABLE IF NOT EXISTS appeals (
+        id              {ID},
+        code            TEXT NOT NULL UNIQUE,
+        key             TEXT NOT NULL UNIQUE,
+        ts              DOUBLE PRECISION NOT NULL,
+        caller_e164     TEXT NOT NULL,
+        uniqueid        TEXT NOT NULL DEFAULT '',
+        called          TEXT NOT NULL DEFAULT '',
+        node            TEXT NOT NULL DEFAULT '',
+        rules           TEXT NOT NULL DEFAULT '',
+        score           DOUBLE PRECISION NOT NULL DEFAULT 0,
+        policy          TEXT NOT NULL DEFAULT '',
+        entry_list      TEXT NOT NULL DEFAULT '',
+        entry_pattern   TEXT NOT NULL DEFAULT '',
+        entry_source    TEXT NOT NULL DEFAULT '',
+        entry_category  TEXT NOT NULL DEFAULT '',
+        recording       TEXT NOT NULL DEFAULT '',
+        recording_bytes BIGINT,
+        status          TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'granted', 'denied')),
+        decided_at      DOUBLE PRECISION,
+        note            TEXT NOT NULL DEFAULT '',
+        grant_pattern   TEXT NOT NULL DEFAULT '',
+        grant_expires   DOUBLE PRECISION
+    );
+    CREATE INDEX IF NOT EXISTS appeals_caller ON appeals (caller_e164, ts);
+    CREATE INDEX IF NOT EXISTS appeals_status ON appeals (status, ts);
+    CREATE INDEX IF NOT EXISTS appeals_ts ON appeals (ts);
 """
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -212,6 +245,9 @@ MIGRATIONS: dict[int, str] = {
     CREATE INDEX IF NOT EXISTS entries_key ON entries (key) WHERE num IS NULL;
     CREATE INDEX IF NOT EXISTS entries_masks ON entries (length(key)) WHERE kind = 'mask';
     """,
+    # 8 (issue 17, appeals): block entries an admin made never appealable (`block --no-appeal`),
+    # and the appeals callers left from the call (appeals.py), with the decision they appealed.
+    8: APPEALS_SCHEMA.replace("{ID}", "INTEGER PRIMARY KEY"),
 }
 
 #: Migrations merged after higher numbers had shipped (3: lists at scale, merged after 4-6). A
@@ -326,8 +362,63 @@ class Refusal:
 
 
 REFUSAL_COLUMNS = "id, caller_e164, callee, ts, kind, category, source, call_uniqueid, pattern, undone_at"
+
+
+@dataclass(frozen=True)
+class Appeal:
+    """One appeal a refused caller left from the call (appeals.py), as stored."""
+
+    id: int
+    code: str  # the reference the caller heard (digits); what admins type
+    key: str  # the service's appeal id (our charset): names the recording
+    ts: float
+    caller_e164: str
+    uniqueid: str = ""
+    called: str = ""
+    node: str = ""
+    rules: str = ""  # the refusal appealed: "RULE(+weight) ..."
+    score: float = 0.0
+    policy: str = ""
+    entry_list: str = ""  # the list entry that matched (block, or an allow it beat), if any
+    entry_pattern: str = ""
+    entry_source: str = ""
+    entry_category: str = ""
+    recording: str = ""  # where Asterisk wrote it
+    recording_bytes: int | None = None  # None: the service cannot see the recordings directory
+    status: str = "pending"  # pending | granted | denied
+    decided_at: float | None = None
+    note: str = ""
+    grant_pattern: str = ""  # the allow entry a grant added
+    grant_expires: float | None = None
+
+    @property
+    def rule_names(self) -> list[str]:
+        return [r.split("(", 1)[0] for r in self.rules.split()]
+
+
+APPEAL_COLUMNS = (
+    "id, code, key, ts, caller_e164, uniqueid, called, node, rules, score, policy, entry_list, entry_pattern, "
+    "entry_source, entry_category, recording, recording_bytes, status, decided_at, note, grant_pattern, grant_expires"
+)
+#: Columns an insert writes (id comes from the database).
+APPEAL_INSERT = APPEAL_COLUMNS.split(", ", 1)[1]
+APPEAL_STATUSES = ("pending", "granted", "denied")
+
+
+def new_appeal_code() -> str:
+    """A 6-digit reference, spoken to the caller and typed by admins (unique: the store retries)."""
+    import secrets
+
+    return str(100000 + secrets.randbelow(900000))
 #: Columns the behaviour history and evidence read besides the CallRecord ones.
 OUTCOME_COLUMNS = "linkedid, answered, talk_seconds, hangup_cause, hangup_text, dial_status, ended_at"
+
+
+def astuple_appeal(a: Appeal) -> tuple:
+    """Every field of an Appeal in APPEAL_COLUMNS order."""
+    import dataclasses
+
+    return dataclasses.astuple(a)
 
 
 def entry_from_row(row: Sequence) -> Entry:
@@ -1159,6 +1250,90 @@ class Store(BatchedImport):
         cur = await self.db.execute("SELECT COUNT(*), COALESCE(MAX(id), 0), COUNT(undone_at) FROM refusals")
         n, head, undone = await cur.fetchone()
         return int(n), int(head), int(undone)
+
+    # -- appeals (issue 17) ----------------------------------------------------------------
+    async def set_no_appeal(self, list_name: str, pattern: Pattern, flag: bool) -> bool:
+        """Mark an entry never appealable (or appealable again); a change row wakes followers.
+        False when nothing changed (no such entry, or it was so already)."""
+        async with self.transaction():
+            cur = await self.db.execute(
+                "UPDATE entries SET no_appeal = ? WHERE list = ? AND pattern = ? AND no_appeal != ?",
+                (int(flag), list_name, pattern.text, int(flag)),
+            )
+            if not cur.rowcount:
+                return False
+            await self.db.execute("INSERT INTO changes (list, pattern, op) VALUES (?, ?, 'put')", (list_name, pattern.text))
+        return True
+
+    async def no_appeal_patterns(self) -> list[tuple[str, str]]:
+        """(list, pattern) of every entry marked never appealable."""
+        cur = await self.db.execute("SELECT list, pattern FROM entries WHERE no_appeal != 0")
+        return [tuple(r) for r in await cur.fetchall()]
+
+    async def add_appeal(self, a: Appeal, *, keep_code: bool = False) -> Appeal:
+        """Store an appeal with a fresh unique code (``keep_code``: its own first, as `db copy`
+        does); the same key twice (a retried write) is stored once and the stored one returned."""
+        for i in range(50):
+            row = (a.code if keep_code and a.code and i == 0 else new_appeal_code(), *astuple_appeal(a)[2:])
+            async with self.transaction():
+                cur = await self.db.execute(f"SELECT {APPEAL_COLUMNS} FROM appeals WHERE key = ?", (a.key,))
+                old = await cur.fetchone()
+                if old is not None:
+                    return Appeal(*old)
+                cur = await self.db.execute(
+                    f"INSERT INTO appeals ({APPEAL_INSERT}) VALUES ({', '.join('?' * len(row))}) ON CONFLICT DO NOTHING", row
+                )
+                if cur.rowcount:
+                    return Appeal(int(cur.lastrowid), *row)
+        raise StoreError(f"{self.path}: no free appeal code after 50 tries (too many appeals kept?)")
+
+    async def appeals(self, *, status: str | None = None, caller: str | None = None, since: float | None = None,
+                      limit: int = 100000) -> list[Appeal]:
+        """Appeals, oldest first: all, or of one status, one caller, since a time."""
+        cond, args = [], []
+        for col, op, val in (("status", "=", status), ("caller_e164", "=", caller), ("ts", ">=", since)):
+            if val is not None:
+                cond.append(f"{col} {op} ?")
+                args.append(val)
+        sql = f"SELECT {APPEAL_COLUMNS} FROM appeals" + (" WHERE " + " AND ".join(cond) if cond else "")
+        cur = await self.db.execute(sql + " ORDER BY ts, id LIMIT ?", (*args, limit))
+        return [Appeal(*r) for r in await cur.fetchall()]
+
+    async def get_appeal(self, code: str) -> Appeal | None:
+        cur = await self.db.execute(f"SELECT {APPEAL_COLUMNS} FROM appeals WHERE code = ?", (code,))
+        row = await cur.fetchone()
+        return Appeal(*row) if row else None
+
+    async def decide_appeal(self, code: str, status: str, now: float, *, note: str = "", entry: Entry | None = None) -> Appeal | None:
+        """Grant or deny a pending appeal; a grant's allow entry is written in the same transaction.
+        Returns the appeal as it is after (unchanged when it was not pending), None when unknown."""
+        if status not in ("granted", "denied"):
+            raise ValueError(f"not a decision: {status!r}")
+        async with self.transaction():
+            cur = await self.db.execute(
+                "UPDATE appeals SET status = ?, decided_at = ?, note = ?, grant_pattern = ?, grant_expires = ? "
+                "WHERE code = ? AND status = 'pending'",
+                (status, now, note, entry.pattern.text if entry else "", entry.expires_at if entry else None, code),
+            )
+            if cur.rowcount and entry is not None:
+                await self._put(entry)
+        return await self.get_appeal(code)
+
+    async def appeal_summary(self, since: float) -> tuple[int, list[tuple[str, float]]]:
+        """(appeals pending, (caller, newest ts) of every caller who appealed since ``since``):
+        what the service's guard keeps in memory (cap and cooldown)."""
+        (pending,) = await (await self.db.execute("SELECT COUNT(*) FROM appeals WHERE status = 'pending'")).fetchone()
+        cur = await self.db.execute("SELECT caller_e164, MAX(ts) FROM appeals WHERE ts >= ? GROUP BY caller_e164", (since,))
+        return int(pending), [tuple(r) for r in await cur.fetchall()]
+
+    async def purge_appeals(self, before: float) -> list[Appeal]:
+        """Delete appeals that came in before ``before``; returns them (their recordings go too)."""
+        async with self.transaction():
+            cur = await self.db.execute(f"SELECT {APPEAL_COLUMNS} FROM appeals WHERE ts < ?", (before,))
+            gone = [Appeal(*r) for r in await cur.fetchall()]
+            await self.db.execute("DELETE FROM appeals WHERE ts < ?", (before,))
+        return gone
+
 
     async def contacts(self, since: float) -> list[tuple[str, float]]:
         cur = await self.db.execute("SELECT e164, last_ts FROM contacts WHERE last_ts >= ?", (since,))

@@ -7,6 +7,7 @@ Also the move from one to the other (``copy_sqlite_to_postgres``, `edgefilter db
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import stat
@@ -16,6 +17,7 @@ from typing import AsyncIterator, Union
 
 from .config import Settings, StoreSettings
 from .errors import StoreError
+from .lists import Pattern
 from .pgstore import PgStore
 from .store import KEYED_CALL_COLUMNS, OUTCOME_COLUMNS, CallRecord, ContactSeen, Store
 
@@ -87,6 +89,9 @@ class CopyReport:
     challenges_written: int = 0
     reputation: int = 0
     reputation_written: int = 0
+    appeals: int = 0
+    appeals_written: int = 0
+    appeals_recoded: list = None  # (old code, new code) when a code was taken on PostgreSQL
 
     def lines(self) -> list[str]:
         return [
@@ -98,6 +103,8 @@ class CopyReport:
             f"{self.challenges - self.challenges_written} already there",
             f"reputation answers: {self.reputation} read, {self.reputation_written} written "
             f"(an answer already there and fetched later is kept)",
+            f"appeals: {self.appeals} read, {self.appeals_written} written, {self.appeals - self.appeals_written} already there"
+            + "".join(f"; appeal {old} is {new} now (its code was taken)" for old, new in self.appeals_recoded or ()),
         ]
 
 
@@ -138,6 +145,8 @@ async def copy_sqlite_to_postgres(src_path: str, dst: PgStore, *, node: str, bat
             report.added += counts["added"]
             report.updated += counts["updated"]
             report.unchanged += counts["unchanged"]
+        for list_name, pattern in await src.no_appeal_patterns():  # block --no-appeal (issue 17)
+            await dst.set_no_appeal(list_name, Pattern.from_text(pattern), True)
         # Calls with their outcome columns; a row keeps the key it has (written since schema v6),
         # else gets a stable one derived from its content.
         cursor = 0
@@ -184,4 +193,15 @@ async def copy_sqlite_to_postgres(src_path: str, dst: PgStore, *, node: str, bat
         report.reputation = len(answers)
         for i in range(0, len(answers), batch):
             report.reputation_written += await dst._copy_reputation(answers[i:i + batch])
+        # appeals keep their code (callers were told it) unless PostgreSQL has it for another one
+        report.appeals_recoded = []
+        for a in await src.appeals():
+            report.appeals += 1
+            there = await dst.get_appeal(a.code)
+            if there is not None and there.key == a.key:
+                continue
+            got = await dst.add_appeal(dataclasses.replace(a, node=a.node or node), keep_code=True)
+            report.appeals_written += 1
+            if got.code != a.code:
+                report.appeals_recoded.append((a.code, got.code))
     return report

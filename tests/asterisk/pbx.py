@@ -210,6 +210,9 @@ class Asterisk:
                 (data / entry.name).symlink_to(entry)
         if self.install.sounds is not None and not (data / "sounds" / "en").exists():
             (data / "sounds" / "en").symlink_to(self.install.sounds)
+        # the appeal prompts, installed as asterisk-conf/sounds/make-prompts.sh says: beside en/
+        if not (data / "sounds" / "edgefilter").exists():
+            (data / "sounds" / "edgefilter").symlink_to(CONF / "sounds" / "edgefilter")
         etc = self.etc
         (etc / "asterisk.conf").write_text(
             "[directories]\n"

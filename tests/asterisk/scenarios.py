@@ -273,6 +273,25 @@ def phone(path: Path, user: str, *, answer: bool = True, ring_ms: int = 200, in_
 DTMF = "/usr/share/sip-tester/dtmf_2833_{}.pcap"
 
 
+def key_pcap(digit: str) -> str:
+    """A pcap pressing ``digit`` with RTP numbering later than every sip-tester file's (dtmf.py):
+    sip-tester's "1" (timestamp 13280) is older than its "0" (17632), so Asterisk drops a "1"
+    pressed after a "0" as a duplicate, and a retry whose random digit is 1 failed one run in nine."""
+    import os
+    import tempfile
+
+    from .dtmf import write_keys
+
+    folder = Path(tempfile.gettempdir()) / "edgefilter-sipp-keys"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"key-{digit}.pcap"
+    if not path.exists():
+        tmp = folder / f".key-{digit}.{os.getpid()}.pcap"
+        write_keys(tmp, digit)
+        os.replace(tmp, path)
+    return str(path)
+
+
 def challenge_round(n: int, press: str) -> str:
     """sipp XML for one challenge prompt: take the digit MESSAGE (check it names 1-9), answer it
     200, then press. ``press`` is "right" (the digit asked for, as RFC 2833 from sipp's pcaps),
@@ -288,7 +307,7 @@ def challenge_round(n: int, press: str) -> str:
         out += "".join(f'  <nop test="r{n}d{d}" next="r{n}press{d}"/>\n' for d in "123456789")
         out += f'  <nop next="r{n}pressed"/>\n'
         for d in "123456789":
-            out += f'  <label id="r{n}press{d}"/>\n' + play_audio(DTMF.format(d)) + f'  <nop next="r{n}pressed"/>\n'
+            out += f'  <label id="r{n}press{d}"/>\n' + play_audio(key_pcap(d)) + f'  <nop next="r{n}pressed"/>\n'
         out += f'  <label id="r{n}pressed"/>\n'
     elif press:
         out += play_audio(DTMF.format(press))
