@@ -194,34 +194,66 @@ def _write_locked(db: str) -> bool:
         con.close()
 
 
+#: `edgefilter import` in a child process that stops at one known point inside apply_import's
+#: transaction: every entry, change row and --replace-source deletion written, not committed
+#: (Store._assign_profiles is its last statement before the commit). It says how many entries
+#: its own connection sees there, then waits to be killed. The pause is the only thing added:
+#: CLI, store and SQLite are the real ones.
+HELD_IMPORT = """
+import asyncio, os, sys
+from edgefilter import store
+real = store.Store._assign_profiles
+
+async def held(self):
+    await real(self)
+    (n,) = await (await self.db.execute("SELECT COUNT(*) FROM main.entries")).fetchone()
+    with open(os.environ["HOLD_MARK"] + ".tmp", "w") as f:
+        f.write(str(n))
+    os.rename(os.environ["HOLD_MARK"] + ".tmp", os.environ["HOLD_MARK"])
+    await asyncio.sleep(3600)
+
+store.Store._assign_profiles = held
+from edgefilter.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_killed_import_leaves_the_previous_state(env, capsys):
-    """SIGKILL while the import's transaction is being written: the database is exactly as before."""
+    """SIGKILL while the import's transaction is open (all rows written, not committed): the
+    database is exactly as before. The kill happens at a point the child reports, not after a
+    guessed delay, so a fast importer cannot finish first and a slow one is waited for."""
     tmp, cfg, db = env
     small = tmp / "small.txt"
     small.write_text("+8613800138000\n+86170*\n")
     assert run(capsys, cfg, "import", str(small), "--source", "feed")[0] == 0
     before = rows(db)
     big = tmp / "big.txt"
-    n = 40000
+    n = 5000
     big.write_text("".join(f"+86139{i:08d}\n" for i in range(n)))
+    mark = tmp / "inside-the-transaction"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edgefilter", "import", str(big), "--source", "feed", "--replace-source", "--config", cfg],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [sys.executable, "-c", HELD_IMPORT, "import", str(big), "--source", "feed", "--replace-source", "--config", cfg],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HOLD_MARK": str(mark)},
     )
-    deadline = time.monotonic() + 60
-    killed = False
-    while time.monotonic() < deadline and proc.poll() is None:
-        if _write_locked(db):
-            time.sleep(0.15)  # well inside the transaction: rows are being written
-            if _write_locked(db) and proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
-                killed = True
-                break
-        time.sleep(0.005)
-    proc.wait()
-    assert killed, f"import finished before it could be killed: {proc.returncode} {proc.stdout.read()!r}"
+    try:
+        deadline = time.monotonic() + 60
+        while not mark.exists():
+            assert proc.poll() is None, f"import ended before its commit point: {proc.returncode} {proc.communicate()}"
+            assert time.monotonic() < deadline, "the import never reached its commit point"
+            time.sleep(0.01)
+        # inside: the child's transaction holds every new entry, the two old ones deleted
+        assert int(mark.read_text()) == n
+        assert _write_locked(db), "the import is not inside a write transaction"
+        assert rows(db) == before  # other connections do not see uncommitted rows
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert rows(db) == before
+    assert not _write_locked(db)
     rev, idx = load_index(db)
     assert idx.size == 2 and idx.lookup("8613900000001") is None
     # the same import run to the end, then again: everything unchanged the second time
