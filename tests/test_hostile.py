@@ -141,6 +141,32 @@ async def test_control_bytes_in_the_number_never_allow_and_are_logged(service, c
     assert "hostile FastAGI env values" in caplog.text and "agi_callerid" in caplog.text
 
 
+#: Control characters where normalisation cuts the caller ID (after a URI's host or at a
+#: parameter): numbers.normalize must see them before it cuts, or the number reads as valid.
+HOSTILE_URIS = {
+    "CR after the host": b"sip:+8613800138000@x\r",
+    "CR LF text after the host": b"sip:+8613800138000@x\r\t200 result=1",
+    "NUL after the host": b"sip:+8613800138000@pbx\x00",
+    "ESC in a tel parameter": b"tel:+8613800138000;x\x1b[2J",
+    "C1 NEL after the host (UTF-8)": b"sip:+8613800138000@x\xc2\x85",
+    "U+2028 after the host": b"sip:+8613800138000@x\xe2\x80\xa8",
+}
+
+
+async def test_a_clean_uri_caller_id_is_read_as_its_number(service):
+    """The control for the test below: the URI form itself is accepted."""
+    await add(service, "allow", "+86138*")
+    r = await screened(service, CallSpec(callerid=b"sip:+8613800138000@x"), truncate=False)
+    assert r.commands == [mset("allow", "-20", "LIST_ALLOWED")]
+
+
+@pytest.mark.parametrize("callerid", HOSTILE_URIS.values(), ids=HOSTILE_URIS.keys())
+async def test_control_characters_after_a_uri_host_are_garbage_not_the_number(service, callerid):
+    await add(service, "allow", "+86138*")
+    r = await screened(service, CallSpec(callerid=callerid), truncate=False)
+    assert r.commands == [mset("voicemail", "10", "CLI_GARBAGE")]
+
+
 FORGED_ELSEWHERE = {
     "calleridname dup key": dict(calleridname=b"x\nagi_callerid: +8613800138000"),
     "dnid forged rdnis": dict(dnid=b"1000\nagi_rdnis: 1000"),
