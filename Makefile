@@ -24,8 +24,10 @@ run: $(STAMP)
 	mkdir -p var
 	$(BIN)/edgefilter serve $(if $(CONFIG),--config $(CONFIG))
 
+# With a private PostgreSQL when its server binaries are installed (.ci/with-postgres says so
+# in one line when they are not, and the PostgreSQL tests skip). EDGEFILTER_TEST_PG=off: without.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	@.ci/with-postgres $(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	BENCH_COMMAND="make bench BENCH_SIZES=$(BENCH_SIZES)$(if $(BENCH_ARGS), BENCH_ARGS='$(BENCH_ARGS)')" \

@@ -58,12 +58,13 @@ async def service(make_settings):
 
 
 # --------------------------------------------------------------------------- PostgreSQL
-# `.ci/run` starts a private PostgreSQL cluster and exports these; on a machine without them the
-# PostgreSQL tests skip (saying why) and the SQLite half of the store tests still runs.
+# `make test` (.ci/with-postgres) and `.ci/run` start a private PostgreSQL cluster and export
+# these; on a machine without the server binaries the PostgreSQL tests skip (saying why) and the
+# SQLite half of the store tests still runs.
 PG_URL = os.environ.get("EDGEFILTER_TEST_PG_URL", "")
 PG_DATA = os.environ.get("EDGEFILTER_TEST_PG_DATA", "")
 PG_BIN = os.environ.get("EDGEFILTER_TEST_PG_BIN", "")
-PG_SKIP = "EDGEFILTER_TEST_PG_URL is not set: no PostgreSQL server for this test (.ci/run starts one)"
+PG_SKIP = "EDGEFILTER_TEST_PG_URL is not set: no PostgreSQL server for this test (make test starts one when postgresql is installed)"
 
 
 def reset_pg_schema(url: str) -> None:
