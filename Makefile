@@ -8,7 +8,7 @@ CONFIG ?=
 BENCH_SIZES ?= 10000,1000000
 BENCH_ARGS ?=
 
-.PHONY: run test venv clean bench bench-lists
+.PHONY: run test venv clean bench bench-lists mutation
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,5 +37,15 @@ bench: $(STAMP)
 bench-lists: $(STAMP)
 	$(BIN)/python bench/lists_scale.py
 
+# Mutation score of the call-path modules (tools/mutation.py, docs/testing.md): on demand, never
+# in CI; about half an hour on 2 cores. MUTATION_ARGS="--only agi numbers" for a part of it.
+MUTATION_ARGS ?=
+$(VENV)/.mutation: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,mutation]'
+	touch $@
+
+mutation: $(VENV)/.mutation
+	$(BIN)/python tools/mutation.py $(MUTATION_ARGS)
+
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) var .pytest_cache mutants

@@ -15,6 +15,19 @@ if not FIXTURES.exists():  # CI lays shared/ beside the clone; a worktree may si
     FIXTURES = Path(os.environ.get("EDGEFILTER_FIXTURES", "/work/shared/fixtures/asterisk"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _fresh_normalisation_caches():
+    """Every test session starts with empty caches in numbers. Under `make mutation`, sessions
+    run in processes forked from one that already ran the suite: an answer cached from the
+    unmutated code would hide the mutant under test (docs/testing.md)."""
+    from edgefilter import numbers
+
+    numbers._normalize_cached.cache_clear()
+    numbers._is_short.cache_clear()
+    numbers._country_code.cache_clear()
+    numbers._IDD_PATTERNS.clear()
+
+
 def behaviour_off(make_settings):
     """Wrap a ``make_settings`` so that the behaviour rules are off unless a test turns them on:
     for modules whose calls come from many numbers of one block in a row."""

@@ -185,8 +185,30 @@ async def test_hangup_not_counted_when_configured(make_settings):
         first = await call(svc)
         await report(svc, first, hangup=True, hangup_before_commands=True)
         assert "CHALLENGE_FAILED" not in (await call(svc)).variables["EDGEFILTER_RULES"].split()
+        # answered on a channel still alive: the dial plan is told "fail" (it hangs up), nothing counted
+        second = await call(svc)
+        r = await report(svc, second, hangup=True)
+        assert r.variables == {"EDGEFILTER_CHALLENGE_RESULT": "fail"}
+        assert svc.challenge_recorder.failed == 0 and svc.challenge_failures.count(FRIEND[1:], time.time()) == 0
     finally:
         await svc.stop()
+
+
+async def test_each_challenge_result_says_why_in_its_log_line(service, caplog):
+    """The challenge-result log line is the admin's evidence: result, attempts and the reason."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="edgefilter.routes")
+    for digit, why in (("", "silence"), ("0", "wrong digit"), ("x", "not a digit")):
+        first = await call(service)
+        r = await report(service, first, digit=digit)
+        assert r.variables["EDGEFILTER_CHALLENGE_RESULT"] == "retry"
+        line = [r for r in caplog.records if r.name == "edgefilter.routes"][-1].getMessage()
+        assert line.startswith("challenge result=retry ") and f'attempts=1 reason="{why}"' in line, line
+    first = await call(service)
+    await report(service, first, hangup=True)
+    line = [r for r in caplog.records if r.name == "edgefilter.routes"][-1].getMessage()
+    assert 'result=fail caller="+8613900139000" attempts=0 reason="hung up during the challenge"' in line, line
 
 
 async def test_caller_hanging_up_while_the_result_is_answered_still_passes(service):

@@ -61,6 +61,34 @@ def test_import_reports_counts_and_bad_lines_then_is_idempotent(env, capsys):
     assert "added 0, updated 3, unchanged 0" in out
 
 
+def test_every_refused_and_repeated_line_is_counted_and_a_flood_is_cut_short(env, capsys):
+    """Counts are counts (two refusals, two repeats), each reported with its line; past
+    MAX_SHOWN refusals only a total is printed. --region, --format and --column are honoured."""
+    from edgefilter.imports import MAX_SHOWN
+
+    tmp, cfg, db = env
+    f = tmp / "feed.txt"
+    f.write_text("+8613800138000\nnope\n+8613800138000\n013800138000\nstill not\n")
+    rc, out, err = run(capsys, cfg, "import", str(f))
+    assert rc == 0 and "1 entries read, added 1" in out and "duplicates 2, rejected 2" in out, out
+    assert [ln.split(": ")[0] for ln in err.splitlines()] == [f"{f}:2", f"{f}:3", f"{f}:4", f"{f}:5"]
+    # a national number read in another region, from a named CSV column, format forced
+    g = tmp / "crm.data"
+    g.write_text("name;phone;fax\nA;(415) 555-0123;(415) 555-0199\n")
+    rc, out, err = run(capsys, cfg, "import", str(g), "--region", "US", "--format", "csv", "--column", "fax")
+    assert rc == 0 and "format csv, 1 entries read, added 1" in out, (out, err)
+    got = [r[1] for r in rows(db)]
+    assert "+14155550199" in got and "+14155550123" not in got
+    # a flood of garbage with one good line: the first MAX_SHOWN refusals, then one total line
+    h = tmp / "flood.txt"
+    h.write_text("+8613900139000\n" + "garbage\n" * (MAX_SHOWN + 7))
+    rc, out, err = run(capsys, cfg, "import", str(h))
+    assert rc == 0 and f"rejected {MAX_SHOWN + 7}" in out
+    lines = err.splitlines()
+    assert len(lines) == MAX_SHOWN + 1 and lines[-1] == f"{h}: ... and 7 more refused lines", lines[-2:]
+    assert lines[MAX_SHOWN - 1].startswith(f"{h}:{MAX_SHOWN + 1}: ")
+
+
 def test_strict_and_dry_run_write_nothing(env, capsys):
     tmp, cfg, db = env
     f = tmp / "a.csv"

@@ -76,9 +76,32 @@ async def running(settings):
 @pytest.fixture
 def failing_settings(make_settings):
     def make(**screen):
-        return make_settings(screen={"budget": "100ms", **screen}, behaviour={"enabled": False})
+        # a policy for the trunk's context: the failed answer still names the policy in force
+        return make_settings(screen={"budget": "100ms", **screen}, behaviour={"enabled": False},
+                             policies={"trunk": {"match_context": ["from-trunk"]}})
 
     return make
+
+
+def observed(svc: Service) -> list:
+    """Every Decision the service makes, as its observers (log line, call log) get it."""
+    seen: list = []
+    svc.observers.append(seen.append)
+    return seen
+
+
+def assert_failed_decision(d, rule: str, on_error: str, detail: str) -> None:
+    """What a failed decision carries: one zero-weight system rule that forced on_error and says
+    why, the policy in force, when it was decided."""
+    from datetime import datetime
+
+    v = d.verdict
+    assert (v.action.value, v.score, v.forced_by, v.policy, v.would) == (on_error, 0.0, rule, "trunk", None)
+    (hit,) = v.hits
+    assert (hit.rule, hit.weight, hit.group, hit.force.value) == (rule, 0.0, "system", on_error)
+    assert hit.detail == detail
+    assert d.number.e164 == BLOCKED and d.effective is not None and d.effective.label == "trunk"
+    assert isinstance(d.when, datetime) and d.elapsed_ms > 0
 
 
 async def _block(svc: Service, text: str) -> None:
@@ -105,9 +128,12 @@ async def test_a_decision_that_raises_answers_on_error_with_screen_error(failing
         assert healthy["EDGEFILTER_ACTION"] == "reject" and healthy["EDGEFILTER_RULES"] == "LIST_BLOCKED"
         broken = Failing()
         svc.screener.sources.append(broken)
+        decisions = observed(svc)
         v = await screened(svc, BLOCKED)
         assert broken.calls == 1, "the failure was not reached: the test proves nothing"
         assert (v["EDGEFILTER_ACTION"], v["EDGEFILTER_SCORE"], v["EDGEFILTER_RULES"]) == (on_error, "0", "SCREEN_ERROR")
+        assert v["EDGEFILTER_POLICY"] == "trunk"
+        assert_failed_decision(decisions[-1], "SCREEN_ERROR", on_error, "RuntimeError: history index corrupt")
         assert "screening failed; answering [screen] on_error" in caplog.text
         assert "RuntimeError: history index corrupt" in caplog.text
         # the call log says why, like any other decision
@@ -124,9 +150,12 @@ async def test_a_decision_past_its_budget_answers_on_error_with_screen_timeout(f
         await _block(svc, BLOCKED)
         silent = Hanging()
         svc.screener.async_sources.append(silent)
+        decisions = observed(svc)
         v = await screened(svc, BLOCKED)
         assert silent.started == 1, "the slow source was not consulted: the test proves nothing"
         assert (v["EDGEFILTER_ACTION"], v["EDGEFILTER_SCORE"], v["EDGEFILTER_RULES"]) == (on_error, "0", "SCREEN_TIMEOUT")
+        assert_failed_decision(decisions[-1], "SCREEN_TIMEOUT", on_error, "no decision within 100 ms")
+        assert 100 <= decisions[-1].elapsed_ms < 5000  # the budget bounds it (generously: a loaded machine)
         # the lookup that ran out of time is cancelled, not left running behind the call
         for _ in range(100):
             if silent.cancelled:
@@ -135,8 +164,7 @@ async def test_a_decision_past_its_budget_answers_on_error_with_screen_timeout(f
         assert silent.cancelled == 1
         rows = await _records(svc, 1)
         assert (rows[-1].action, rows[-1].rules) == (on_error, "SCREEN_TIMEOUT")
-        # the budget bounds the decision (generously: this may be a loaded 2-core machine)
-        assert 100 <= rows[-1].elapsed_ms < 5000, rows[-1].elapsed_ms
+        assert rows[-1].elapsed_ms == round(decisions[-1].elapsed_ms, 3)
 
 
 @pytest.mark.parametrize("failure", ["error", "timeout"])
