@@ -38,7 +38,7 @@ bench-lists: $(STAMP)
 	$(BIN)/python bench/lists_scale.py
 
 # Mutation score of the call-path modules (tools/mutation.py, docs/testing.md): on demand, never
-# in CI; about half an hour on 2 cores. MUTATION_ARGS="--only agi numbers" for a part of it.
+# in CI; stops after 45 min (MUTATION_ARGS="--max-minutes N"); MUTATION_ARGS="--only agi numbers" for a part.
 MUTATION_ARGS ?=
 $(VENV)/.mutation: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,mutation]'
