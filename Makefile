@@ -8,7 +8,7 @@ CONFIG ?=
 BENCH_SIZES ?= 10000,1000000
 BENCH_ARGS ?=
 
-.PHONY: run test venv clean bench bench-lists bench-asterisk
+.PHONY: run test venv clean bench bench-lists bench-asterisk mutation
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,10 @@ run: $(STAMP)
 	mkdir -p var
 	$(BIN)/edgefilter serve $(if $(CONFIG),--config $(CONFIG))
 
+# With a private PostgreSQL when its server binaries are installed (.ci/with-postgres says so
+# in one line when they are not, and the PostgreSQL tests skip). EDGEFILTER_TEST_PG=off: without.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	@.ci/with-postgres $(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	BENCH_COMMAND="make bench BENCH_SIZES=$(BENCH_SIZES)$(if $(BENCH_ARGS), BENCH_ARGS='$(BENCH_ARGS)')" \
@@ -41,5 +43,15 @@ BENCH_ASTERISK_ARGS ?=
 bench-asterisk: $(STAMP)
 	$(BIN)/python bench/asterisk.py $(BENCH_ASTERISK_ARGS)
 
+# Mutation score of the call-path modules (tools/mutation.py, docs/testing.md): on demand, never
+# in CI; stops after 45 min (MUTATION_ARGS="--max-minutes N"); MUTATION_ARGS="--only agi numbers" for a part.
+MUTATION_ARGS ?=
+$(VENV)/.mutation: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,mutation]'
+	touch $@
+
+mutation: $(VENV)/.mutation
+	$(BIN)/python tools/mutation.py $(MUTATION_ARGS)
+
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) var .pytest_cache mutants

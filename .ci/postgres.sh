@@ -1,8 +1,10 @@
-# Sourced by .ci/run: start a private, throw-away PostgreSQL cluster for the tests and export
+# Sourced by .ci/run and .ci/with-postgres (make test): start a private, throw-away PostgreSQL
+# cluster for the tests and export
 #   EDGEFILTER_TEST_PG_URL   postgresql://edgefilter:...@127.0.0.1:PORT/edgefilter
 #   EDGEFILTER_TEST_PG_DATA  the cluster's data directory (tests stop/start it with pg_ctl)
 #   EDGEFILTER_TEST_PG_BIN   the directory holding pg_ctl
-# It installs Debian's `postgresql` when no server binaries are found, runs the server as the
+# It installs Debian's `postgresql` when no server binaries are found (not with PG_NO_INSTALL=1,
+# as make test sets: it returns 2 then), runs the server as the
 # `postgres` system user when we are root (postgres refuses to run as root), listens only on
 # 127.0.0.1:PORT and a unix socket inside the temp directory, and stops it on exit (trap).
 # Any failure here fails CI: the PostgreSQL tests must run there, not be skipped.
@@ -29,6 +31,9 @@ pg_stop_cluster() {
 pg_start_cluster() {
     local bin port pw
     if ! bin=$(pg_find_bin); then
+        if [ -n "${PG_NO_INSTALL:-}" ]; then
+            echo "no PostgreSQL server binaries (initdb, pg_ctl) found" >&2; return 2
+        fi
         echo "ci: installing PostgreSQL (Debian package postgresql)"
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq

@@ -15,6 +15,19 @@ if not FIXTURES.exists():  # CI lays shared/ beside the clone; a worktree may si
     FIXTURES = Path(os.environ.get("EDGEFILTER_FIXTURES", "/work/shared/fixtures/asterisk"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _fresh_normalisation_caches():
+    """Every test session starts with empty caches in numbers. Under `make mutation`, sessions
+    run in processes forked from one that already ran the suite: an answer cached from the
+    unmutated code would hide the mutant under test (docs/testing.md)."""
+    from edgefilter import numbers
+
+    numbers._normalize_cached.cache_clear()
+    numbers._is_short.cache_clear()
+    numbers._country_code.cache_clear()
+    numbers._IDD_PATTERNS.clear()
+
+
 def behaviour_off(make_settings):
     """Wrap a ``make_settings`` so that the behaviour rules are off unless a test turns them on:
     for modules whose calls come from many numbers of one block in a row."""
@@ -58,12 +71,13 @@ async def service(make_settings):
 
 
 # --------------------------------------------------------------------------- PostgreSQL
-# `.ci/run` starts a private PostgreSQL cluster and exports these; on a machine without them the
-# PostgreSQL tests skip (saying why) and the SQLite half of the store tests still runs.
+# `make test` (.ci/with-postgres) and `.ci/run` start a private PostgreSQL cluster and export
+# these; on a machine without the server binaries the PostgreSQL tests skip (saying why) and the
+# SQLite half of the store tests still runs.
 PG_URL = os.environ.get("EDGEFILTER_TEST_PG_URL", "")
 PG_DATA = os.environ.get("EDGEFILTER_TEST_PG_DATA", "")
 PG_BIN = os.environ.get("EDGEFILTER_TEST_PG_BIN", "")
-PG_SKIP = "EDGEFILTER_TEST_PG_URL is not set: no PostgreSQL server for this test (.ci/run starts one)"
+PG_SKIP = "EDGEFILTER_TEST_PG_URL is not set: no PostgreSQL server for this test (make test starts one when postgresql is installed)"
 
 
 def reset_pg_schema(url: str) -> None:

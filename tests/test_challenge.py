@@ -185,8 +185,30 @@ async def test_hangup_not_counted_when_configured(make_settings):
         first = await call(svc)
         await report(svc, first, hangup=True, hangup_before_commands=True)
         assert "CHALLENGE_FAILED" not in (await call(svc)).variables["EDGEFILTER_RULES"].split()
+        # answered on a channel still alive: the dial plan is told "fail" (it hangs up), nothing counted
+        second = await call(svc)
+        r = await report(svc, second, hangup=True)
+        assert r.variables == {"EDGEFILTER_CHALLENGE_RESULT": "fail"}
+        assert svc.challenge_recorder.failed == 0 and svc.challenge_failures.count(FRIEND[1:], time.time()) == 0
     finally:
         await svc.stop()
+
+
+async def test_each_challenge_result_says_why_in_its_log_line(service, caplog):
+    """The challenge-result log line is the admin's evidence: result, attempts and the reason."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="edgefilter.routes")
+    for digit, why in (("", "silence"), ("0", "wrong digit"), ("x", "not a digit")):
+        first = await call(service)
+        r = await report(service, first, digit=digit)
+        assert r.variables["EDGEFILTER_CHALLENGE_RESULT"] == "retry"
+        line = [r for r in caplog.records if r.name == "edgefilter.routes"][-1].getMessage()
+        assert line.startswith("challenge result=retry ") and f'attempts=1 reason="{why}"' in line, line
+    first = await call(service)
+    await report(service, first, hangup=True)
+    line = [r for r in caplog.records if r.name == "edgefilter.routes"][-1].getMessage()
+    assert 'result=fail caller="+8613900139000" attempts=0 reason="hung up during the challenge"' in line, line
 
 
 async def test_caller_hanging_up_while_the_result_is_answered_still_passes(service):
@@ -456,3 +478,52 @@ async def test_the_worker_pool_gives_every_worker_the_same_challenge_key(monkeyp
     from edgefilter.challenge import challenge_secret
 
     assert challenge_secret() == bytes.fromhex(seen[0])
+
+
+async def test_a_sealed_id_checked_by_another_worker_expires_with_its_age(make_settings, monkeypatch, tmp_path):
+    """Through two services sharing the pool's sealing key (as SO_REUSEPORT workers do): a
+    challenge issued on one and reported on the other is checked from its sealed id while it is
+    young, and refused once older than the challenge TTL, although its seal and digit are right.
+    Without the age check a captured id would work for ever (and a right digit allowlist)."""
+    from edgefilter.challenge import SECRET_ENV
+
+    monkeypatch.setenv(SECRET_ENV, "5a" * 32)
+    issuer = Service(make_settings(), port=0)
+    other = Service(make_settings(store={"spool_path": str(tmp_path / "other-spool.db")}), port=0)
+    await issuer.start()
+    await other.start()
+    try:
+        ttl = other.challenges.ttl()
+        assert 60 < ttl < 3600
+
+        def aged(seconds: float) -> None:
+            other.challenges.clock = lambda: time.time() + seconds
+
+        async def first_call():
+            r = await call(issuer)
+            assert r.variables["EDGEFILTER_ACTION"] == "challenge"
+            v = r.variables
+            wrong = next(d for d in "123456789" if d != v["EDGEFILTER_CHALLENGE_DIGIT"])
+            return r, v["EDGEFILTER_CHALLENGE_DIGIT"], wrong
+
+        # young (a minute old, well inside the TTL): the other worker checks it, a wrong digit retries
+        aged(60)
+        r, _, wrong = await first_call()
+        young = await report(other, r, digit=wrong)
+        assert young.variables["EDGEFILTER_CHALLENGE_RESULT"] == "retry" and "EDGEFILTER_CHALLENGE_DIGIT" in young.variables
+        # older than TTL + a minute: unknown on the other worker (told "pass", nothing recorded) ...
+        aged(ttl + 120)
+        r, digit, wrong = await first_call()
+        old = await report(other, r, digit=wrong)
+        assert old.variables == {"EDGEFILTER_CHALLENGE_RESULT": "pass"}  # no retry, no new digit
+        # ... and the right digit buys nothing either: no allowlisting, no failure counted
+        r, digit, wrong = await first_call()
+        old_right = await report(other, r, digit=digit)
+        assert old_right.variables == {"EDGEFILTER_CHALLENGE_RESULT": "pass"}
+        assert other.challenge_recorder.allowed == 0 and other.challenge_recorder.failed == 0
+        assert other.screener.index.lookup(FRIEND[1:]) is None
+        # only the young one waits (under its first and its retry id): the old ones were not taken in
+        assert len({id(p) for p in other.challenges.pending.values()}) == 1
+    finally:
+        await other.stop()
+        await issuer.stop()

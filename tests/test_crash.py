@@ -90,7 +90,7 @@ async def test_kill_9_loses_at_most_in_flight_records_and_restart_picks_up(tmp_p
         assert await asyncio.to_thread(cli.main, ["block", "+8613700137000", "--config", str(cfg)]) == 0
         t0 = time.monotonic()
         while await action(port, b"+8613700137000") != "reject":
-            assert time.monotonic() - t0 < 2
+            assert time.monotonic() - t0 < 10, "the block never reached the daemon"  # typically < 0.3 s
         committed = await wait_rows(db, committed + 1)
         # kill -9 in the middle of traffic
         in_flight = [asyncio.create_task(action(port, b"+8613800138%03d" % i)) for i in range(30)]

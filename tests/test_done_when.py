@@ -26,7 +26,8 @@ AGI_UNIQUEID = "1795896515.9"  # the channel the FastAGI saw in fastagi-allow-am
 async def agi(svc, route="screen", callerid=SPAMMER, args=(), **kw):
     r = await place_call("127.0.0.1", svc.port, CallSpec(callerid=callerid, script=route, args=list(args), **kw), timeout=3.0)
     assert r.closed_by_server and not r.timed_out and r.pipelined == 0, r
-    assert r.elapsed < 0.25, f"screening took {r.elapsed * 1000:.0f} ms"
+    # Screening never waits on AMI (an action times out after 5 s): a bound a loaded machine keeps.
+    assert r.elapsed < 1.5, f"screening took {r.elapsed * 1000:.0f} ms"
     return r.variables
 
 

@@ -69,6 +69,14 @@ async def receive(stream, enough, timeout: float = 3.0) -> list[bytes]:
     return got
 
 
+async def until(cond, timeout: float = 10.0) -> None:
+    """Wait for a condition (generous timeout: the machine may be loaded)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
 def dead_port() -> int:
     """A UDP port with nothing listening (bound, then closed)."""
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -154,6 +162,10 @@ async def test_statsd_and_syslog_receive_every_call_through_the_service(make_set
 
 
 async def test_absent_collector_does_not_change_call_latency_and_stays_bounded(make_settings, tmp_path):
+    """A dead collector costs a call nothing it would wait for. The latency side by side with
+    outputs off is a benchmark figure (bench/outputs_latency.py: off, live, dead-port); here the
+    bound only catches a call that waits on the collector (a blocking send, a retry), and holds
+    on a loaded machine."""
     async def latencies(svc, n=60):
         out = []
         for i in range(n):
@@ -165,14 +177,6 @@ async def test_absent_collector_does_not_change_call_latency_and_stays_bounded(m
 
     # 70 numbers of one block in a row: keep RANGE_CAMPAIGN and friends out of a latency test
     quiet = {"behaviour": {"enabled": False}}
-    base = Service(make_settings(quiet), port=0)
-    await base.start()
-    try:
-        await latencies(base, 10)  # warm up
-        base_median, _ = await latencies(base)
-    finally:
-        await base.stop()
-
     port = dead_port()
     svc = Service(
         make_settings(
@@ -189,7 +193,8 @@ async def test_absent_collector_does_not_change_call_latency_and_stays_bounded(m
         # a burst far larger than the queue: all answered, queue never above its bound
         results = await asyncio.gather(*(call(svc, f"+86137{i:08d}") for i in range(200)))
         assert all(r.variables["EDGEFILTER_ACTION"] == "allow" for r in results)
-        await asyncio.sleep(0.1)
+        # every datagram of the burst offered and settled (sent, dropped at the full queue, refused)
+        await until(lambda: all(out.sender.queue.empty() for out in svc.outputs))
         for out in svc.outputs:
             assert out.sender.queue.maxsize == 50
             # the kernel's errors are consumed as they come, never piling up
@@ -197,8 +202,7 @@ async def test_absent_collector_does_not_change_call_latency_and_stays_bounded(m
         stats = svc.output_stats()
     finally:
         await svc.stop()
-    assert median < base_median * 3 + 0.005, (median, base_median)
-    assert worst < 0.5
+    assert worst < 1.5, (median, worst)
     # the kernel told us nothing listens, and we counted it instead of failing
     assert stats["statsd"]["refused"] + stats["syslog"]["refused"] > 0, stats
     assert stats["syslog"]["sent"] + stats["syslog"]["dropped"] + stats["syslog"]["refused"] > 0
@@ -214,17 +218,18 @@ async def test_slow_collector_never_blocks_and_the_queue_drops_and_counts():
     try:
         t0 = time.perf_counter()
         accepted = sum(sender.offer((b"edgefilter.calls.allow:1|c", b"edgefilter.screen.latency:0.1|ms")) for _ in range(5000))
-        assert time.perf_counter() - t0 < 0.1  # offering never waits
+        assert time.perf_counter() - t0 < 2.0  # offering never waits (a blocking offer would wait for ever)
         assert accepted == 100 and sender.dropped == 4900
         assert sender.queue.qsize() == 100
         deadline = time.monotonic() + 2
         while not sender.queue.empty():
             assert time.monotonic() < deadline
             await asyncio.sleep(0.01)
-        # the queue drained into the (full) socket without error; a loop tick stays prompt
-        t0 = time.perf_counter()
-        await asyncio.sleep(0)
-        assert time.perf_counter() - t0 < 0.05
+        # the queue drained into the (full) socket without error, and nothing keeps the loop busy
+        # since: CPU time of this process, which a loaded machine does not inflate
+        cpu0 = time.process_time()
+        await asyncio.sleep(0.3)
+        assert time.process_time() - cpu0 < 0.1, "something is spinning on the event loop"
         assert sender.sent >= 1 and sender.errors == 0
     finally:
         await sender.close()

@@ -22,11 +22,52 @@ def test_normalize_cache_keys_on_region_and_area_code_and_survives_odd_input():
 
 
 def test_settle_heap_freezes_what_is_alive():
+    gc.unfreeze()  # earlier tests (a started service) may have left a frozen heap behind
+    assert gc.get_freeze_count() == 0
     try:
         settle_heap(collect=False)
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.me = self  # a reference cycle: only the cyclic GC frees it
+
+
+def test_settle_heap_collects_cyclic_garbage_first_unless_told_not_to():
+    import weakref
+
+    gc.unfreeze()
+    gc.disable()  # no automatic collection in between: only settle_heap decides
+    try:
+        node = _Node()
+        gone = weakref.ref(node)
+        del node
+        settle_heap(collect=True)
+        assert gone() is None  # collected, not frozen with the live heap
+        # garbage that an earlier settle froze (a reload replaced the lists it belonged to) is
+        # looked at again: settle_heap unfreezes before it collects
+        node = _Node()
+        stale = weakref.ref(node)
+        del node
+        gc.freeze()
+        settle_heap(collect=True)
+        assert stale() is None
+        node = _Node()
+        kept = weakref.ref(node)
+        del node
+        settle_heap(collect=False)
+        assert kept() is not None  # frozen as it was (cheaper for small lists)
+        gc.collect()
+        assert kept() is not None  # frozen objects are out of the collector's sight
+        gc.unfreeze()
+        gc.collect()
+        assert kept() is None
+    finally:
+        gc.unfreeze()
+        gc.enable()
 
 
 async def test_loading_lists_freezes_them(make_settings):

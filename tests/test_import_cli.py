@@ -61,6 +61,34 @@ def test_import_reports_counts_and_bad_lines_then_is_idempotent(env, capsys):
     assert "added 0, updated 3, unchanged 0" in out
 
 
+def test_every_refused_and_repeated_line_is_counted_and_a_flood_is_cut_short(env, capsys):
+    """Counts are counts (two refusals, two repeats), each reported with its line; past
+    MAX_SHOWN refusals only a total is printed. --region, --format and --column are honoured."""
+    from edgefilter.imports import MAX_SHOWN
+
+    tmp, cfg, db = env
+    f = tmp / "feed.txt"
+    f.write_text("+8613800138000\nnope\n+8613800138000\n013800138000\nstill not\n")
+    rc, out, err = run(capsys, cfg, "import", str(f))
+    assert rc == 0 and "1 entries read, added 1" in out and "duplicates 2, rejected 2" in out, out
+    assert [ln.split(": ")[0] for ln in err.splitlines()] == [f"{f}:2", f"{f}:3", f"{f}:4", f"{f}:5"]
+    # a national number read in another region, from a named CSV column, format forced
+    g = tmp / "crm.data"
+    g.write_text("name;phone;fax\nA;(415) 555-0123;(415) 555-0199\n")
+    rc, out, err = run(capsys, cfg, "import", str(g), "--region", "US", "--format", "csv", "--column", "fax")
+    assert rc == 0 and "format csv, 1 entries read, added 1" in out, (out, err)
+    got = [r[1] for r in rows(db)]
+    assert "+14155550199" in got and "+14155550123" not in got
+    # a flood of garbage with one good line: the first MAX_SHOWN refusals, then one total line
+    h = tmp / "flood.txt"
+    h.write_text("+8613900139000\n" + "garbage\n" * (MAX_SHOWN + 7))
+    rc, out, err = run(capsys, cfg, "import", str(h))
+    assert rc == 0 and f"rejected {MAX_SHOWN + 7}" in out
+    lines = err.splitlines()
+    assert len(lines) == MAX_SHOWN + 1 and lines[-1] == f"{h}: ... and 7 more refused lines", lines[-2:]
+    assert lines[MAX_SHOWN - 1].startswith(f"{h}:{MAX_SHOWN + 1}: ")
+
+
 def test_strict_and_dry_run_write_nothing(env, capsys):
     tmp, cfg, db = env
     f = tmp / "a.csv"
@@ -162,7 +190,9 @@ async def test_service_maintenance_purges_with_an_injected_clock(service):
     assert service.screener.index.size == 0
 
 
-async def test_cli_import_reaches_the_running_service_within_a_second(service, tmp_path):
+async def test_cli_import_reaches_the_running_service(service, tmp_path):
+    """Within one poll (50 ms here): "under a second" is a benchmark figure (make bench-lists);
+    the bound below only catches an import the service never sees, and holds when loaded."""
     f = tmp_path / "feed.csv"
     f.write_text("number\n+8613800138000\n+86170*\n")
     cfg = tmp_path / "c.toml"
@@ -176,7 +206,7 @@ async def test_cli_import_reaches_the_running_service_within_a_second(service, t
         r = await place_call("127.0.0.1", service.port, spec, timeout=3)
         if r.variables["EDGEFILTER_ACTION"] == "reject":
             break
-        assert time.monotonic() - t0 < 1.0, "import not visible within 1 s"
+        assert time.monotonic() - t0 < 10.0, "import not visible within 10 s"
         await asyncio.sleep(0.02)
     assert r.variables["EDGEFILTER_RULES"] == "LIST_BLOCKED"
 
@@ -194,34 +224,66 @@ def _write_locked(db: str) -> bool:
         con.close()
 
 
+#: `edgefilter import` in a child process that stops at one known point inside apply_import's
+#: transaction: every entry, change row and --replace-source deletion written, not committed
+#: (Store._assign_profiles is its last statement before the commit). It says how many entries
+#: its own connection sees there, then waits to be killed. The pause is the only thing added:
+#: CLI, store and SQLite are the real ones.
+HELD_IMPORT = """
+import asyncio, os, sys
+from edgefilter import store
+real = store.Store._assign_profiles
+
+async def held(self):
+    await real(self)
+    (n,) = await (await self.db.execute("SELECT COUNT(*) FROM main.entries")).fetchone()
+    with open(os.environ["HOLD_MARK"] + ".tmp", "w") as f:
+        f.write(str(n))
+    os.rename(os.environ["HOLD_MARK"] + ".tmp", os.environ["HOLD_MARK"])
+    await asyncio.sleep(3600)
+
+store.Store._assign_profiles = held
+from edgefilter.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_killed_import_leaves_the_previous_state(env, capsys):
-    """SIGKILL while the import's transaction is being written: the database is exactly as before."""
+    """SIGKILL while the import's transaction is open (all rows written, not committed): the
+    database is exactly as before. The kill happens at a point the child reports, not after a
+    guessed delay, so a fast importer cannot finish first and a slow one is waited for."""
     tmp, cfg, db = env
     small = tmp / "small.txt"
     small.write_text("+8613800138000\n+86170*\n")
     assert run(capsys, cfg, "import", str(small), "--source", "feed")[0] == 0
     before = rows(db)
     big = tmp / "big.txt"
-    n = 40000
+    n = 5000
     big.write_text("".join(f"+86139{i:08d}\n" for i in range(n)))
+    mark = tmp / "inside-the-transaction"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edgefilter", "import", str(big), "--source", "feed", "--replace-source", "--config", cfg],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [sys.executable, "-c", HELD_IMPORT, "import", str(big), "--source", "feed", "--replace-source", "--config", cfg],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HOLD_MARK": str(mark)},
     )
-    deadline = time.monotonic() + 60
-    killed = False
-    while time.monotonic() < deadline and proc.poll() is None:
-        if _write_locked(db):
-            time.sleep(0.15)  # well inside the transaction: rows are being written
-            if _write_locked(db) and proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
-                killed = True
-                break
-        time.sleep(0.005)
-    proc.wait()
-    assert killed, f"import finished before it could be killed: {proc.returncode} {proc.stdout.read()!r}"
+    try:
+        deadline = time.monotonic() + 60
+        while not mark.exists():
+            assert proc.poll() is None, f"import ended before its commit point: {proc.returncode} {proc.communicate()}"
+            assert time.monotonic() < deadline, "the import never reached its commit point"
+            time.sleep(0.01)
+        # inside: the child's transaction holds every new entry, the two old ones deleted
+        assert int(mark.read_text()) == n
+        assert _write_locked(db), "the import is not inside a write transaction"
+        assert rows(db) == before  # other connections do not see uncommitted rows
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert rows(db) == before
+    assert not _write_locked(db)
     rev, idx = load_index(db)
     assert idx.size == 2 and idx.lookup("8613900000001") is None
     # the same import run to the end, then again: everything unchanged the second time

@@ -46,6 +46,13 @@ def test_short_numbers_key_on_their_digits(raw):
         ("abc", NumberKind.GARBAGE),
         ("138\n\n200 result=1 (allow)", NumberKind.GARBAGE),
         ("138\r00138000", NumberKind.GARBAGE),
+        # control characters after the part normalisation keeps (a URI's host, a parameter)
+        ("sip:+8613800138000@x\r\n200 result=1 (allow)", NumberKind.GARBAGE),
+        ("sip:+8613800138000@x\r", NumberKind.GARBAGE),
+        ("tel:+8613800138000;x\x1b[2J", NumberKind.GARBAGE),
+        ("sip:+8613800138000@x\x85", NumberKind.GARBAGE),
+        ("sip:+8613800138000@x\u2028", NumberKind.GARBAGE),
+        ("sip:+8613800138000@x", NumberKind.VALID),
         ("\ufffd\ufffd", NumberKind.GARBAGE),
         ("1234567890" * 8, NumberKind.GARBAGE),
         ("+", NumberKind.GARBAGE),

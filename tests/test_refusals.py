@@ -39,12 +39,14 @@ async def star(svc: Service, route: str, *args: str):
 
 
 async def settle(svc: Service) -> None:
-    """Wait until every queued record is in the database and list changes are applied."""
-    for _ in range(200):
-        if svc.calllog.queue.empty():
-            break
+    """Wait until every record queued so far is in the database (not merely out of the queue: a
+    batch being written is neither), then apply list changes."""
+    log = svc.calllog
+    deadline = time.monotonic() + 10
+    while log.written < log.queued:
+        assert time.monotonic() < deadline, f"{log.written} of {log.queued} call-log items written"
         await asyncio.sleep(0.01)
-    await asyncio.sleep(0.1)
+    assert log.dropped == 0 and svc.spool.count == 0
     await svc.follower.poll()
 
 

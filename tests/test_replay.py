@@ -45,8 +45,14 @@ async def test_replay_recorded_calls_under_a_new_config(service, tmp_path, capsy
     assert "replayed 4 calls" in out and "2 would change action (50.0%), 2 unchanged" in out
     assert "challenge -> reject: 1 calls" in out and "challenge -> allow: 1 calls" in out
     assert "+8613800138000" in out and "LIST_CATEGORY" in out
-    matrix = [ln for ln in out.splitlines() if ln.startswith(("allow ", "challenge "))]
-    assert matrix[0].split() == ["allow", "2", ".", "."] or "allow" in matrix[0]
+    # the whole matrix, recorded (rows) against replayed (columns), cell by cell
+    lines = out.splitlines()
+    head = lines.index("recorded \\ replayed       allow  challenge     reject")
+    assert [ln.split() for ln in lines[head + 1:head + 3]] == [
+        ["allow", "2", ".", "."],  # the two unlisted numbers stay allowed
+        ["challenge", "1", ".", "1"],  # anonymous -> allow (CLI_WITHHELD 0), marketing -> reject
+    ]
+    assert lines[head + 3] == ""  # no other recorded action
 
     same = tmp_path / "same.toml"
     same.write_text(f'[store]\npath = "{svc.settings.store.path}"\n')

@@ -105,7 +105,8 @@ async def test_connection_closed_mid_env_does_not_stall_other_calls(service):
     t0 = time.perf_counter()
     results = await asyncio.gather(*(call(service, "+8613900139000") for _ in range(10)))
     assert all(r.variables["EDGEFILTER_ACTION"] == "allow" for r in results)
-    assert time.perf_counter() - t0 < 1.0
+    assert time.perf_counter() - t0 < 5.0  # a frozen loop never answers; a loaded one does
+    # the spin itself: CPU time of this process while idle (a loaded machine does not inflate it)
     cpu0 = time.process_time()
     await asyncio.sleep(0.3)
     assert time.process_time() - cpu0 < 0.1, "something is spinning on the event loop"
@@ -121,15 +122,17 @@ async def test_garbage_instead_of_env_is_closed_with_a_log_line(service, caplog)
 
 
 async def test_silent_peer_times_out_without_blocking_others(make_settings):
-    svc = Service(make_settings(agi={"read_timeout": "300ms"}), port=0)
+    # A read timeout long enough that "answered well before it" is a bound a loaded machine keeps.
+    svc = Service(make_settings(agi={"read_timeout": "2s"}), port=0)
     await svc.start()
     try:
+        t0 = time.perf_counter()
         idle = [await asyncio.open_connection("127.0.0.1", svc.port) for _ in range(50)]
         r = await call(svc, "+8613900139000")
-        assert r.elapsed < 0.1
-        t0 = time.perf_counter()
-        assert await asyncio.wait_for(idle[0][0].read(), 2) == b""  # closed by the read timeout
-        assert time.perf_counter() - t0 < 1.0
+        assert r.variables["EDGEFILTER_ACTION"] == "allow"
+        assert r.elapsed < 1.0, "the call waited for the silent peers"
+        assert await asyncio.wait_for(idle[0][0].read(), 10) == b""  # closed by the read timeout ...
+        assert time.perf_counter() - t0 >= 1.9  # ... and not before it
         for _, w in idle:
             w.close()
     finally:
@@ -190,14 +193,16 @@ async def test_cli_changes_reach_the_running_service_within_a_second(backend_set
     try:
         assert (await call(svc, "+8613700137000")).variables["EDGEFILTER_ACTION"] == "allow"
         assert await asyncio.to_thread(cli.main, ["block", "+86137*", "--config", str(cfg)]) == 0
+        # "within a second" is a benchmark figure (make bench-lists: < 0.5 s with the CLI's start);
+        # these bounds only catch a change the service never sees, and hold on a loaded machine
         t0 = time.perf_counter()
         while (await call(svc, "+8613700137000")).variables["EDGEFILTER_ACTION"] != "reject":
-            assert time.perf_counter() - t0 < 1.0, "change not seen within 1 s"
+            assert time.perf_counter() - t0 < 10.0, "change not seen within 10 s"
             await asyncio.sleep(0.02)
         assert await asyncio.to_thread(cli.main, ["remove", "+86137*", "--config", str(cfg)]) == 0
         t0 = time.perf_counter()
         while (await call(svc, "+8613700137000")).variables["EDGEFILTER_ACTION"] != "allow":
-            assert time.perf_counter() - t0 < 1.0, "removal not seen within 1 s"
+            assert time.perf_counter() - t0 < 10.0, "removal not seen within 10 s"
             await asyncio.sleep(0.02)
     finally:
         await svc.stop()

@@ -76,7 +76,9 @@ async def _calls(port: int, n: int, budget: float) -> None:
     for i in range(n):
         r = await place_call("127.0.0.1", port, CallSpec(callerid=b"+8613900139%03d" % i), timeout=3.0)
         assert r.closed_by_server and r.variables["EDGEFILTER_ACTION"] == "allow", r
-        assert r.elapsed < budget, f"call took {r.elapsed * 1000:.1f} ms with the store failing"
+        # Calls never touch the store: the bound catches one that waits on it (a retry, a lock, a
+        # backoff of up to [store] max_delay) and holds on a loaded machine.
+        assert r.elapsed < budget * 5, f"call took {r.elapsed * 1000:.1f} ms with the store failing"
 
 
 async def _wait_for(cond, timeout: float = 3.0) -> None:
@@ -196,7 +198,7 @@ def test_cli_on_a_locked_database(tmp_path, capsys, argv):
     try:
         t0 = time.monotonic()
         rc, out, err = run_cli(capsys, *argv, "--config", str(cfg))
-        assert time.monotonic() - t0 < 2.0  # [store] busy_timeout = 200ms
+        assert time.monotonic() - t0 < 4.0  # [store] busy_timeout = 200ms, not the default 5 s
         assert_one_line_error(rc, err, "locked")
         # reads still work in WAL mode while another process writes
         rc, out, err = run_cli(capsys, "list", "--config", str(cfg))

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from .agi import REQUIRED_CLASSIC, AgiSession, build_call, read_env, stream_limit, unread_junk
+from .agi import REQUIRED_CLASSIC, AgiSession, build_call, read_env, safe_value, stream_limit, unread_junk
 from .config import load_settings
 from .decisionlog import DecisionLogger, setup_logging
 from .errors import EdgefilterError
@@ -61,6 +61,8 @@ async def run(stdin_fd: int = 0, stdout_fd: int = 1) -> int:
     if junk:
         env.forged.append(f"{len(junk)} bytes after the env block before any command")
     call = build_call(env)
+    if call.forged:  # as the FastAGI server does: the decision line says reject, this says why
+        log.warning("forged AGI env block uniqueid=%s: %s", safe_value(call.uniqueid, 40), call.forged)
     screener = Screener(settings)
     number = normalize(call.callerid, settings.default_region)
     if number.digits and store_exists(settings):

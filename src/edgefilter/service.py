@@ -222,6 +222,7 @@ class CallLogWriter:
         self.interval = interval
         self.dropped = 0
         self.written = 0
+        self.queued = 0  # taken into the queue; at rest, queued == written + dropped + spooled
         self.failing = False
         self.failures = 0  # failed attempts to write (each backs off further, up to max_delay)
         self.max_delay = 5.0
@@ -262,6 +263,8 @@ class CallLogWriter:
             self.dropped += 1
             if self.dropped in (1, 100) or self.dropped % 10000 == 0:
                 log.warning("call log queue full: %d records dropped (store too slow or failing)", self.dropped)
+        else:
+            self.queued += 1
 
     def _take(self, first: object | None = None) -> list[object]:
         pending = [first] if first is not None else []
