@@ -66,16 +66,13 @@ async def test_without_mset_the_verdict_arrives_one_set_variable_at_a_time(servi
     await block(service, "+86170*")
     r = await screened(service, CallSpec(callerid="+8617012345678"))
     assert r.commands[0].startswith(b'EXEC MSet "EDGEFILTER_ACTION=reject,') and r.replies[0] == b"200 result=-2\n"
-    assert r.commands[1:] == [
-        set_variable("EDGEFILTER_ACTION", "reject"),
-        set_variable("EDGEFILTER_SCORE", "20"),
-        set_variable("EDGEFILTER_RULES", "LIST_BLOCKED"),
-        set_variable("EDGEFILTER_POLICY", "default"),
-        set_variable("EDGEFILTER_REJECT_CAUSE", "21"),
-    ]
-    assert r.replies[1:6] == [b"200 result=1\n"] * 5
-    assert r.variables == {"EDGEFILTER_ACTION": "reject", "EDGEFILTER_SCORE": "20", "EDGEFILTER_RULES": "LIST_BLOCKED",
-                           "EDGEFILTER_POLICY": "default", "EDGEFILTER_REJECT_CAUSE": "21"}
+    expected = {"EDGEFILTER_ACTION": "reject", "EDGEFILTER_SCORE": "20", "EDGEFILTER_RULES": "LIST_BLOCKED",
+                "EDGEFILTER_POLICY": "default", "EDGEFILTER_REJECT_CAUSE": "21", "EDGEFILTER_REJECT_SIT": "0",
+                "EDGEFILTER_APPEAL_ID": "",
+                "TIMEOUT(absolute)": "0"}  # the subroutine's wait: a function write, as MSet's
+    assert r.commands[1:] == [set_variable(k, v) for k, v in expected.items()]
+    assert r.replies[1:1 + len(expected)] == [b"200 result=1\n"] * len(expected)
+    assert r.variables == expected
 
 
 async def test_without_mset_a_challenge_carries_its_id_and_digit(service, without_mset):
@@ -83,7 +80,8 @@ async def test_without_mset_a_challenge_carries_its_id_and_digit(service, withou
     v = r.variables
     assert v["EDGEFILTER_ACTION"] == "challenge" and v["EDGEFILTER_CHALLENGE_DIGIT"] in "123456789"
     assert v["EDGEFILTER_CHALLENGE_ID"] in service.challenges.pending
-    assert all(c.startswith(b"SET VARIABLE EDGEFILTER_") for c in r.commands[1:]) and len(r.commands) == 1 + len(v)
+    assert all(c.startswith((b"SET VARIABLE EDGEFILTER_", b"SET VARIABLE TIMEOUT(absolute) ")) for c in r.commands[1:])
+    assert len(r.commands) == 1 + len(v) and v["TIMEOUT(absolute)"] == "0"
 
 
 HOSTILE_VALUES = {
@@ -174,9 +172,10 @@ async def test_an_out_of_step_reply_to_set_variable_is_answered_as_forged(servic
 async def test_a_dead_channel_during_the_fallback_is_no_forgery(service, caplog):
     """511 (the channel hung up) is a reply SET VARIABLE may get: not out of step."""
     await allow(service)
-    got = await _fake_asterisk(service.port, CallSpec(callerid=FRIEND), [b"200 result=-2\n"] + [b"511 Command Not Permitted on a dead channel or intercept routine\n"] * 4)
+    got = await _fake_asterisk(service.port, CallSpec(callerid=FRIEND), [b"200 result=-2\n"] + [b"511 Command Not Permitted on a dead channel or intercept routine\n"] * 5)
     assert [c.split(b" ")[:3] for c in got[1:]] == [[b"SET", b"VARIABLE", n] for n in
-                                                    (b"EDGEFILTER_ACTION", b"EDGEFILTER_SCORE", b"EDGEFILTER_RULES", b"EDGEFILTER_POLICY")]
+                                                    (b"EDGEFILTER_ACTION", b"EDGEFILTER_SCORE", b"EDGEFILTER_RULES", b"EDGEFILTER_POLICY",
+                                                     b"TIMEOUT(absolute)")]
     assert "answering as forged" not in caplog.text
 
 
