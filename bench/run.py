@@ -142,9 +142,13 @@ def summary(times: list[float]) -> dict:
 
 # ------------------------------------------------------------------------------ load
 def loadgen(port: int, size: int, *, rate: float, duration: float, concurrency: int, cores: set[int] | None,
-            calls: int | None = None, poisson: bool = False) -> dict:
+            calls: int | None = None, poisson: bool = False, seed: int | None = None, pool: int | None = None) -> dict:
     cmd = [sys.executable, str(HERE / "loadgen.py"), "--port", str(port), "--size", str(size), "--rate", str(rate),
            "--duration", str(duration), "--concurrency", str(concurrency)]
+    if seed is not None:  # other callers than the last run's (else every run replays the same ones)
+        cmd += ["--seed", str(seed)]
+    if pool is not None and not calls:
+        cmd += ["--pool", str(pool)]
     if calls:
         cmd += ["--calls", str(calls), "--pool", str(min(4096, calls))]
     if poisson:
