@@ -50,5 +50,12 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=4599)
+    ap.add_argument("--uvloop", action="store_true", help="run on uvloop (to compare with edgefilter on uvloop)")
     a = ap.parse_args()
-    asyncio.run(main(a.host, a.port))
+    if a.uvloop:
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main(a.host, a.port))
+    else:
+        asyncio.run(main(a.host, a.port))

@@ -6,6 +6,8 @@ that both see the same machine:
 
 * ``open``: calls at a fixed rate (default 200/s), the latency a caller hears as dead air;
 * ``saturation``: closed loop, sessions back to back, the most calls per second one process takes.
+* ``fixed rate, CPU per call`` (largest list, bench/cpu_rate.py): 20 and 100 calls/s, where every
+  call pays its per-call overhead alone, against the floor (issue 16).
 
 Servers run pinned to core 0 and the load generator (its own process) to core 1, so the
 server's CPU per call is its own (utime+stime from /proc, the whole process: event loop and
@@ -40,7 +42,8 @@ import population  # noqa: E402
 
 from edgefilter.callsim import CallSpec, build_env  # noqa: E402
 
-TARGETS = {"p50_ratio": 1.1, "p99_ratio": 1.2, "saturation_cps": 2000.0, "cpu_ms_per_call": 0.8, "rss_mb_10m": 500.0}
+TARGETS = {"p50_ratio": 1.1, "p99_ratio": 1.2, "saturation_cps": 2000.0, "cpu_ms_per_call": 0.8, "rss_mb_10m": 500.0,
+           "cpu_over_floor_ms": 0.3}  # issue 16: at 100 calls/s, CPU per call at most the floor's + 0.3 ms
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -142,9 +145,13 @@ def summary(times: list[float]) -> dict:
 
 # ------------------------------------------------------------------------------ load
 def loadgen(port: int, size: int, *, rate: float, duration: float, concurrency: int, cores: set[int] | None,
-            calls: int | None = None, poisson: bool = False) -> dict:
+            calls: int | None = None, poisson: bool = False, seed: int | None = None, pool: int | None = None) -> dict:
     cmd = [sys.executable, str(HERE / "loadgen.py"), "--port", str(port), "--size", str(size), "--rate", str(rate),
            "--duration", str(duration), "--concurrency", str(concurrency)]
+    if seed is not None:  # other callers than the last run's (else every run replays the same ones)
+        cmd += ["--seed", str(seed)]
+    if pool is not None and not calls:
+        cmd += ["--pool", str(pool)]
     if calls:
         cmd += ["--calls", str(calls), "--pool", str(min(4096, calls))]
     if poisson:
@@ -285,6 +292,16 @@ def classic_calls(cfg: Path, size: int, count: int, rate: float, cores: set[int]
             "cpu_ms_per_call": round(cpu * 1000 / count, 1), "actions": actions}
 
 
+def _cpu_row(sample: dict) -> dict:
+    """A cpu_rate sample in the shape of merge()'s figures (what markdown() prints)."""
+    ms = sample["cpu_ms_per_call"]
+    return {"p50": round(sample["p50"], 3), "p90": float("nan"), "p99": round(sample["p99"], 3), "max": float("nan"),
+            "calls": sample["calls"], "throughput": None, "cpu_ms_per_call": round(ms, 3) if ms else None,
+            "kernel_ms_per_call": round(sample["kernel_ms_per_call"], 3) if sample["kernel_ms_per_call"] else None,
+            "capacity_per_core": round(1000 / ms) if ms else None, "background_cores": sample["other_load"],
+            "errors": sample["errors"], "actions": sample["actions"]}
+
+
 # ------------------------------------------------------------------------------ report
 def fmt(v, digits=2) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -341,6 +358,11 @@ def checks(result: dict) -> list[dict]:
         out.append({"target": f"<= {TARGETS['cpu_ms_per_call']} ms service CPU per call", "measured": f"{cpu:.3f} ms",
                     "met": cpu <= TARGETS["cpu_ms_per_call"]})
     for r in runs:
+        if r["scenario"] == "fixed rate, CPU per call" and r["rate"] == 100 and r["floor"].get("cpu_ms_per_call"):
+            over = r["edgefilter"]["cpu_ms_per_call"] - r["floor"]["cpu_ms_per_call"]
+            out.append({"target": f"<= floor + {TARGETS['cpu_over_floor_ms']} ms CPU per call at 100 calls/s",
+                        "measured": f"floor + {over:.3f} ms", "met": over <= TARGETS["cpu_over_floor_ms"]})
+    for r in runs:
         if r["list_size"] >= 10_000_000 and r["scenario"].startswith("open"):
             out.append({"target": f"< {TARGETS['rss_mb_10m']:.0f} MB with 10 million entries", "measured": f"{r['rss_mb']:.0f} MB",
                         "met": r["rss_mb"] < TARGETS["rss_mb_10m"]})
@@ -370,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sat-concurrency", type=int, default=16, help="closed loop: concurrent sessions")
     ap.add_argument("--workers", type=int, default=2, help="also measure [agi] workers = N at saturation (0 = skip)")
     ap.add_argument("--classic-calls", type=int, default=20, help="per-process AGI calls (0 = skip)")
+    ap.add_argument("--cpu-rates", default="20,100",
+                    help="fixed rates for the CPU-per-call scenario on the largest list (bench/cpu_rate.py; empty = skip)")
+    ap.add_argument("--cpu-duration", type=float, default=10.0, help="seconds per server and rate of the CPU-per-call scenario")
     ap.add_argument("--calls", type=int, default=None, help="cap every load run at this many calls (smoke test)")
     ap.add_argument("--load-timeout", type=float, default=900.0, help="seconds allowed for the service to load its lists")
     ap.add_argument("--out", default=str(HERE / "results" / "latest.json"))
@@ -451,6 +476,22 @@ def main(argv: list[str] | None = None) -> int:
                     stop(ef)
                 result["runs"].append(row(size, f"saturation, {workers} worker{'s' if workers > 1 else ''}, unpinned", 0,
                                           a.sat_concurrency * workers, merge([r]), {}, rss_mb=round(peak, 1)))
+
+        cpu_rates = [float(r) for r in a.cpu_rates.split(",") if r.strip()]
+        if cpu_rates and not a.calls:
+            # Issue 16: CPU per call at ordinary rates, where every call pays its overhead alone
+            # (saturation batches it). The floor and edgefilter side by side, one round.
+            import cpu_rate
+
+            size = sizes[-1]
+            say(f"CPU per call at {', '.join(f'{r:g}' for r in cpu_rates)} calls/s on {size:,} entries")
+            cpu = cpu_rate.measure_rates(work, size, cpu_rates, a.cpu_duration, 1,
+                                         [cpu_rate.Variant("floor", kind="floor"), cpu_rate.Variant("edgefilter")],
+                                         idle=5.0, load_timeout=a.load_timeout, say=say)
+            for rate in cpu_rates:
+                ef, fl = (cpu["samples"][f"{n}@{rate:g}"][0] for n in ("edgefilter", "floor"))
+                result["runs"].append(row(size, "fixed rate, CPU per call", rate, 64, _cpu_row(ef), _cpu_row(fl),
+                                          idle_cpu_ms_per_s=cpu["idle_cpu_ms_per_s"]))
 
         if a.classic_calls and first_db is not None:
             size = sizes[0]

@@ -10,7 +10,7 @@ LAYER = {
     "store": 2, "pgstore": 2, "spool": 2, "stores": 2, "events": 2, "prometheus": 2, "stats": 1,
     "decisionlog": 3, "screen": 3, "report": 4, "challenge": 3, "mirror": 2,
     "history": 1, "behaviour": 1, "memory": 3, "outcomes": 2, "evidence": 4, "starcodes": 4, "ami": 4,
-    "agi": 4, "routes": 4, "callsim": 4, "systemd": 4,
+    "agi": 4, "routes": 4, "callsim": 4, "systemd": 4, "eventloop": 4,
     "feeds": 2, "feedworkers": 3, "imports": 4, "replay": 4, "appeals": 4, "appeals_cli": 5,
     "service": 5, "cli": 5, "launcher": 5, "__main__": 5, "workers": 5,
 }

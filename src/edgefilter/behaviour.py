@@ -95,8 +95,35 @@ class BehaviourRules:
         if known is not None and known >= now - b.known_contact_ttl:
             fire("KNOWN_CONTACT", f"{caller} is a known contact (called out to or talked with)")
 
-        # A number never seen before (most callers) has empty windows: skip the scans.
-        from_caller = h.from_caller if h.has_calls(caller) else _no_calls
+        # A number never seen before (most callers) has empty windows, and with this call alone
+        # none of the rate rules can fire (the config requires burst_calls and spread_targets of
+        # 2 or more, short_min_calls of 1 or more): skip them.
+        if h.has_calls(caller):
+            self._rates(caller, target, now, b, fire)
+
+        # RANGE_CAMPAIGN: distinct numbers of this block, this one included.
+        block = block_of(number, b.campaign_block_digits)
+        if block is not None:
+            numbers = {caller}
+            for c in islice(h.from_block(block, now - b.campaign_window) if h.has_block_calls(block) else (), SCAN_LIMIT):
+                numbers.add(c.caller)
+                if len(numbers) >= b.campaign_numbers:
+                    break
+            if len(numbers) >= b.campaign_numbers:
+                fire("RANGE_CAMPAIGN", f"{len(numbers)} numbers of block {block}{'X' * b.campaign_block_digits} within {_span(b.campaign_window)}")
+
+        # CLI_NEIGHBOUR: caller shares the DID's leading digits but is not the DID.
+        if number.kind is NumberKind.VALID and call.dnid and call.dnid != "unknown":
+            did = normalize(call.dnid, s.default_region)
+            k = b.neighbour_digits
+            if (did.kind is NumberKind.VALID and did.digits and number.digits and did.digits != number.digits
+                    and len(did.digits) > k and did.digits[:k] == number.digits[:k]):
+                fire("CLI_NEIGHBOUR", f"shares the leading {k} digits of the DID called ({did.e164})")
+        return out
+
+    def _rates(self, caller: str, target: str, now: float, b, fire) -> None:
+        """RATE_BURST, RATE_SPREAD and RATE_SHORT of a number with calls in memory."""
+        from_caller = self.history.from_caller
 
         # RATE_BURST: calls in the window, this one included (counted up to SCAN_LIMIT: a flooding
         # number must not make every one of its calls slower).
@@ -125,26 +152,6 @@ class BehaviourRules:
             if share >= b.short_share:
                 fire("RATE_SHORT", f"{short} of {len(known_outcomes)} recent calls unanswered or under {_span(b.short_seconds)}")
 
-        # RANGE_CAMPAIGN: distinct numbers of this block, this one included.
-        block = block_of(number, b.campaign_block_digits)
-        if block is not None:
-            numbers = {caller}
-            for c in islice(h.from_block(block, now - b.campaign_window) if h.has_block_calls(block) else (), SCAN_LIMIT):
-                numbers.add(c.caller)
-                if len(numbers) >= b.campaign_numbers:
-                    break
-            if len(numbers) >= b.campaign_numbers:
-                fire("RANGE_CAMPAIGN", f"{len(numbers)} numbers of block {block}{'X' * b.campaign_block_digits} within {_span(b.campaign_window)}")
-
-        # CLI_NEIGHBOUR: caller shares the DID's leading digits but is not the DID.
-        if number.kind is NumberKind.VALID and call.dnid and call.dnid != "unknown":
-            did = normalize(call.dnid, s.default_region)
-            k = b.neighbour_digits
-            if (did.kind is NumberKind.VALID and did.digits and number.digits and did.digits != number.digits
-                    and len(did.digits) > k and did.digits[:k] == number.digits[:k]):
-                fire("CLI_NEIGHBOUR", f"shares the leading {k} digits of the DID called ({did.e164})")
-        return out
-
     @staticmethod
     def _stir(call: Call, ok_results: tuple[str, ...], fire) -> None:
         attest = call.params.get("stir", "").strip().upper()[:8]
@@ -155,10 +162,6 @@ class BehaviourRules:
             return
         if attest in ("A", "B", "C"):
             fire(f"STIR_{attest}", f"STIR/SHAKEN attestation {attest}")
-
-
-def _no_calls(caller: str, since: float) -> tuple[RecentCall, ...]:
-    return ()
 
 
 def _span(seconds: float) -> str:

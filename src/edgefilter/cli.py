@@ -540,11 +540,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
+            from . import eventloop
             from .service import serve
 
             if args.workers is not None and not 1 <= args.workers <= 64:
                 parser.error("--workers must be between 1 and 64")
-            asyncio.run(serve(args.config, workers=args.workers, worker=args.worker))
+            settings = load_settings(args.config)
+            eventloop.run(serve(args.config, workers=args.workers, worker=args.worker, settings=settings),
+                          settings.agi.event_loop)
             return 0
         settings = load_settings(args.config)
         result = args.func(args, settings)

@@ -486,6 +486,7 @@ SCHEMA: dict[str, Any] = {
         "max_sessions": _int(1, 100000),
         "allow_peers": _list_of(_network),
         "workers": _int(1, 64),
+        "event_loop": _choice("auto", "uvloop", "asyncio"),
     },
     "store": {
         "path": _str,
@@ -653,6 +654,7 @@ class AgiSettings:
     max_sessions: int
     allow_peers: tuple
     workers: int = 1
+    event_loop: str = "auto"  # uvloop when installed (eventloop.py), or "uvloop" / "asyncio"
 
 
 @dataclass(frozen=True)
@@ -1199,6 +1201,7 @@ def _build(m: dict, origins: dict, sources: tuple[str, ...]) -> Settings:
             max_sessions=a["max_sessions"],
             allow_peers=_list_of(_network)(a["allow_peers"]),
             workers=a.get("workers", 1),
+            event_loop=a.get("event_loop", "auto"),
         ),
         store=StoreSettings(
             path=s["path"],

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import dataclasses
+import gc
+import itertools
 import logging
 import os
 import signal
@@ -28,6 +29,7 @@ from .config import Settings, load_settings
 from .decisionlog import DecisionLogger, escape_text, setup_logging
 from .errors import AmiError, ConfigError
 from .events import Output, build_udp_outputs
+from .eventloop import running_loop_name
 from .lists import Pattern
 from .memory import MemoryFollower
 from .mirror import AmiClient, BlockMirror
@@ -134,12 +136,16 @@ class ListFollower:
             except BaseException:
                 self.stale = self.loaded
                 raise
-        changes = await self.store.changes_since(self.rev, FULL_RELOAD_AFTER + 1)
-        if not changes:
-            head = await self.store.head_rev()
+        # The head revision first: one cheap query (one hop to SQLite's thread) when nothing
+        # changed, which is almost every poll, several times a second.
+        head = await self.store.head_rev()
+        if head <= self.rev:
             if head < self.rev:  # the database was replaced or rebuilt under us
                 log.warning("change feed went backwards (%d < %d): reloading all lists", head, self.rev)
                 await self.load()
+            return 0
+        changes = await self.store.changes_since(self.rev, FULL_RELOAD_AFTER + 1)
+        if not changes:
             return 0
         if len(changes) > FULL_RELOAD_AFTER:
             if not await self.merge_big_batch():
@@ -223,6 +229,10 @@ class CallLogWriter:
         self.dropped = 0
         self.written = 0
         self.queued = 0  # taken into the queue; at rest, queued == written + dropped + spooled
+        # Keys unique across nodes and restarts without a system call per record: 80 random
+        # bits per process, then a counter (32 hex digits, like the uuid4 keys of before).
+        prefix = uuid.uuid4().hex[:20]
+        self._keys = (f"{prefix}{n:012x}" for n in itertools.count())
         self.failing = False
         self.failures = 0  # failed attempts to write (each backs off further, up to max_delay)
         self.max_delay = 5.0
@@ -230,9 +240,15 @@ class CallLogWriter:
         self._next_try = 0.0
 
     def __call__(self, d: Decision) -> None:
+        """Queue a decided call. Its CallRecord is built when its batch is taken, off the call
+        path: in a batch the code finds the CPU's caches warm (at ordinary rates every call
+        starts cold), and the queue keeps it in order with the outcomes submitted after it."""
+        self._put((time.time(), d))
+
+    def _record(self, ts: float, d: Decision) -> CallRecord:
         v = d.verdict
-        rec = CallRecord(  # node + a unique key: a retried write (spool drain) is stored once
-            ts=time.time(),
+        return CallRecord(  # node + a unique key: a retried write (spool drain) is stored once
+            ts=ts,
             uniqueid=d.call.uniqueid[:64],
             caller=d.call.callerid[:128],
             caller_e164=d.number.e164,
@@ -248,17 +264,19 @@ class CallLogWriter:
             policy=v.policy,
             elapsed_ms=round(d.elapsed_ms, 3),
             node=self.node,
-            key=uuid.uuid4().hex,
+            key=next(self._keys),
         )
-        self.submit(rec)
 
     def submit(self, rec: object) -> None:
         """Queue a CallRecord, CallOutcome or ContactSeen; dropped (and counted) when full.
         An outcome is stamped with this node: on a shared store it updates this node's call only."""
         if isinstance(rec, CallOutcome) and not rec.node:
             rec = dataclasses.replace(rec, node=self.node)
+        self._put(rec)
+
+    def _put(self, item: object) -> None:
         try:
-            self.queue.put_nowait(rec)
+            self.queue.put_nowait(item)
         except asyncio.QueueFull:
             self.dropped += 1
             if self.dropped in (1, 100) or self.dropped % 10000 == 0:
@@ -270,7 +288,7 @@ class CallLogWriter:
         pending = [first] if first is not None else []
         while len(pending) < self.batch and not self.queue.empty():
             pending.append(self.queue.get_nowait())
-        return pending
+        return [self._record(*item) if type(item) is tuple else item for item in pending]
 
     async def run(self) -> None:
         while True:
@@ -667,13 +685,14 @@ class Service:
             log.error("reload refused, old config stays in force: %s", e)
             return False
         old = self.settings.store
-        restart_keys = (new.agi.listen, new.agi.workers, new.agi.max_env_bytes, new.store.path, new.store.url,
+        restart_keys = (new.agi.listen, new.agi.workers, new.agi.max_env_bytes, new.agi.event_loop, new.store.path, new.store.url,
                         new.store.spool_path, new.store.spool_max, new.store.node, new.store.busy_timeout,
                         new.store.password_file, new.mirror.enabled)
-        if restart_keys != (self.settings.agi.listen, self.settings.agi.workers, self.settings.agi.max_env_bytes, old.path,
+        if restart_keys != (self.settings.agi.listen, self.settings.agi.workers, self.settings.agi.max_env_bytes,
+                            self.settings.agi.event_loop, old.path,
                             old.url, old.spool_path, old.spool_max, old.node, old.busy_timeout, old.password_file,
                             self.settings.mirror.enabled):
-            log.warning("[agi] listen/workers/max_env_bytes, [store] path/url/spool_path/spool_max/node/busy_timeout/"
+            log.warning("[agi] listen/workers/max_env_bytes/event_loop, [store] path/url/spool_path/spool_max/node/busy_timeout/"
                         "password_file and [mirror] enabled changes take effect only after a restart")
         if self.server is not None:  # read per connection: the next one obeys them
             self.server.set_limits(allow_peers=new.agi.allow_peers, read_timeout=new.agi.read_timeout,
@@ -739,9 +758,13 @@ class Service:
         await self.stop()
 
 
-async def serve(config_path: str | None, *, workers: int | None = None, worker: int | None = None) -> None:
-    """Run the service; with ``workers`` > 1 (or ``[agi] workers``) as a pool of processes."""
-    settings = load_settings(config_path)
+async def serve(
+    config_path: str | None, *, workers: int | None = None, worker: int | None = None, settings: Settings | None = None
+) -> None:
+    """Run the service; with ``workers`` > 1 (or ``[agi] workers``) as a pool of processes.
+    ``settings``: already loaded from ``config_path`` (the CLI reads them first to choose the
+    event loop)."""
+    settings = settings or load_settings(config_path)
     setup_logging(settings.log_level)
     count = workers if workers is not None else settings.agi.workers
     if worker is None and count > 1:
@@ -759,9 +782,10 @@ async def serve(config_path: str | None, *, workers: int | None = None, worker: 
             notifier.close()
         return
     if worker is None:
-        log.info("edgefilter %s starting (pid %d), config: %s", _version(), os.getpid(), ", ".join(settings.sources))
+        log.info("edgefilter %s starting (pid %d, %s), config: %s", _version(), os.getpid(), running_loop_name(),
+                 ", ".join(settings.sources))
     else:
-        log.info("edgefilter %s worker %d starting (pid %d)", _version(), worker, os.getpid())
+        log.info("edgefilter %s worker %d starting (pid %d, %s)", _version(), worker, os.getpid(), running_loop_name())
     service = Service(settings, config_path=config_path, worker=worker)
     await service.start()
     notifier = Notifier()

@@ -911,19 +911,21 @@ class Store(BatchedImport):
             yield [entry_from_row(r) for r in rows]
 
     async def head_rev(self) -> int:
-        (rev,) = await (await self.db.execute("SELECT COALESCE(MAX(rev), 0) FROM changes")).fetchone()
+        # execute_fetchall: one hop to the connection's thread instead of two (the list
+        # follower asks this several times a second)
+        ((rev,),) = await self.db.execute_fetchall("SELECT COALESCE(MAX(rev), 0) FROM changes")
         return int(rev)
 
     async def changes_since(self, rev: int, limit: int) -> list[tuple[int, str, str, str, Entry | None]]:
         """Changes after ``rev`` with the entry's current row (None when it is gone)."""
-        cur = await self.db.execute(
+        rows = await self.db.execute_fetchall(
             f"""SELECT c.rev, c.op, c.list, c.pattern, {', '.join('e.' + c.strip() for c in ENTRY_COLUMNS.split(','))}
                 FROM changes c LEFT JOIN entries e ON e.list = c.list AND e.pattern = c.pattern
                 WHERE c.rev > ? ORDER BY c.rev LIMIT ?""",
             (rev, limit),
         )
         out = []
-        for r in await cur.fetchall():
+        for r in rows:
             entry = entry_from_row(r[4:]) if r[4] is not None else None
             out.append((r[0], r[1], r[2], r[3], entry))
         return out
