@@ -139,8 +139,8 @@ def free_udp_range(size: int) -> int:
     for _ in range(200):
         base = random.randrange(20000, 60000 - size, 2)
         socks = []
-        try:
-            for p in range(base, base + size):
+        try:  # every port of a small range, a sample of a big one (file descriptors are limited)
+            for p in range(base, base + size, max(1, size // 64)):
                 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
                 socks.append(s)
                 s.bind(("127.0.0.1", p))
@@ -170,7 +170,12 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
 class Ports:
     sip: int = field(default_factory=lambda: free_port(socket.SOCK_DGRAM))
     ami: int = field(default_factory=free_port)
-    rtp: int = field(default_factory=lambda: free_udp_range(40))
+    rtp_size: int = 40  # RTP ports: one per answered call at a time (a benchmark needs hundreds)
+    rtp: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.rtp:
+            self.rtp = free_udp_range(self.rtp_size)
 
 
 AMI_SECRET = "change-me-ami"  # the placeholder shipped in manager-edgefilter.conf (loopback only)
@@ -181,10 +186,11 @@ class Asterisk:
     """One private Asterisk instance under ``root``; ``start()``, ``rx()``, ``restart()``, ``stop()``."""
 
     def __init__(self, install: Install, root: Path, *, service_port: int, verbose: int = 3,
-                 country_code: str = "86", extra_dialplan: str = "", pjsip_extra: str = "", env: dict | None = None) -> None:
+                 country_code: str = "86", extra_dialplan: str = "", pjsip_extra: str = "", env: dict | None = None,
+                 rtp_ports: int = 40) -> None:
         self.install = install
         self.root = root
-        self.ports = Ports()
+        self.ports = Ports(rtp_size=rtp_ports)
         self.service_port = service_port
         self.verbose = verbose
         self.country_code = country_code
@@ -225,7 +231,7 @@ class Asterisk:
         (etc / "modules.conf").write_text("[modules]\nautoload = yes\n" + "".join(f"noload => {m}\n" for m in NOLOAD))
         levels = f"notice,warning,error,verbose({self.verbose}),dtmf" if self.verbose else "notice,warning,error"
         (etc / "logger.conf").write_text(f"[general]\n[logfiles]\nfull => {levels}\n")
-        (etc / "rtp.conf").write_text(f"[general]\nrtpstart = {self.ports.rtp}\nrtpend = {self.ports.rtp + 39}\n")
+        (etc / "rtp.conf").write_text(f"[general]\nrtpstart = {self.ports.rtp}\nrtpend = {self.ports.rtp + self.ports.rtp_size - 1}\n")
         if self.install.samples is not None and (self.install.samples / "indications.conf").exists():
             shutil.copy(self.install.samples / "indications.conf", etc / "indications.conf")
         (etc / "cdr.conf").write_text("[general]\nenable = no\n")
