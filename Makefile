@@ -8,7 +8,7 @@ CONFIG ?=
 BENCH_SIZES ?= 10000,1000000
 BENCH_ARGS ?=
 
-.PHONY: run test venv clean bench bench-lists bench-asterisk mutation
+.PHONY: run test lint venv clean bench bench-lists bench-asterisk mutation
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,13 @@ run: $(STAMP)
 
 # With a private PostgreSQL when its server binaries are installed (.ci/with-postgres says so
 # in one line when they are not, and the PostgreSQL tests skip). EDGEFILTER_TEST_PG=off: without.
-test: $(STAMP)
+test: lint $(STAMP)
 	@.ci/with-postgres $(BIN)/python -m pytest -q
+
+# ruff (pyflakes, pycodestyle, bugbear, pyupgrade, isort) and mypy, configured in pyproject.toml
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	BENCH_COMMAND="make bench BENCH_SIZES=$(BENCH_SIZES)$(if $(BENCH_ARGS), BENCH_ARGS='$(BENCH_ARGS)')" \

@@ -40,18 +40,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "src"), str(HERE)]
 
-import population  # noqa: E402
-from run import cpu_seconds, pct, stop  # noqa: E402
-
 from tests.asterisk import scenarios as sc  # noqa: E402
 from tests.asterisk.pbx import Asterisk, Service, Unavailable, find_install, free_port, wait_for  # noqa: E402
+
+import population  # noqa: E402
+from run import cpu_seconds, pct, stop  # noqa: E402
 
 RESULTS = HERE / "results"
 CACHE = RESULTS / "cache"
@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench-asterisk: {e}", file=sys.stderr)
         return 2
     result: dict = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cores": os.cpu_count(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"), "cores": os.cpu_count(),
         "cpu": _cpu_model(), "python": platform.python_version(), "asterisk": bench.install.version(),
         "timing": "wire (dumpcap on lo)" if bench.capture.kind == "pcap" else "sipp's message trace (no dumpcap here)",
         "command": "make bench-asterisk " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -58,7 +58,7 @@ class Variant:
     args: list[str] = field(default_factory=list)  # appended to the command line (floor: --uvloop)
 
     @classmethod
-    def parse(cls, spec: str) -> "Variant":
+    def parse(cls, spec: str) -> Variant:
         name, *parts = spec.split("|")
         v = cls(name, kind="floor" if name == "floor" else "edgefilter")
         for part in parts:

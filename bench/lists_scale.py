@@ -56,7 +56,7 @@ def number(i: int) -> str:
 
 def build_db(path: Path, exact: int, prefixes: int) -> None:
     """Write the benchmark database directly (what imports would produce, much faster)."""
-    from edgefilter.store import Store
+    from edgefilter.store.sqlite import Store
 
     async def migrate():
         async with Store.open(str(path)):
@@ -107,8 +107,8 @@ def child(db: str, cfg: str, exact: int, live_import: int = 0) -> None:
     """Start the real Service on the database, measure, print one JSON line."""
     import gc
 
-    from edgefilter.config import load_settings
-    from edgefilter.model import Call
+    from edgefilter.core.config import load_settings
+    from edgefilter.core.model import Call
     from edgefilter.service import Service
 
     out: dict = {"rss_before_mb": rss_mb()}
@@ -218,7 +218,7 @@ def bench_import(workdir: Path, lines: int) -> dict:
     r2 = subprocess.run([sys.executable, "-m", "edgefilter", "import", str(csv_path), "--config", str(cfg)],
                         capture_output=True, text=True)
     wall2 = time.perf_counter() - t0
-    from edgefilter.feedworkers import default_jobs
+    from edgefilter.lists.feedworkers import default_jobs
 
     return {"import_wall_s": wall, "import_cpu_s": cpu, "jobs": default_jobs(), "import_out": r.stdout.strip() + r.stderr.strip()[:300],
             "reimport_wall_s": wall2, "reimport_out": r2.stdout.strip()}

@@ -89,11 +89,11 @@ async def one_call(loop: asyncio.AbstractEventLoop, host: str, port: int, env: b
     proto = _Call(env, done)
     try:
         await asyncio.wait_for(loop.create_connection(lambda: proto, host, port), timeout)
-    except (OSError, asyncio.TimeoutError) as e:
+    except (TimeoutError, OSError) as e:
         return 0.0, b"", f"connect: {type(e).__name__}"
     try:
         exc = await asyncio.wait_for(done, timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proto.transport.abort()
         return 0.0, b"", "timeout"
     if exc is not None:

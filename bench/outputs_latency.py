@@ -16,8 +16,8 @@ import time
 
 import asyncio_dgram
 
-from edgefilter.callsim import CallSpec, place_call
-from edgefilter.config import settings_from_dict
+from edgefilter.asterisk.callsim import CallSpec, place_call
+from edgefilter.core.config import settings_from_dict
 from edgefilter.service import Service
 
 

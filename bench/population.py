@@ -18,12 +18,12 @@ import asyncio
 import random
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
-from edgefilter.callsim import CallSpec, build_env
-from edgefilter.lists import Entry, parse_pattern
-from edgefilter.store import ENTRY_COLUMNS, Store
+from edgefilter.asterisk.callsim import CallSpec, build_env
+from edgefilter.lists.index import Entry, parse_pattern
+from edgefilter.store.sqlite import ENTRY_COLUMNS, Store
 
 #: Callers a real trunk presents, by kind; weights of the default mix (mostly unknown callers,
 #: as on a real line, with every branch of the decision exercised).

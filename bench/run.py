@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -39,8 +39,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import population  # noqa: E402
-
-from edgefilter.callsim import CallSpec, build_env  # noqa: E402
+from edgefilter.asterisk.callsim import CallSpec, build_env  # noqa: E402
 
 TARGETS = {"p50_ratio": 1.1, "p99_ratio": 1.2, "saturation_cps": 2000.0, "cpu_ms_per_call": 0.8, "rss_mb_10m": 500.0,
            "cpu_over_floor_ms": 0.3}  # issue 16: at 100 calls/s, CPU per call at most the floor's + 0.3 ms
@@ -409,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(a.work or tmp.name)
     work.mkdir(parents=True, exist_ok=True)
     result = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cores": ncores,
         "cpu_model": cpu_model(),
         "python": platform.python_version(),

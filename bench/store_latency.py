@@ -20,9 +20,9 @@ from pathlib import Path
 
 import asyncpg
 
-from edgefilter.callsim import CallSpec, place_call
-from edgefilter.config import settings_from_dict
-from edgefilter.lists import Entry, parse_pattern
+from edgefilter.asterisk.callsim import CallSpec, place_call
+from edgefilter.core.config import settings_from_dict
+from edgefilter.lists.index import Entry, parse_pattern
 from edgefilter.service import Service
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edgefilter.config import settings_from_dict
+from edgefilter.core.config import settings_from_dict
 from edgefilter.service import Service
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "asterisk"
@@ -20,7 +20,7 @@ def _fresh_normalisation_caches():
     """Every test session starts with empty caches in numbers. Under `make mutation`, sessions
     run in processes forked from one that already ran the suite: an answer cached from the
     unmutated code would hide the mutant under test (docs/testing.md)."""
-    from edgefilter import numbers
+    from edgefilter.core import numbers
 
     numbers._normalize_cached.cache_clear()
     numbers._is_short.cache_clear()

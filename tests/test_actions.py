@@ -8,10 +8,10 @@ import time
 import pytest
 
 from edgefilter import cli
-from edgefilter.callsim import CallSpec, place_call
-from edgefilter.config import settings_from_dict
-from edgefilter.errors import ConfigError
-from edgefilter.lists import Entry, parse_pattern
+from edgefilter.asterisk.callsim import CallSpec, place_call
+from edgefilter.core.config import settings_from_dict
+from edgefilter.core.errors import ConfigError
+from edgefilter.lists.index import Entry, parse_pattern
 from edgefilter.service import Service
 
 

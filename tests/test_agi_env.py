@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from edgefilter.agi import MAX_LINE, read_env, stream_limit
-from edgefilter.callsim import CallSpec, build_env
-from edgefilter.errors import ProtocolError
+from edgefilter.asterisk.agi import MAX_LINE, read_env, stream_limit
+from edgefilter.asterisk.callsim import CallSpec, build_env
+from edgefilter.core.errors import ProtocolError
 
 
 def _reader(data: bytes, max_env: int = 16384, eof: bool = True) -> asyncio.StreamReader:

@@ -8,10 +8,10 @@ import os
 
 import pytest
 
-from edgefilter.ami import AmiListener, load_secret
-from edgefilter.config import AmiSettings
-from edgefilter.errors import AmiError, ConfigError
-from edgefilter.outcomes import OutcomeTracker
+from edgefilter.asterisk.ami import AmiListener, load_secret
+from edgefilter.asterisk.outcomes import OutcomeTracker
+from edgefilter.core.config import AmiSettings
+from edgefilter.core.errors import AmiError, ConfigError
 
 from .amifake import FakeAmi, call_events, free_port, parse_fixture
 

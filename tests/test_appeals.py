@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from edgefilter import cli
-from edgefilter.appeals import AppealBook, check_recording, max_recording_bytes, sweep_recordings
-from edgefilter.callsim import CallSpec, place_call
-from edgefilter.lists import Entry, parse_pattern
+from edgefilter.asterisk.appeals import AppealBook, check_recording, max_recording_bytes, sweep_recordings
+from edgefilter.asterisk.callsim import CallSpec, place_call
+from edgefilter.lists.index import Entry, parse_pattern
 from edgefilter.service import Service
 
 from .conftest import behaviour_off
@@ -196,7 +196,7 @@ async def test_another_worker_checks_the_sealed_id_and_decides_the_facts_again(s
     await block(svc, source="feed-x")
     aid = (await screen(svc, uniqueid="1700000006.1"))["EDGEFILTER_APPEAL_ID"]
     other = AppealBook(lambda: svc.settings, lambda: svc.screener.index, redecide=svc.screener.decide, secret=svc.appeals.secret)
-    from edgefilter.model import Call
+    from edgefilter.core.model import Call
 
     call = Call(callerid=BLOCKED, uniqueid="1700000006.1", params={"id": aid})
     o = other.find(call)
@@ -333,8 +333,8 @@ async def test_forged_caller_ids_are_never_appealable(svc):
 
 
 async def test_refusals_under_the_ledger_only_when_configured(make_settings, recordings):
-    from edgefilter.model import Hit
-    from edgefilter.screen import Decision
+    from edgefilter.core.model import Hit
+    from edgefilter.rules.screen import Decision
 
     for allowed in (False, True):
         s = Service(make_settings(appeal_cfg(recordings, refused_before=allowed)), port=0)
@@ -348,7 +348,7 @@ async def test_refusals_under_the_ledger_only_when_configured(make_settings, rec
 
 
 async def test_rules_and_policies_choose_which_refusals_are_appealable(make_settings, recordings):
-    from edgefilter.model import Call
+    from edgefilter.core.model import Call
 
     s = Service(make_settings(appeal_cfg(recordings, rules=["REPUTATION_LISTED"]), policies={
         "vip": {"match_extension": ["7000"], "appeal": False}}), port=0)
@@ -475,8 +475,8 @@ async def test_a_dead_webhook_never_delays_the_reference(make_settings, recordin
 
 
 def test_statsd_counts_appeal_events():
-    from edgefilter.config import OutputsSettings
-    from edgefilter.events import StatsdOutput
+    from edgefilter.core.config import OutputsSettings
+    from edgefilter.outputs.events import StatsdOutput
 
     out = StatsdOutput(OutputsSettings(statsd=("127.0.0.1", 8125)))
     out.appeal("recorded")
@@ -484,7 +484,7 @@ def test_statsd_counts_appeal_events():
 
 
 def test_config_is_strict(make_settings):
-    from edgefilter.errors import ConfigError
+    from edgefilter.core.errors import ConfigError
 
     for bad, words in ((appeal_cfg(colldown="1d"), "unknown key 'colldown' in [appeal]"),
                        (appeal_cfg(rules=["LIST_BLOKED"]), "unknown rule 'LIST_BLOKED'"),
@@ -499,8 +499,8 @@ def test_config_is_strict(make_settings):
 
 # ------------------------------------------------------------------------ rule precision, evidence
 def test_precision_per_rule_and_source_with_suggestions():
-    from edgefilter.stats import appeal_precision
-    from edgefilter.store import Appeal
+    from edgefilter.outputs.stats import appeal_precision
+    from edgefilter.store.sqlite import Appeal
 
     def a(status, rules="LIST_BLOCKED(+20)", source="feed-x", ts=1000.0):
         return Appeal(0, "1", "k", ts, "+8613800138000", rules=rules, entry_source=source, status=status)
@@ -550,8 +550,8 @@ async def test_stats_report_and_evidence_show_the_appeals(svc, recordings, tmp_p
 
 
 async def test_db_copy_brings_appeals_with_their_codes_and_the_no_appeal_flags(pg_url, tmp_path, capsys):
-    from edgefilter.store import Appeal, Store
-    from edgefilter.stores import open_store
+    from edgefilter.store.open import open_store
+    from edgefilter.store.sqlite import Appeal, Store
 
     src = tmp_path / "box.db"
     async with Store.open(str(src)) as box:
@@ -572,7 +572,7 @@ async def test_db_copy_brings_appeals_with_their_codes_and_the_no_appeal_flags(p
 
 
 def make_pg(url: str):
-    from edgefilter.config import settings_from_dict
+    from edgefilter.core.config import settings_from_dict
 
     return settings_from_dict({"store": {"url": url}})
 

@@ -6,11 +6,11 @@ import itertools
 
 import pytest
 
-from edgefilter.behaviour import BehaviourRules
-from edgefilter.config import settings_from_dict
-from edgefilter.errors import ConfigError
-from edgefilter.model import Call
-from edgefilter.screen import Screener
+from edgefilter.core.config import settings_from_dict
+from edgefilter.core.errors import ConfigError
+from edgefilter.core.model import Call
+from edgefilter.rules.behaviour import BehaviourRules
+from edgefilter.rules.screen import Screener
 
 _uid = itertools.count(1)
 
@@ -102,7 +102,7 @@ def test_short_and_unanswered_calls_need_a_minimum_sample():
 
 
 def test_calls_we_did_not_let_ring_do_not_count_as_short():
-    from edgefilter.lists import Entry, parse_pattern
+    from edgefilter.lists.index import Entry, parse_pattern
 
     rig = Rig()
     rig.screener.index.put(Entry("block", parse_pattern("+8613700137000", "CN")))
@@ -184,7 +184,7 @@ def test_refused_before_forces_voicemail_for_that_callee_or_anyone():
 
 
 def test_allowlist_still_beats_behaviour():
-    from edgefilter.lists import Entry, parse_pattern
+    from edgefilter.lists.index import Entry, parse_pattern
 
     rig = Rig()
     rig.screener.index.put(Entry("allow", parse_pattern("+8613800138000", "CN")))
@@ -249,7 +249,7 @@ def test_behaviour_config_is_validated():
 def test_a_late_call_from_another_node_takes_its_place_in_time():
     """Another node's call arrives (from the shared store) after newer local ones: the indexes
     stay in time order, so window scans neither stop early nor miss it."""
-    from edgefilter.history import CallHistory, RecentCall
+    from edgefilter.rules.history import CallHistory, RecentCall
 
     h = CallHistory(horizon=3600.0, max_calls=100)
     h.add(RecentCall(100.0, "a", "+8613800138000", "1000", "+86138001"), 100.0)

@@ -79,7 +79,7 @@ async def test_a_server_that_closes_without_answering_is_an_error_not_a_fast_cal
 def test_mix_callers_are_what_they_claim():
     import random
 
-    from edgefilter.numbers import normalize
+    from edgefilter.core.numbers import normalize
 
     rng = random.Random(1)
     for _ in range(200):

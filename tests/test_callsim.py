@@ -19,14 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from edgefilter.callsim import (
-    CallSpec,
-    build_env,
-    load_transcript,
-    parse_agi_args,
-    place_call,
-    transcript_env,
-)
+from edgefilter.asterisk.callsim import CallSpec, build_env, load_transcript, parse_agi_args, place_call, transcript_env
 
 HERE = Path(__file__).resolve()
 
@@ -448,7 +441,7 @@ async def test_pipelined_commands_stall_until_more_bytes_arrive():
         got["first"] = await reader.readline()
         try:
             got["second"] = await asyncio.wait_for(reader.readline(), 0.15)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             got["second"] = None  # stalled, like res_agi
         writer.write(b"VERBOSE x 1\n")
         got["after"] = [await reader.readline(), await reader.readline()]

@@ -14,18 +14,12 @@ import time
 
 import pytest
 
-from edgefilter.callsim import CallSpec, place_call
-from edgefilter.challenge import (
-    ID_ALPHABET,
-    ID_LENGTH,
-    ChallengeBook,
-    ChallengeFailures,
-    ChallengeRecorder,
-)
-from edgefilter.config import settings_from_dict
-from edgefilter.lists import Entry, ListIndex, parse_pattern
-from edgefilter.model import Action, Call
-from edgefilter.screen import Screener
+from edgefilter.asterisk.callsim import CallSpec, place_call
+from edgefilter.asterisk.challenge import ID_ALPHABET, ID_LENGTH, ChallengeBook, ChallengeFailures, ChallengeRecorder
+from edgefilter.core.config import settings_from_dict
+from edgefilter.core.model import Action, Call
+from edgefilter.lists.index import Entry, ListIndex, parse_pattern
+from edgefilter.rules.screen import Screener
 from edgefilter.service import Service
 
 FRIEND = "+8613900139000"  # valid; challenged because presentation is restricted (callingpres 32)
@@ -397,8 +391,8 @@ async def test_concurrent_writers_share_the_store_connection_safely(service, cap
 
 
 async def test_store_transactions_from_concurrent_tasks_do_not_interleave(tmp_path):
-    from edgefilter.challenge import OutcomeRecord
-    from edgefilter.store import CallRecord, Store
+    from edgefilter.asterisk.challenge import OutcomeRecord
+    from edgefilter.store.sqlite import CallRecord, Store
 
     rec = CallRecord(1.0, "1.1", "+8613900139000", "+8613900139000", "valid", "", "1000", "1000", "from-trunk",
                      "allow", None, 0.0, "", "default", 0.1)
@@ -460,7 +454,7 @@ def test_a_challenge_issued_by_one_worker_is_checked_by_another():
 
 async def test_the_worker_pool_gives_every_worker_the_same_challenge_key(monkeypatch):
     from edgefilter import workers
-    from edgefilter.challenge import SECRET_ENV
+    from edgefilter.asterisk.challenge import SECRET_ENV
 
     seen = []
 
@@ -475,7 +469,7 @@ async def test_the_worker_pool_gives_every_worker_the_same_challenge_key(monkeyp
             await pool._spawn(i)
     assert len(seen) == 2 and seen[0] == seen[1] and len(bytes.fromhex(seen[0])) == 32
     monkeypatch.setenv(SECRET_ENV, seen[0])
-    from edgefilter.challenge import challenge_secret
+    from edgefilter.asterisk.challenge import challenge_secret
 
     assert challenge_secret() == bytes.fromhex(seen[0])
 
@@ -485,7 +479,7 @@ async def test_a_sealed_id_checked_by_another_worker_expires_with_its_age(make_s
     challenge issued on one and reported on the other is checked from its sealed id while it is
     young, and refused once older than the challenge TTL, although its seal and digit are right.
     Without the age check a captured id would work for ever (and a right digit allowlist)."""
-    from edgefilter.challenge import SECRET_ENV
+    from edgefilter.asterisk.challenge import SECRET_ENV
 
     monkeypatch.setenv(SECRET_ENV, "5a" * 32)
     issuer = Service(make_settings(), port=0)

@@ -122,7 +122,7 @@ def test_try_call_against_nothing_says_fail_open(cfg):
 
 def test_classic_agi_launcher_screens_over_stdin(tmp_path, cfg):
     assert cli.main(["block", "+86170*", "--config", cfg]) == 0
-    from edgefilter.callsim import CallSpec, build_env
+    from edgefilter.asterisk.callsim import CallSpec, build_env
 
     env = build_env(CallSpec(callerid=b"+8617012345678", script="screen"))
     # a classic AGI has no agi_network lines

@@ -1,11 +1,10 @@
-import os
 import textwrap
 
 import pytest
 
-from edgefilter.config import dump, load_settings, settings_from_dict
-from edgefilter.errors import ConfigError
-from edgefilter.model import Action
+from edgefilter.core.config import dump, load_settings, settings_from_dict
+from edgefilter.core.errors import ConfigError
+from edgefilter.core.model import Action
 
 
 def write(path, text):

@@ -13,16 +13,17 @@ import sys
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from edgefilter import eventloop
-from edgefilter.callsim import CallSpec, place_call
-from edgefilter.config import settings_from_dict
-from edgefilter.errors import ConfigError
-from edgefilter.model import Call
-from edgefilter.screen import Screener
+from edgefilter.asterisk.callsim import CallSpec, place_call
+from edgefilter.core.config import settings_from_dict
+from edgefilter.core.errors import ConfigError
+from edgefilter.core.model import Call
+from edgefilter.rules.screen import Screener
 from edgefilter.service import CallLogWriter, Service
-from edgefilter.store import CallOutcome, CallRecord
+from edgefilter.store.sqlite import CallOutcome, CallRecord
 
 
 def _decision(callerid: str = "+8613800138000", uniqueid: str = "1.1"):
@@ -98,7 +99,7 @@ def test_the_service_screens_on_uvloop(make_settings, monkeypatch):
 # --------------------------------------------------------------------------- env block fast path
 def _parse(block: bytes, fast: bool, monkeypatch) -> tuple:
     """Feed ``block`` as read_env does (up to each blank line); the result or the error."""
-    from edgefilter import agi
+    from edgefilter.asterisk import agi
 
     if not fast:
         monkeypatch.setattr(agi._EnvParser, "canonical", lambda self, text: False)
@@ -133,7 +134,7 @@ _HOSTILE = st.one_of(
 def test_the_whole_block_match_reads_exactly_what_the_line_checks_read(callerid, name, args, drop, monkeypatch):
     """The one-match path for Asterisk's own shape gives the same env, state and errors as the
     line-by-line checks, for every block callsim can build, hostile values included."""
-    from edgefilter.callsim import build_env
+    from edgefilter.asterisk.callsim import build_env
 
     spec = CallSpec(callerid=callerid, calleridname=name, args=tuple(args), extra={drop: None} if drop else None)
     for truncate in (True, False):
@@ -142,8 +143,8 @@ def test_the_whole_block_match_reads_exactly_what_the_line_checks_read(callerid,
 
 
 def test_the_whole_block_match_takes_asterisks_shape_and_nothing_else():
-    from edgefilter import agi
-    from edgefilter.callsim import build_env
+    from edgefilter.asterisk import agi
+    from edgefilter.asterisk.callsim import build_env
 
     def canonical(block: bytes) -> bool:
         return agi._EnvParser(agi.EnvBlock(), 16384, agi._REQUIRED).canonical(block.decode("utf-8", "replace"))

@@ -9,7 +9,6 @@ last committed batch left it, the database passes an integrity check.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
 import sqlite3
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 
 from edgefilter import cli
-from edgefilter.callsim import CallSpec, place_call
+from edgefilter.asterisk.callsim import CallSpec, place_call
 
 
 def free_port() -> int:

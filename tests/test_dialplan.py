@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from edgefilter.appeals import ANSWERS, APPEAL_VARIABLES, ROUTE as APPEAL_ROUTE, SPOOL_FOLDER, STEPS
-from edgefilter.challenge import CHALLENGE_VARIABLES, RESULT_ROUTE, RESULTS
-from edgefilter.config import DEFAULTS_PATH, REJECT_CAUSES
-from edgefilter.model import Action
-from edgefilter.screen import SCREEN_VARIABLES
+from edgefilter.asterisk.appeals import ANSWERS, APPEAL_VARIABLES, SPOOL_FOLDER, STEPS
+from edgefilter.asterisk.appeals import ROUTE as APPEAL_ROUTE
+from edgefilter.asterisk.challenge import CHALLENGE_VARIABLES, RESULT_ROUTE, RESULTS
+from edgefilter.core.config import DEFAULTS_PATH, REJECT_CAUSES
+from edgefilter.core.model import Action
+from edgefilter.rules.screen import SCREEN_VARIABLES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "asterisk-conf"
@@ -101,7 +102,7 @@ def test_edgefilter_variables_are_exactly_those_the_code_sets():
 
 
 def test_star_code_routes_in_the_dial_plan_exist_in_the_service():
-    from edgefilter.starcodes import StarCodes
+    from edgefilter.asterisk.starcodes import StarCodes
 
     text = (CONF / "extensions-edgefilter-features.conf").read_text()
     routes = set(re.findall(r"agi://[^/]+/([a-z][a-z-]*)", text))

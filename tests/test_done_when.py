@@ -12,8 +12,8 @@ import time
 import pytest
 
 from edgefilter import cli
-from edgefilter.errors import AmiError
-from edgefilter.callsim import CallSpec, place_call
+from edgefilter.asterisk.callsim import CallSpec, place_call
+from edgefilter.core.errors import AmiError
 from edgefilter.service import Service
 
 from .amifake import FakeAmi, call_events
@@ -152,7 +152,7 @@ async def test_service_refuses_a_group_readable_secret_file(make_settings, tmp_p
 
     import pytest
 
-    from edgefilter.errors import ConfigError
+    from edgefilter.core.errors import ConfigError
 
     secret = tmp_path / "ami.secret"
     secret.write_text("edgefilter\n")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sqlite3
 
-from edgefilter import store as sqlite_store
-from edgefilter.lists import Entry, ListIndex, parse_pattern
-from edgefilter.store import Store, load_index
+from edgefilter.lists.index import Entry, ListIndex, parse_pattern
+from edgefilter.store import sqlite as sqlite_store
+from edgefilter.store.sqlite import Store, load_index
 
 
 def mk(list_name: str, text: str, **kw) -> Entry:

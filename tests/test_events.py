@@ -17,13 +17,17 @@ import urllib.request
 
 import asyncio_dgram
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from edgefilter.config import settings_from_dict
-from edgefilter.decisionlog import DecisionLogger, format_json, format_kv
-from edgefilter.errors import ConfigError
-from edgefilter.events import (
+from edgefilter.core.config import settings_from_dict
+from edgefilter.core.errors import ConfigError
+from edgefilter.core.model import Call
+from edgefilter.lists.index import ListIndex
+from edgefilter.outputs.decisionlog import DecisionLogger, format_json, format_kv
+from edgefilter.outputs.events import (
     SD_ID,
     STATSD_MAX_DATAGRAM,
     SYSLOG_MAX_MESSAGE,
@@ -34,9 +38,7 @@ from edgefilter.events import (
     statsd_lines,
     syslog_message,
 )
-from edgefilter.lists import ListIndex
-from edgefilter.model import Call
-from edgefilter.screen import Screener
+from edgefilter.rules.screen import Screener
 from edgefilter.service import Service
 
 from .test_service import add, call
@@ -63,7 +65,7 @@ async def receive(stream, enough, timeout: float = 3.0) -> list[bytes]:
         assert left > 0, f"collector got only {got!r}"
         try:
             data, _ = await asyncio.wait_for(stream.recv(), left)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             continue
         got.append(data)
     return got
@@ -95,7 +97,7 @@ def decision(callerid="+8613800138000", name="", block=(), settings=None, **kw):
     idx = ListIndex()
     screener = Screener(s, idx)
     if block:
-        from edgefilter.lists import Entry, parse_pattern
+        from edgefilter.lists.index import Entry, parse_pattern
 
         idx.extend(Entry("block", parse_pattern(p, "CN"), created_at=0) for p in block)
     return screener.decide(Call(callerid=callerid, calleridname=name, dnid="1000", extension="1000", context="from-trunk", uniqueid="1700000000.1", **kw))
@@ -326,7 +328,7 @@ async def test_sighup_reload_turns_statsd_on_without_a_restart(make_settings, tm
     cfg = tmp_path / "edgefilter.toml"
     db = tmp_path / "edgefilter.db"
     cfg.write_text(f'[store]\npath = "{db}"\n[agi]\nlisten = "127.0.0.1:0"\n')
-    from edgefilter.config import load_settings
+    from edgefilter.core.config import load_settings
 
     svc = Service(load_settings(cfg), config_path=str(cfg), port=0)
     await svc.start()
@@ -454,9 +456,9 @@ def test_log_formats_bound_overlong_caller_text():
 
 # --------------------------------------------------------------------------- deployment
 def test_systemd_unit_is_hardened_and_reloads_with_sighup(tmp_path):
-    from pathlib import Path
     import shutil
     import subprocess
+    from pathlib import Path
 
     unit = Path(__file__).resolve().parents[1] / "asterisk-conf" / "edgefilter.service"
     directives: dict[str, list[str]] = {}
@@ -487,7 +489,7 @@ def test_systemd_unit_is_hardened_and_reloads_with_sighup(tmp_path):
 
 
 def test_list_counts_for_gauges_stay_in_step_with_the_index():
-    from edgefilter.lists import Entry, parse_pattern
+    from edgefilter.lists.index import Entry, parse_pattern
 
     idx = ListIndex()
     e = lambda lst, p, note="": Entry(lst, parse_pattern(p, "CN"), note=note, created_at=0)  # noqa: E731
@@ -501,7 +503,7 @@ def test_list_counts_for_gauges_stay_in_step_with_the_index():
 
 
 def test_decision_log_line_is_not_built_when_info_is_off(monkeypatch, caplog):
-    import edgefilter.decisionlog as dl
+    import edgefilter.outputs.decisionlog as dl
 
     def boom(d):
         raise AssertionError("built a line nobody writes")

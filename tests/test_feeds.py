@@ -6,19 +6,9 @@ import random
 
 import pytest
 
-from edgefilter.feeds import (
-    MAX_LINE,
-    FeedError,
-    FeedOptions,
-    Seen,
-    decode,
-    detect_format,
-    fast_pattern,
-    parse_feed,
-    split_lines,
-)
-from edgefilter.lists import Entry, parse_pattern
-from edgefilter.numbers import strip_visual
+from edgefilter.core.numbers import strip_visual
+from edgefilter.lists.feeds import MAX_LINE, FeedError, FeedOptions, Seen, decode, detect_format, fast_pattern, parse_feed, split_lines
+from edgefilter.lists.index import Entry, parse_pattern
 
 OPTS = FeedOptions(list_name="block", region="CN", source="t", categories=frozenset({"fraud", "marketing"}))
 

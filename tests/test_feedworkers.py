@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from edgefilter import cli, feedworkers
-from edgefilter.feeds import FeedError, FeedOptions, chunked, feed_values, parse_feed, plan_slices
-from edgefilter.lists import exact_num
+from edgefilter import cli
+from edgefilter.lists import feedworkers
+from edgefilter.lists.feeds import FeedError, FeedOptions, chunked, feed_values, parse_feed, plan_slices
+from edgefilter.lists.index import exact_num
 
 OPTS = FeedOptions(list_name="block", region="DE", source="feed", created_at=1.0,
                    categories=frozenset({"marketing", "fraud", "scam"}))

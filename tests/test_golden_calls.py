@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from edgefilter.callsim import CallSpec, place_call
-from edgefilter.lists import Entry, parse_pattern
+from edgefilter.asterisk.callsim import CallSpec, place_call
+from edgefilter.lists.index import Entry, parse_pattern
 from edgefilter.service import Service
 
 CASES = sorted((Path(__file__).parent / "data" / "calls").glob("*.toml"))

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from edgefilter.store import MIGRATIONS, SCHEMA_VERSION, CallOutcome, CallRecord, ContactSeen, Refusal, Store
-from edgefilter.stores import open_store
+from edgefilter.store.open import open_store
+from edgefilter.store.sqlite import MIGRATIONS, SCHEMA_VERSION, CallOutcome, CallRecord, ContactSeen, Refusal, Store
 
 
 @pytest.fixture

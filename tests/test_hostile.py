@@ -10,21 +10,19 @@ block, never a reply read out of step, always a log line.
 
 from __future__ import annotations
 
-import base64
-
 import asyncio
-import logging
+import base64
 import re
 import time
 from pathlib import Path
 
 import pytest
 
-from edgefilter import agi
-from edgefilter.callsim import CallSpec, _separate_args, build_env, load_transcript, parse_agi_args, place_call
-from edgefilter.config import settings_from_dict
-from edgefilter.errors import ConfigError
-from edgefilter.lists import Entry, parse_pattern
+from edgefilter.asterisk import agi
+from edgefilter.asterisk.callsim import CallSpec, _separate_args, build_env, load_transcript, parse_agi_args, place_call
+from edgefilter.core.config import settings_from_dict
+from edgefilter.core.errors import ConfigError
+from edgefilter.lists.index import Entry, parse_pattern
 from edgefilter.service import Service
 
 from .conftest import FIXTURES, behaviour_off
@@ -630,7 +628,7 @@ async def test_dribbling_peer_cannot_extend_the_env_deadline(make_settings, capl
                 await asyncio.wait_for(reader.read(1), 0.05)
                 closed_at = time.perf_counter() - t0
                 break
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         writer.close()
         # one deadline for the block: closed after 0.6 s (never before), long before the 40 s a

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 
-from edgefilter.numbers import normalize
+from edgefilter.core.numbers import normalize
 from edgefilter.service import Service, settle_heap
 
 

@@ -14,10 +14,10 @@ import time
 import pytest
 
 from edgefilter import cli
-from edgefilter.callsim import CallSpec, place_call
+from edgefilter.asterisk.callsim import CallSpec, place_call
 from edgefilter.imports import EXIT_REFUSED, Progress
-from edgefilter.lists import Entry, parse_pattern
-from edgefilter.store import Store, load_index
+from edgefilter.lists.index import Entry, parse_pattern
+from edgefilter.store.sqlite import Store, load_index
 
 
 @pytest.fixture

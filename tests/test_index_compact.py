@@ -8,8 +8,8 @@ from array import array
 
 import pytest
 
-from edgefilter.lists import DELETED, Entry, ListIndex, Pattern, _Compact, digits_num, parse_pattern
-from edgefilter.store import Store, load_index
+from edgefilter.lists.index import DELETED, Entry, ListIndex, Pattern, _Compact, digits_num, parse_pattern
+from edgefilter.store.sqlite import Store, load_index
 
 
 def mk(list_name, text, **kw):
@@ -119,7 +119,7 @@ def test_snapshot_is_written_used_and_refused_when_it_does_not_belong(tmp_path):
     import os
     import shutil
 
-    from edgefilter.store import SNAPSHOT_SUFFIX
+    from edgefilter.store.sqlite import SNAPSHOT_SUFFIX
 
     db = str(tmp_path / "e.db")
     first = [mk("block", f"+86138{i:08d}", source="a", created_at=1.0) for i in range(50)]
@@ -162,7 +162,7 @@ def test_snapshot_is_written_used_and_refused_when_it_does_not_belong(tmp_path):
 
 
 def test_compact_hits_are_ordinary_entries():
-    from edgefilter.lists import _exact_entry
+    from edgefilter.lists.index import _exact_entry
 
     e = _exact_entry("block", "8613800138000", ("fraud", "n", "s", 1.0, 5.0))
     ref = Entry("block", Pattern("exact", "8613800138000", "+8613800138000"), "fraud", "n", "s", 1.0, 5.0)
@@ -174,7 +174,7 @@ def test_imported_rows_get_kind_key_num_and_profile_like_put_entry(tmp_path):
     """Staged rows carry only the pattern text: kind, key and num are derived in SQL."""
     import sqlite3
 
-    from edgefilter.lists import exact_num
+    from edgefilter.lists.index import exact_num
 
     texts = ["+8613800138000", "95588", "+86170*", "+4121560####", "+8613800138001"]
     db_import, db_put = str(tmp_path / "i.db"), str(tmp_path / "p.db")
@@ -222,7 +222,7 @@ def test_packed_read_gives_the_rows_in_key_order_or_falls_back_to_them(tmp_path,
     across chunk boundaries."""
     import sqlite3
 
-    from edgefilter import store as store_mod
+    from edgefilter.store import sqlite as store_mod
 
     monkeypatch.setattr(store_mod, "COMPACT_CHUNK", 37)
     used = []  # (shift, usable) of each chunked read

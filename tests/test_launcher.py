@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edgefilter.callsim import CallSpec, build_env
+from edgefilter.asterisk.callsim import CallSpec, build_env
 
 SCRIPT = Path(__file__).resolve().parents[1] / "agi" / "edgefilter-agi"
 

@@ -1,8 +1,10 @@
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
-from edgefilter.errors import PatternError
-from edgefilter.lists import Entry, ListIndex, Pattern, parse_pattern
+from edgefilter.core.errors import PatternError
+from edgefilter.lists.index import Entry, ListIndex, Pattern, parse_pattern
 
 
 def entry(list_name, text, region="CN", **kw):

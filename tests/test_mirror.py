@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from edgefilter.config import settings_from_dict
-from edgefilter.lists import Entry, ListIndex, Pattern, parse_pattern
-from edgefilter.mirror import BlockMirror, MirrorError, hard_block_value
+from edgefilter.asterisk.mirror import BlockMirror, MirrorError, hard_block_value
+from edgefilter.core.config import settings_from_dict
+from edgefilter.lists.index import Entry, ListIndex, Pattern, parse_pattern
 from edgefilter.service import Service
 
 FAMILY = "edgefilter-block"

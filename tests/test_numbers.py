@@ -1,8 +1,10 @@
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
-from edgefilter.model import NumberKind
-from edgefilter.numbers import normalize
+from edgefilter.core.model import NumberKind
+from edgefilter.core.numbers import normalize
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,8 @@ import phonenumbers
 import pytest
 from phonenumbers import PhoneNumberType
 
-from edgefilter import numbers
-from edgefilter.numbers import fast_parse
+from edgefilter.core import numbers
+from edgefilter.core.numbers import fast_parse
 
 REGIONS = ("CN", "US", "CA", "GB", "DE", "FR", "IT", "IN", "JP", "RU", "KZ", "BR", "AR", "MX", "AU", "NZ", "HK", "SG", "VA", "CI")
 TYPES = (PhoneNumberType.MOBILE, PhoneNumberType.FIXED_LINE, PhoneNumberType.TOLL_FREE, PhoneNumberType.PREMIUM_RATE, PhoneNumberType.VOIP)

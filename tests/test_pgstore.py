@@ -23,13 +23,14 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from edgefilter import cli, pgstore
-from edgefilter.callsim import CallSpec, place_call
-from edgefilter.errors import StoreError
-from edgefilter.lists import Entry, parse_pattern
+from edgefilter import cli
+from edgefilter.asterisk.callsim import CallSpec, place_call
+from edgefilter.core.errors import StoreError
+from edgefilter.lists.index import Entry, parse_pattern
 from edgefilter.service import Service
-from edgefilter.store import SCHEMA_VERSION, CallOutcome, CallRecord, ContactSeen, Refusal, ReputationRow, Store
-from edgefilter.stores import open_store, read_password_file
+from edgefilter.store import postgres as pgstore
+from edgefilter.store.open import open_store, read_password_file
+from edgefilter.store.sqlite import SCHEMA_VERSION, CallOutcome, CallRecord, ContactSeen, Refusal, ReputationRow, Store
 
 from .conftest import PG_BIN, PG_DATA, PG_URL
 
@@ -219,7 +220,7 @@ def _record(i: int) -> CallRecord:
 
 
 def _pg_settings(url: str, **store):
-    from edgefilter.config import settings_from_dict
+    from edgefilter.core.config import settings_from_dict
 
     return settings_from_dict({"store": {"url": url, **store}})
 
@@ -330,7 +331,7 @@ async def test_service_starts_and_screens_with_the_database_unreachable(make_set
     finally:
         await svc.stop()
     # the spool outlives the process: the next start finds the record again
-    from edgefilter.spool import Spool
+    from edgefilter.store.spool import Spool
 
     spool = await Spool.open(str(tmp_path / "spool.db"), 1000)
     try:
@@ -340,7 +341,7 @@ async def test_service_starts_and_screens_with_the_database_unreachable(make_set
 
 
 async def test_spool_is_bounded_by_count(tmp_path):
-    from edgefilter.spool import Spool
+    from edgefilter.store.spool import Spool
 
     spool = await Spool.open(str(tmp_path / "spool.db"), 3)
     try:

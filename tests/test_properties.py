@@ -13,16 +13,18 @@ import string
 import tempfile
 from pathlib import Path
 
-from hypothesis import HealthCheck, assume, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
-from edgefilter.agi import ENV_KEYS, MAX_LINE, EnvBlock, build_call, mset_command, read_env, safe_value
-from edgefilter.callsim import CallSpec, _separate_args, build_env, parse_agi_args
-from edgefilter.config import SCHEMA, Settings, load_settings
-from edgefilter.errors import ConfigError, PatternError, ProtocolError
-from edgefilter.lists import Pattern, parse_pattern
-from edgefilter.model import Call, NumberKind
-from edgefilter.numbers import normalize
-from edgefilter.screen import Screener, channel_variables
+from edgefilter.asterisk.agi import ENV_KEYS, MAX_LINE, EnvBlock, build_call, mset_command, read_env, safe_value
+from edgefilter.asterisk.callsim import CallSpec, _separate_args, build_env, parse_agi_args
+from edgefilter.core.config import SCHEMA, Settings, load_settings
+from edgefilter.core.errors import ConfigError, PatternError, ProtocolError
+from edgefilter.core.model import Call, NumberKind
+from edgefilter.core.numbers import normalize
+from edgefilter.lists.index import Pattern, parse_pattern
+from edgefilter.rules.screen import Screener, channel_variables
 
 FAST = hsettings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from edgefilter import agi, callsim
-from edgefilter.callsim import CallSpec, _separate_args, build_env, parse_agi_args, place_call
-from edgefilter.lists import Entry, parse_pattern
+from edgefilter.asterisk import agi, callsim
+from edgefilter.asterisk.callsim import CallSpec, _separate_args, build_env, parse_agi_args, place_call
+from edgefilter.lists.index import Entry, parse_pattern
 from edgefilter.service import Service
 
 from .conftest import behaviour_off

@@ -7,15 +7,15 @@ import asyncio
 import csv
 import io
 import time
-from datetime import timezone
+from datetime import UTC
 
 import pytest
 
 from edgefilter import cli
-from edgefilter.callsim import CallSpec, place_call
-from edgefilter.evidence import build, to_csv, to_html
+from edgefilter.asterisk.callsim import CallSpec, place_call
+from edgefilter.outputs.evidence import build, to_csv, to_html
 from edgefilter.service import Service
-from edgefilter.store import Refusal
+from edgefilter.store.sqlite import Refusal
 
 SPAMMER = "+8617012345678"
 
@@ -108,7 +108,7 @@ async def test_block_last_goes_through_the_change_feed_and_undo_removes_it(servi
 
 
 async def test_undo_never_removes_an_admins_block(service):
-    from edgefilter.lists import Entry, parse_pattern
+    from edgefilter.lists.index import Entry, parse_pattern
 
     await service.store.put_entry(Entry("block", parse_pattern(SPAMMER, "CN"), note="admin", source="cli"))
     await screen(service)
@@ -188,7 +188,7 @@ def test_evidence_renders_hostile_text_safely():
         for i in range(3)
     ]
     refusals = [Refusal(1, SPAMMER, "1000", ts + 1800, "refuse", source="starcode:1000", undone_at=ts + 2 * 3600 - 60)]
-    ev = build(SPAMMER, calls, refusals, since=ts - 86400, until=ts + 86400, tz=timezone.utc)
+    ev = build(SPAMMER, calls, refusals, since=ts - 86400, until=ts + 86400, tz=UTC)
     text = to_csv(ev)
     rows = list(csv.DictReader(io.StringIO(text.partition("\n\n")[0])))
     assert [r["event"] for r in rows] == ["call", "refuse", "call", "undo", "call"]

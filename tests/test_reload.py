@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from edgefilter.callsim import CallSpec, place_call
-from edgefilter.config import load_settings
+from edgefilter.asterisk.callsim import CallSpec, place_call
+from edgefilter.core.config import load_settings
 from edgefilter.service import Service
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,11 +8,11 @@ import time
 from datetime import datetime
 
 from edgefilter import cli
-from edgefilter.callsim import CallSpec, place_call
-from edgefilter.config import RuleSettings, settings_from_dict
-from edgefilter.lists import Entry, ListIndex, parse_pattern
+from edgefilter.asterisk.callsim import CallSpec, place_call
+from edgefilter.core.config import RuleSettings, settings_from_dict
+from edgefilter.lists.index import Entry, ListIndex, parse_pattern
 from edgefilter.replay import format_report, replay_calls
-from edgefilter.store import CallRecord
+from edgefilter.store.sqlite import CallRecord
 
 
 async def test_replay_recorded_calls_under_a_new_config(service, tmp_path, capsys):

@@ -14,16 +14,16 @@ import pytest
 from aiohttp import web
 
 from edgefilter import cli
-from edgefilter.callsim import CallSpec, place_call
-from edgefilter.config import dump, load_settings, settings_from_dict
-from edgefilter.errors import ConfigError
-from edgefilter.lists import Entry, parse_pattern
-from edgefilter.model import Call
+from edgefilter.asterisk.callsim import CallSpec, place_call
+from edgefilter.core.config import dump, load_settings, settings_from_dict
+from edgefilter.core.errors import ConfigError
+from edgefilter.core.model import Call
+from edgefilter.lists.index import Entry, parse_pattern
 from edgefilter.reputation import Answer, Breaker, MemoryCache, ReputationClient, ReputationLookup, build_request, read_answer, weight_of
 from edgefilter.reputation.answers import parse_retry_after, redact
-from edgefilter.screen import Screener
+from edgefilter.rules.screen import Screener
 from edgefilter.service import Service
-from edgefilter.store import ReputationRow, Store
+from edgefilter.store.sqlite import ReputationRow, Store
 
 NUMBER = "+8613800138000"
 
@@ -720,7 +720,7 @@ def test_the_documented_example_sources_load(tmp_path):
 async def test_a_version_1_database_gains_the_reputation_table(tmp_path):
     import aiosqlite
 
-    from edgefilter.store import MIGRATIONS, SCHEMA_VERSION
+    from edgefilter.store.sqlite import MIGRATIONS, SCHEMA_VERSION
 
     path = str(tmp_path / "old.db")
     async with aiosqlite.connect(path) as db:

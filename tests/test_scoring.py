@@ -4,12 +4,12 @@ from datetime import datetime
 
 import pytest
 
-from edgefilter.config import settings_from_dict
-from edgefilter.lists import Entry, ListIndex, parse_pattern
-from edgefilter.model import Action, Call, Hit
-from edgefilter.policy import Effective, PolicyBook
-from edgefilter.scoring import decide, explain
-from edgefilter.screen import Screener
+from edgefilter.core.config import settings_from_dict
+from edgefilter.core.model import Action, Call, Hit
+from edgefilter.lists.index import Entry, ListIndex, parse_pattern
+from edgefilter.rules.policy import Effective, PolicyBook
+from edgefilter.rules.scoring import decide, explain
+from edgefilter.rules.screen import Screener
 
 BASE = settings_from_dict({})
 EFF = PolicyBook(BASE).resolve(Call("+8613800138000"), datetime(2026, 11, 30, 10, 0))
@@ -167,8 +167,9 @@ def test_explain_lists_policy_rules_caps_thresholds_and_action():
 
 
 def test_log_line_carries_policy_rules_weights_caps_and_action():
-    from edgefilter.decisionlog import format_json, format_kv
     import json
+
+    from edgefilter.outputs.decisionlog import format_json, format_kv
 
     scr = screener_with(POLICIES)
     d = scr.decide(Call("anonymous", calleridname="V1234567890", dnid="+862161234567", context="from-trunk"), when=MON_10)
@@ -182,8 +183,9 @@ def test_log_line_carries_policy_rules_weights_caps_and_action():
 
 
 def test_log_line_escapes_hostile_caller_text():
-    from edgefilter.decisionlog import format_json, format_kv
     import json
+
+    from edgefilter.outputs.decisionlog import format_json, format_kv
 
     scr = screener_with(BASE)
     d = scr.decide(Call('13"8\n\x1b[31m x=1', calleridname="\u9a9a\u6270\r\nFAKE decision action=allow"), when=MON_10)

@@ -16,10 +16,9 @@ import time
 
 import pytest
 
-from edgefilter.callsim import CallSpec, place_call
-from edgefilter.lists import Entry, parse_pattern
+from edgefilter.asterisk.callsim import CallSpec, place_call
+from edgefilter.lists.index import Entry, parse_pattern
 from edgefilter.service import Service
-
 
 #: A caller ID with a planted env line (%0A in the SIP From, callerid-09g): a forged block.
 FORGED = b"+8613800138000\nagi_network_script: screen"

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from edgefilter import cli
-from edgefilter.callsim import CallSpec, load_transcript, place_call, transcript_env
-from edgefilter.lists import Entry, parse_pattern
+from edgefilter.asterisk.callsim import CallSpec, load_transcript, place_call, transcript_env
+from edgefilter.lists.index import Entry, parse_pattern
 from edgefilter.service import Service
 
 from .conftest import FIXTURES
@@ -94,7 +94,7 @@ async def test_presentation_restricted_with_a_number_still_hits_lists(service):
 async def test_connection_closed_mid_env_does_not_stall_other_calls(service):
     # Regression: panoramisk's reader spins at 100% CPU on an early close and freezes the loop.
     env = CallSpec().__class__()
-    from edgefilter.callsim import build_env
+    from edgefilter.asterisk.callsim import build_env
 
     half = build_env(env, port=service.port)[:150]
     for _ in range(20):
@@ -142,7 +142,7 @@ async def test_silent_peer_times_out_without_blocking_others(make_settings):
 async def test_max_sessions_closes_extra_connections_at_once(make_settings):
     # Sessions past their env block (here: peers that never answer our command) count against
     # max_sessions and cannot be evicted; the next connection is closed at once (fails open).
-    from edgefilter.callsim import build_env
+    from edgefilter.asterisk.callsim import build_env
 
     svc = Service(make_settings(agi={"max_sessions": 5, "read_timeout": "2s"}), port=0)
     await svc.start()

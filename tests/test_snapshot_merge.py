@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import random
 
-from edgefilter import store as sqlite_store
-from edgefilter.lists import LISTS, Entry, ListIndex, parse_pattern
-from edgefilter.store import Store, load_index, read_snapshot_header
+from edgefilter.lists.index import LISTS, Entry, ListIndex, parse_pattern
+from edgefilter.store import sqlite as sqlite_store
+from edgefilter.store.sqlite import Store, load_index, read_snapshot_header
 
 
 def mk(list_name: str, text: str, **kw) -> Entry:

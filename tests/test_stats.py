@@ -14,9 +14,9 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from edgefilter import cli
-from edgefilter.report import render_html, render_text
-from edgefilter.stats import compute, percentile
-from edgefilter.store import CallRecord, Store
+from edgefilter.outputs.report import render_html, render_text
+from edgefilter.outputs.stats import compute, percentile
+from edgefilter.store.sqlite import CallRecord, Store
 
 SH = ZoneInfo("Asia/Shanghai")
 HOSTILE = '<script>alert("x")</script>\x1b[2J'

@@ -24,12 +24,12 @@ from pathlib import Path
 import pytest
 
 from edgefilter import cli
-from edgefilter import store as store_mod
-from edgefilter.callsim import CallSpec, place_call
+from edgefilter.asterisk.callsim import CallSpec, place_call
 from edgefilter.service import Service
+from edgefilter.store import sqlite as store_mod
+from edgefilter.store.sqlite import CallRecord, Store
 
 from .conftest import behaviour_off
-from edgefilter.store import CallRecord, Store
 
 
 @pytest.fixture

@@ -10,10 +10,10 @@ import dataclasses
 
 import pytest
 
-from edgefilter.errors import StoreError
-from edgefilter.lists import Entry, parse_pattern
-from edgefilter.store import CallOutcome, CallRecord, ContactSeen, Refusal, entry_from_row
-from edgefilter.stores import open_store
+from edgefilter.core.errors import StoreError
+from edgefilter.lists.index import Entry, parse_pattern
+from edgefilter.store.open import open_store
+from edgefilter.store.sqlite import CallOutcome, CallRecord, ContactSeen, Refusal, entry_from_row
 
 
 def entry(list_name: str, text: str, **kw) -> Entry:
@@ -227,7 +227,7 @@ async def test_refusal_ledger_with_its_entry_and_version(store):
 
 
 async def test_challenge_outcomes_are_stored_once_per_key(store):
-    from edgefilter.challenge import OutcomeRecord
+    from edgefilter.asterisk.challenge import OutcomeRecord
 
     fail = OutcomeRecord(1700000000.0, "u1", "+8613800138000", "fail")
     assert await store.record_challenges([fail, OutcomeRecord(1700000001.0, "u2", "+8613900139000", "pass")]) == 2
@@ -239,7 +239,7 @@ async def test_challenge_outcomes_are_stored_once_per_key(store):
 
 
 async def test_reputation_cache_upserts_reads_and_purges(store):
-    from edgefilter.store import ReputationRow
+    from edgefilter.store.sqlite import ReputationRow
 
     a = ReputationRow("+8613800138000", "fast", 80.0, "scam", "listed", 1700000000.0, 1700086400.0)
     b = ReputationRow("+8613800138000", "slow", None, None, "unlisted", 1700000001.0, 1700000100.0)
@@ -273,7 +273,7 @@ class _Failing:
 
 async def test_call_log_spools_calls_outcomes_and_contacts_in_order_during_an_outage(store, tmp_path):
     from edgefilter.service import CallLogWriter
-    from edgefilter.spool import Spool
+    from edgefilter.store.spool import Spool
 
     path = str(tmp_path / "spool.db")
     spool = await Spool.open(path, 1000)
@@ -308,7 +308,7 @@ async def test_workers_sharing_one_spool_file_count_only_what_is_still_there(sto
     """The workers of one pool open the same spool file: what one drained (the other's items
     too) must not stay counted by the other, or its every later batch takes the spool path and
     logs a recovery."""
-    from edgefilter.spool import Spool
+    from edgefilter.store.spool import Spool
 
     path = str(tmp_path / "spool.db")
     spool_a, spool_b = await Spool.open(path, 1000), await Spool.open(path, 1000)
@@ -344,8 +344,8 @@ async def _two_writers_one_spool(store, spool_a, spool_b, caplog) -> None:
 
 # ------------------------------------------------------------------------------ [store] keys
 def test_store_keys_select_the_backend_and_validate():
-    from edgefilter.config import dump, settings_from_dict
-    from edgefilter.errors import ConfigError
+    from edgefilter.core.config import dump, settings_from_dict
+    from edgefilter.core.errors import ConfigError
 
     s = settings_from_dict({"store": {"path": "/srv/ef/edgefilter.db"}})
     assert s.store.backend == "sqlite" and s.store.spool_path == "/srv/ef/edgefilter-spool.db"
@@ -414,7 +414,8 @@ async def test_import_counts_replace_source_dry_run_remove_and_export(store):
 async def test_a_database_past_v3_before_it_was_merged_gets_it(backend_settings, tmp_path):
     """Migration 3 (lists at scale) was merged after 4-6: a database migrated to v6 without it
     gets it on its next open, with the numbers of its existing entries."""
-    from edgefilter import pgstore, store as sqlite_store
+    from edgefilter.store import postgres as pgstore
+    from edgefilter.store import sqlite as sqlite_store
 
     settings = backend_settings()
     if settings.store.url:
@@ -453,8 +454,8 @@ def test_both_backends_offer_the_same_methods():
     how a store is opened differs."""
     import inspect
 
-    from edgefilter.pgstore import PgStore
-    from edgefilter.store import Store
+    from edgefilter.store.postgres import PgStore
+    from edgefilter.store.sqlite import Store
 
     def kind(f) -> str:
         f = inspect.unwrap(f)
@@ -488,7 +489,8 @@ def test_both_backends_offer_the_same_methods():
 
 def test_both_backends_have_the_same_schema_versions():
     """A feature's tables land on both backends under the same version number."""
-    from edgefilter import pgstore, store
+    from edgefilter.store import postgres as pgstore
+    from edgefilter.store import sqlite as store
 
     missing = sorted(set(store.MIGRATIONS) - set(pgstore.MIGRATIONS))
     assert not missing, f"port SQLite migration(s) {missing} to pgstore.MIGRATIONS (see docs/postgresql.md)"
@@ -497,7 +499,7 @@ def test_both_backends_have_the_same_schema_versions():
 
 # ------------------------------------------------------------------ appeals (issue 17)
 def appeal(key: str, ts: float, caller: str = "+8613800138000", **kw):
-    from edgefilter.store import Appeal
+    from edgefilter.store.sqlite import Appeal
 
     base = dict(uniqueid="1700000000.1", called="7000", node="pbx-a", rules="LIST_BLOCKED(+20)", score=20.0,
                 policy="default", entry_list="block", entry_pattern="+86138*", entry_source="feed-x",
@@ -553,9 +555,9 @@ async def test_no_appeal_flag_on_entries_with_a_change_row(store):
 async def test_memory_follower_brings_in_other_nodes_calls_refusals_and_contacts(store):
     """What a node learns from the shared store (memory.MemoryFollower): other nodes' calls once
     each, never its own again, the refusal ledger as it is now, recent contacts."""
-    from edgefilter.behaviour import BehaviourRules
-    from edgefilter.config import settings_from_dict
-    from edgefilter.memory import MemoryFollower
+    from edgefilter.core.config import settings_from_dict
+    from edgefilter.rules.behaviour import BehaviourRules
+    from edgefilter.rules.memory import MemoryFollower
 
     settings = settings_from_dict({})
     now = 1700000100.0
@@ -589,10 +591,10 @@ async def test_memory_follower_brings_in_other_nodes_calls_refusals_and_contacts
 async def test_a_late_first_load_does_not_count_calls_decided_meanwhile_twice(store):
     """A node that started with the database away decided calls from memory; when the database
     answers, its first load must not add those calls (now written from the spool) again."""
-    from edgefilter.behaviour import BehaviourRules
-    from edgefilter.config import settings_from_dict
-    from edgefilter.history import RecentCall
-    from edgefilter.memory import MemoryFollower
+    from edgefilter.core.config import settings_from_dict
+    from edgefilter.rules.behaviour import BehaviourRules
+    from edgefilter.rules.history import RecentCall
+    from edgefilter.rules.memory import MemoryFollower
 
     settings = settings_from_dict({})
     now = 1700000100.0

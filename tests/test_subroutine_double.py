@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from edgefilter.callsim import CallSpec, build_env, load_transcript, place_call, subroutine_call, transcript_env
+from edgefilter.asterisk.callsim import CallSpec, build_env, load_transcript, place_call, subroutine_call, transcript_env
 
 DATA = Path(__file__).with_name("data") / "asterisk"
 VOLATILE = {"agi_uniqueid", "agi_request", "agi_channel", "agi_threadid"}

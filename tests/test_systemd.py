@@ -30,7 +30,7 @@ def _messages(sock: socket.socket, seconds: float) -> list[str]:
         sock.settimeout(max(0.01, deadline - time.monotonic()))
         try:
             out.append(sock.recv(4096).decode())
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             break
     return out
 

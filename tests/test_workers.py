@@ -12,11 +12,11 @@ import time
 import pytest
 
 from edgefilter import cli
-from edgefilter.callsim import CallSpec, place_call
-from edgefilter.config import settings_from_dict
-from edgefilter.errors import EdgefilterError
-from edgefilter.lists import Entry, parse_pattern
-from edgefilter.store import Store
+from edgefilter.asterisk.callsim import CallSpec, place_call
+from edgefilter.core.config import settings_from_dict
+from edgefilter.core.errors import EdgefilterError
+from edgefilter.lists.index import Entry, parse_pattern
+from edgefilter.store.sqlite import Store
 from edgefilter.workers import WorkerPool
 
 

@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,7 +168,7 @@ def main() -> int:
     minutes = (time.monotonic() - t0) / 60
     per = results(modules)
     lines = table(per)
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     stamp = (f"Last run {when}" + (f", {minutes:.0f} min with {args.jobs} processes" if not args.report_only else "")
              + f" (`make mutation`, mutmut {_mutmut_version()}).")
     unrun = sum(c["not checked"] for c in per.values())

@@ -14,14 +14,14 @@ import argparse
 import time
 from datetime import datetime
 
-from .appeals import SOURCE, max_recording_bytes, recording_seconds
-from .config import Settings
-from .decisionlog import escape_text
-from .durations import parse_duration
-from .errors import EdgefilterError
-from .lists import MAX_NOTE, Entry, ListIndex, parse_pattern
-from .store import Appeal
-from .stores import open_store, store_exists
+from edgefilter.asterisk.appeals import SOURCE, max_recording_bytes, recording_seconds
+from edgefilter.core.config import Settings
+from edgefilter.core.durations import parse_duration
+from edgefilter.core.errors import EdgefilterError
+from edgefilter.lists.index import MAX_NOTE, Entry, ListIndex, parse_pattern
+from edgefilter.outputs.decisionlog import escape_text
+from edgefilter.store.open import open_store, store_exists
+from edgefilter.store.sqlite import Appeal
 
 
 def _when(ts: float | None) -> str:

@@ -15,19 +15,20 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from .challenge import ChallengeFailures
-from .config import Settings, dump, load_settings, redact_url
-from .decisionlog import escape_text
-from .durations import parse_duration, parse_offset_or_date
-from .errors import EdgefilterError, PatternError
-from .lists import LISTS, MAX_NOTE, Entry, ListIndex, parse_pattern
-from .model import Call
-from .scoring import explain
-from .screen import Screener, channel_variables
-from .stores import copy_sqlite_to_postgres, open_store, store_exists
-from .imports import add_parsers as add_import_parsers, parse_expires
-from .replay import add_parser as add_replay_parser
-from .appeals_cli import add_parser as add_appeals_parser
+from edgefilter.appeals_cli import add_parser as add_appeals_parser
+from edgefilter.asterisk.challenge import ChallengeFailures
+from edgefilter.core.config import Settings, dump, load_settings, redact_url
+from edgefilter.core.durations import parse_duration, parse_offset_or_date
+from edgefilter.core.errors import EdgefilterError, PatternError
+from edgefilter.core.model import Call
+from edgefilter.imports import add_parsers as add_import_parsers
+from edgefilter.imports import parse_expires
+from edgefilter.lists.index import LISTS, MAX_NOTE, Entry, ListIndex, parse_pattern
+from edgefilter.outputs.decisionlog import escape_text
+from edgefilter.replay import add_parser as add_replay_parser
+from edgefilter.rules.scoring import explain
+from edgefilter.rules.screen import Screener, channel_variables
+from edgefilter.store.open import copy_sqlite_to_postgres, open_store, store_exists
 
 
 def _parse_when(text: str) -> datetime:
@@ -146,8 +147,8 @@ async def cmd_check(args, settings: Settings) -> int:
 
 async def _cached_reputation(settings: Settings, screener: Screener, d) -> tuple[list, list[str]]:
     """What the service would add from cached reputation answers (`check` never asks a source)."""
-    from .reputation.client import answer_from_row
-    from .reputation.lookup import answer_hit, never_block_index, private_reason
+    from edgefilter.reputation.client import answer_from_row
+    from edgefilter.reputation.lookup import answer_hit, never_block_index, private_reason
 
     now = time.time()
     why = private_reason(d.call, d.number, now, screener.index, never_block_index(settings))
@@ -168,7 +169,7 @@ async def _cached_reputation(settings: Settings, screener: Screener, d) -> tuple
 
 
 async def cmd_try_call(args, settings: Settings) -> int:
-    from .callsim import CallSpec, place_call
+    from edgefilter.asterisk.callsim import CallSpec, place_call
 
     host, port = settings.agi.listen
     host = args.host or host
@@ -198,8 +199,8 @@ async def cmd_try_call(args, settings: Settings) -> int:
 async def cmd_stats(args, settings: Settings) -> int:
     import json
 
-    from .report import render_html, render_text
-    from .stats import StatsBuilder
+    from edgefilter.outputs.report import render_html, render_text
+    from edgefilter.outputs.stats import StatsBuilder
 
     try:
         span = parse_duration(args.since)
@@ -221,7 +222,7 @@ async def cmd_stats(args, settings: Settings) -> int:
             appeals = await store.appeals(since=since)
     st = builder.result()
     if appeals:  # rule precision from appeals (issue 17)
-        from .stats import appeal_precision
+        from edgefilter.outputs.stats import appeal_precision
 
         st = dataclasses.replace(st, appeals=appeal_precision(appeals, st.refused_rules, since=since, until=until))
     if args.json:
@@ -244,7 +245,7 @@ def _reputation_sources(args, settings: Settings):
     if args.source:
         chosen = [src for src in sources if src.name == args.source]
         if not chosen:
-            from .config import _suggest
+            from edgefilter.core.config import _suggest
 
             names = [src.name for src in sources]
             raise EdgefilterError(
@@ -256,11 +257,11 @@ def _reputation_sources(args, settings: Settings):
 
 
 async def cmd_lookup(args, settings: Settings) -> int:
-    from .model import NumberKind
-    from .numbers import normalize
-    from .reputation import ReputationClient, weight_of
-    from .reputation.client import answer_from_row
-    from .reputation.lookup import never_block_index, private_reason
+    from edgefilter.core.model import NumberKind
+    from edgefilter.core.numbers import normalize
+    from edgefilter.reputation import ReputationClient, weight_of
+    from edgefilter.reputation.client import answer_from_row
+    from edgefilter.reputation.lookup import never_block_index, private_reason
 
     sources = _reputation_sources(args, settings)
     if not sources:
@@ -341,9 +342,9 @@ async def cmd_cache(args, settings: Settings) -> int:
 
 
 async def cmd_evidence(args, settings: Settings) -> int:
-    from . import __version__
-    from .evidence import build, to_csv, to_html
-    from .numbers import normalize
+    from edgefilter import __version__
+    from edgefilter.core.numbers import normalize
+    from edgefilter.outputs.evidence import build, to_csv, to_html
 
     number = normalize(args.number, args.region or settings.default_region)
     if not number.e164:
@@ -410,7 +411,7 @@ def cmd_config(args, settings: Settings) -> int:
         print(dump(settings))
     else:
         if settings.ami.enabled:
-            from .ami import load_secret
+            from edgefilter.asterisk.ami import load_secret
 
             load_secret(settings.ami)  # a group-readable secret file fails here, not at start-up
         rules = len(settings.rules)
@@ -540,8 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
-            from . import eventloop
-            from .service import serve
+            from edgefilter import eventloop
+            from edgefilter.service import serve
 
             if args.workers is not None and not 1 <= args.workers <= 64:
                 parser.error("--workers must be between 1 and 64")

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any, Callable, Coroutine
+from collections.abc import Callable, Coroutine
+from typing import Any
 
-from .errors import ConfigError
+from edgefilter.core.errors import ConfigError
 
 ENV = "EDGEFILTER_EVENT_LOOP"
 CHOICES = ("auto", "uvloop", "asyncio")

@@ -23,14 +23,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 
-from .config import Settings
-from .decisionlog import escape_text
-from .durations import parse_offset_or_date
-from .errors import EdgefilterError
-from .feeds import Chunk, FeedError, FeedOptions, Seen, count_lines, decode, detect_format
-from .feedworkers import default_jobs, parse_chunks
-from .store import StagedRow
-from .stores import open_store, store_exists
+from edgefilter.core.config import Settings
+from edgefilter.core.durations import parse_offset_or_date
+from edgefilter.core.errors import EdgefilterError
+from edgefilter.lists.feeds import Chunk, FeedError, FeedOptions, Seen, count_lines, decode, detect_format
+from edgefilter.lists.feedworkers import default_jobs, parse_chunks
+from edgefilter.outputs.decisionlog import escape_text
+from edgefilter.store.open import open_store, store_exists
+from edgefilter.store.sqlite import StagedRow
 
 EXIT_REFUSED = 3
 #: Refused lines printed one by one; past this only the count is kept (a garbage file has millions).

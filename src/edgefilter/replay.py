@@ -23,16 +23,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from .config import BUILTIN_RULES, Settings
-from .decisionlog import escape_text
-from .durations import parse_duration
-from .errors import EdgefilterError
-from .lists import ListIndex
-from .model import Action, Call, Hit
-from .policy import PolicyBook
-from .screen import Screener
-from .store import CallRecord
-from .stores import open_store, store_exists
+from edgefilter.core.config import BUILTIN_RULES, Settings
+from edgefilter.core.durations import parse_duration
+from edgefilter.core.errors import EdgefilterError
+from edgefilter.core.model import Action, Call, Hit
+from edgefilter.lists.index import ListIndex
+from edgefilter.outputs.decisionlog import escape_text
+from edgefilter.rules.policy import PolicyBook
+from edgefilter.rules.screen import Screener
+from edgefilter.store.open import open_store, store_exists
+from edgefilter.store.sqlite import CallRecord
 
 ACTIONS = tuple(a.value for a in Action)
 

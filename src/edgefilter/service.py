@@ -18,32 +18,33 @@ import os
 import signal
 import time
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
-from .agi import AgiServer
-from .appeals import ROUTE as APPEAL_ROUTE, AppealBook, AppealDesk, AppealNotifier, appeal_route
-from .ami import AmiListener, load_secret
-from .behaviour import BehaviourRules
-from .challenge import RESULT_ROUTE, ChallengeBook, ChallengeFailures, ChallengeRecorder
-from .config import Settings, load_settings
-from .decisionlog import DecisionLogger, escape_text, setup_logging
-from .errors import AmiError, ConfigError
-from .events import Output, build_udp_outputs
-from .eventloop import running_loop_name
-from .lists import Pattern
-from .memory import MemoryFollower
-from .mirror import AmiClient, BlockMirror
-from .model import NumberKind
-from .numbers import warm_up
-from .outcomes import OutcomeTracker
-from .reputation import ReputationClient, ReputationLookup
-from .routes import DecisionObserver, challenge_result_route, screen_route
-from .screen import Decision, Screener
-from .spool import Spool
-from .starcodes import StarCodes
-from .systemd import Notifier
-from .store import MERGE_MAX_BEHIND, CallOutcome, CallRecord, ContactSeen, apply_changed
-from .stores import AnyStore, open_store
+from edgefilter.asterisk.agi import AgiServer
+from edgefilter.asterisk.ami import AmiListener, load_secret
+from edgefilter.asterisk.appeals import ROUTE as APPEAL_ROUTE
+from edgefilter.asterisk.appeals import AppealBook, AppealDesk, AppealNotifier, appeal_route
+from edgefilter.asterisk.challenge import RESULT_ROUTE, ChallengeBook, ChallengeFailures, ChallengeRecorder
+from edgefilter.asterisk.mirror import AmiClient, BlockMirror
+from edgefilter.asterisk.outcomes import OutcomeTracker
+from edgefilter.asterisk.routes import DecisionObserver, challenge_result_route, screen_route
+from edgefilter.asterisk.starcodes import StarCodes
+from edgefilter.core.config import Settings, load_settings
+from edgefilter.core.errors import AmiError, ConfigError
+from edgefilter.core.model import NumberKind
+from edgefilter.core.numbers import warm_up
+from edgefilter.eventloop import running_loop_name
+from edgefilter.lists.index import Pattern
+from edgefilter.outputs.decisionlog import DecisionLogger, escape_text, setup_logging
+from edgefilter.outputs.events import Output, build_udp_outputs
+from edgefilter.reputation import ReputationClient, ReputationLookup
+from edgefilter.rules.behaviour import BehaviourRules
+from edgefilter.rules.memory import MemoryFollower
+from edgefilter.rules.screen import Decision, Screener
+from edgefilter.store.open import AnyStore, open_store
+from edgefilter.store.spool import Spool
+from edgefilter.store.sqlite import MERGE_MAX_BEHIND, CallOutcome, CallRecord, ContactSeen, apply_changed
+from edgefilter.systemd import Notifier
 
 log = logging.getLogger("edgefilter.service")
 
@@ -296,7 +297,7 @@ class CallLogWriter:
                 wait = max(0.05, self._next_try - time.monotonic())
                 try:
                     pending = self._take(await asyncio.wait_for(self.queue.get(), wait))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pending = []
             else:
                 pending = self._take(await self.queue.get())
@@ -520,7 +521,7 @@ class Service:
         logged and left out: observability must never keep the filter from screening."""
         outputs: list[Output] = build_udp_outputs(s.outputs)
         if s.outputs.prometheus is not None:
-            from .prometheus import PrometheusOutput  # prometheus_client is loaded only when used
+            from edgefilter.outputs.prometheus import PrometheusOutput  # prometheus_client is loaded only when used
 
             outputs.append(PrometheusOutput(s.outputs, rules=s.rules, outputs_stats=self.output_stats))
         for out in outputs:
@@ -618,7 +619,7 @@ class Service:
         return await self.ami.send_action(action)
 
     def _outbound_seen(self, raw: str, now: float) -> None:
-        from .numbers import normalize
+        from edgefilter.core.numbers import normalize
 
         n = normalize(raw, self.settings.default_region)
         if n.kind in (NumberKind.VALID, NumberKind.SHORT) and n.e164:
@@ -768,7 +769,7 @@ async def serve(
     setup_logging(settings.log_level)
     count = workers if workers is not None else settings.agi.workers
     if worker is None and count > 1:
-        from .workers import WorkerPool
+        from edgefilter.workers import WorkerPool
 
         log.info("edgefilter %s starting %d workers (pid %d), config: %s", _version(), count, os.getpid(), ", ".join(settings.sources))
         notifier = Notifier()
@@ -800,6 +801,6 @@ async def serve(
 
 
 def _version() -> str:
-    from . import __version__
+    from edgefilter import __version__
 
     return __version__

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import os
 import socket
-from typing import Mapping
+from collections.abc import Mapping
 
 log = logging.getLogger("edgefilter.systemd")
 

@@ -15,17 +15,16 @@ restarts a worker that dies, giving up if one keeps dying at start-up (bad port,
 from __future__ import annotations
 
 import asyncio
-import os
-import secrets
 import contextlib
 import logging
+import secrets
 import signal
 import sys
 import time
 
-from .challenge import SECRET_ENV
-from .errors import EdgefilterError
-from .systemd import child_environment
+from edgefilter.asterisk.challenge import SECRET_ENV
+from edgefilter.core.errors import EdgefilterError
+from edgefilter.systemd import child_environment
 
 log = logging.getLogger("edgefilter.workers")
 
@@ -102,7 +101,7 @@ class WorkerPool:
             for proc in self.procs.values():
                 try:
                     await asyncio.wait_for(proc.wait(), 15)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     proc.kill()
                     await proc.wait()
             for task in [stopper, *watchers]:

@@ -25,8 +25,21 @@ from pathlib import Path
 import pytest
 
 from . import scenarios as sc
-from .pbx import (AMI_SECRET, PHONE_PASSWORDS, REPO, Asterisk, Service, Sipp, SippResult, Unavailable, csv_file,
-                  find_install, free_port, trace_messages, wait_for)
+from .pbx import (
+    AMI_SECRET,
+    PHONE_PASSWORDS,
+    REPO,
+    Asterisk,
+    Service,
+    Sipp,
+    SippResult,
+    Unavailable,
+    csv_file,
+    find_install,
+    free_port,
+    trace_messages,
+    wait_for,
+)
 
 REQUIRED = os.environ.get("EDGEFILTER_REQUIRE_ASTERISK") == "1"
 
@@ -76,7 +89,7 @@ def _unavailable(reason: str):
 class Phone:
     """A registered softphone played by sipp: ``invites()`` are the calls that reached it."""
 
-    def __init__(self, lab: "Lab", user: str, answer: bool, in_call: str = "") -> None:
+    def __init__(self, lab: Lab, user: str, answer: bool, in_call: str = "") -> None:
         self.lab, self.user = lab, user
         self.port = free_port(socket.SOCK_DGRAM)
         work = lab.sipp.work

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from . import scenarios as sc
-from .pbx import SIPP_DIR, csv_file, wait_for
+from .pbx import SIPP_DIR, wait_for
 
 WITHHELD = 'From: "Anonymous" <sip:anonymous@anonymous.invalid>'
 

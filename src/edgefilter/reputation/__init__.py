@@ -6,11 +6,11 @@ limits, the breakers and request coalescing; ``lookup`` is the Screener's async 
 turns cached or fresh answers into REPUTATION_* hits. See docs/reputation.md.
 """
 
-from .answers import Answer, build_request, read_answer, weight_of
-from .breaker import Breaker
-from .cache import MemoryCache
-from .client import ReputationClient
-from .lookup import ReputationLookup
+from edgefilter.reputation.answers import Answer, build_request, read_answer, weight_of
+from edgefilter.reputation.breaker import Breaker
+from edgefilter.reputation.cache import MemoryCache
+from edgefilter.reputation.client import ReputationClient
+from edgefilter.reputation.lookup import ReputationLookup
 
 __all__ = [
     "Answer",

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from urllib.parse import quote
 
-from ..config import ReputationSource
+from edgefilter.core.config import ReputationSource
 
 MAX_BODY = 65536  # bytes of an answer read at most; a larger one is garbage
 MAX_CATEGORY = 40

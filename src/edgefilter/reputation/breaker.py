@@ -10,7 +10,7 @@ injected (monotonic in the service, a fake one in tests).
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 CLOSED = "closed"
 OPEN = "open"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from ..store import ReputationRow
+from edgefilter.store.sqlite import ReputationRow
 
 
 class MemoryCache:

@@ -17,16 +17,16 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace as _replace
-from typing import Callable
 
 import aiohttp
 
-from ..config import ReputationSettings, ReputationSource
-from ..store import ReputationRow, Store
-from .answers import ERROR, MAX_BODY, UNAVAILABLE, Answer, build_request, parse_retry_after, read_answer, redact, ttl_of
-from .breaker import Breaker
-from .cache import MemoryCache
+from edgefilter.core.config import ReputationSettings, ReputationSource
+from edgefilter.reputation.answers import ERROR, MAX_BODY, UNAVAILABLE, Answer, build_request, parse_retry_after, read_answer, redact, ttl_of
+from edgefilter.reputation.breaker import Breaker
+from edgefilter.reputation.cache import MemoryCache
+from edgefilter.store.sqlite import ReputationRow, Store
 
 log = logging.getLogger("edgefilter.reputation")
 
@@ -233,7 +233,7 @@ class ReputationClient:
                 answer = read_answer(src, resp.status, b"".join(chunks), truncated=size > MAX_BODY)
                 if resp.status == 429:
                     answer = _replace(answer, retry_after=parse_retry_after(resp.headers.get("Retry-After"), self.clock()))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             answer = Answer(src.name, ERROR, reason=f"no answer within the source's timeout ({src.timeout:g} s)")
         except aiohttp.ClientError as e:
             answer = Answer(src.name, ERROR, reason=redact(f"{type(e).__name__}: {e}", src)[:200])

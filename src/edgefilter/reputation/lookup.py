@@ -16,16 +16,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
-from ..config import ReputationSource, Settings
-from ..errors import PatternError
-from ..lists import Entry, ListIndex, parse_pattern
-from ..model import Call, Hit, Number, NumberKind
-from ..policy import Effective
-from ..signals import PRES_MASK
-from .answers import LISTED, UNAVAILABLE, Answer, weight_of
-from .client import ReputationClient, answer_from_row
+from edgefilter.core.config import ReputationSource, Settings
+from edgefilter.core.errors import PatternError
+from edgefilter.core.model import Call, Hit, Number, NumberKind
+from edgefilter.lists.index import Entry, ListIndex, parse_pattern
+from edgefilter.reputation.answers import LISTED, UNAVAILABLE, Answer, weight_of
+from edgefilter.reputation.client import ReputationClient, answer_from_row
+from edgefilter.rules.policy import Effective
+from edgefilter.rules.signals import PRES_MASK
 
 log = logging.getLogger("edgefilter.reputation")
 
