@@ -1,0 +1,1 @@
+"""Everything that speaks Asterisk: FastAGI, AMI, routes, mirror, star codes, challenge, appeals, the double."""

@@ -1,0 +1,1 @@
+"""What decisions become for people and tools: decision log, events, Prometheus, stats, report, evidence."""

@@ -1,0 +1,1 @@
+"""The decision: signals, behaviour and its memory, policies, scoring, the screener. Imports core, lists, store."""

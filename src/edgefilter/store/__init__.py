@@ -1,0 +1,1 @@
+"""Persistence: the store contract, SQLite and PostgreSQL, the spool. Imports core and lists."""
