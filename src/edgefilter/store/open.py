@@ -14,15 +14,16 @@ import stat
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 from edgefilter.core.config import Settings, StoreSettings
 from edgefilter.core.errors import StoreError
 from edgefilter.lists.index import Pattern
+from edgefilter.store.contract import StoreContract
 from edgefilter.store.postgres import PgStore
 from edgefilter.store.sqlite import KEYED_CALL_COLUMNS, OUTCOME_COLUMNS, CallRecord, ContactSeen, Store
 
-AnyStore = Union[Store, PgStore]
+#: Whichever store open_store gives: the contract both implement (contract.StoreContract).
+AnyStore = StoreContract
 
 
 def read_password_file(path: str) -> str:
