@@ -93,7 +93,7 @@ class CopyReport:
     reputation_written: int = 0
     appeals: int = 0
     appeals_written: int = 0
-    appeals_recoded: list = None  # (old code, new code) when a code was taken on PostgreSQL
+    appeals_recoded: list[tuple[str, str]] | None = None  # (old code, new code) when a code was taken on PostgreSQL
 
     def lines(self) -> list[str]:
         return [
@@ -157,7 +157,7 @@ async def copy_sqlite_to_postgres(src_path: str, dst: PgStore, *, node: str, bat
                 f"SELECT id, {KEYED_CALL_COLUMNS}, {OUTCOME_COLUMNS} FROM calls WHERE id > ? ORDER BY id LIMIT ?",
                 (cursor, batch),
             )
-            rows = await cur.fetchall()
+            rows = list(await cur.fetchall())
             if not rows:
                 break
             out = []
@@ -183,7 +183,7 @@ async def copy_sqlite_to_postgres(src_path: str, dst: PgStore, *, node: str, bat
                 "SELECT id, ts, uniqueid, caller_e164, outcome, key FROM challenge_outcomes WHERE id > ? ORDER BY id LIMIT ?",
                 (cursor, batch),
             )
-            rows = await cur.fetchall()
+            rows = list(await cur.fetchall())
             if not rows:
                 break
             recs = [_CopiedChallenge(ts, uid, e164, outcome, key or copied_call_key(node, rid, (ts, uid, e164, outcome)))

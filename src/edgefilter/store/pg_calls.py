@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import cast
 
 import asyncpg
 
@@ -66,16 +67,17 @@ class PgCalls(PgBase):
                         j += 1
                     run = items[i:j]
                     if kind is CallRecord:
-                        await self._insert_calls(c, [keyed_row(r, self.node) for r in run])
+                        # (a run is of one exact type: the casts only tell mypy so)
+                        await self._insert_calls(c, [keyed_row(r, self.node) for r in cast(Sequence[CallRecord], run)])
                     elif kind is CallOutcome:
-                        args = [_outcome_args(o) for o in run if o.uniqueid]
+                        args = [_outcome_args(o) for o in cast(Sequence[CallOutcome], run) if o.uniqueid]
                         if args:
                             await c.executemany(_OUTCOME_SQL, args)
                     elif kind is ContactSeen:
                         await c.executemany(
                             "INSERT INTO contacts (e164, last_ts, how) VALUES ($1, $2, $3) ON CONFLICT (e164) DO UPDATE "
                             "SET last_ts = GREATEST(contacts.last_ts, EXCLUDED.last_ts), how = EXCLUDED.how",
-                            [(o.e164, o.ts, o.how) for o in run],
+                            [(o.e164, o.ts, o.how) for o in cast(Sequence[ContactSeen], run)],
                         )
                     else:  # pragma: no cover - a programming error
                         raise TypeError(f"cannot store {kind.__name__}")
@@ -229,7 +231,8 @@ class PgCalls(PgBase):
         self, *, number: str | None = None, fresh_at: float | None = None, limit: int = 1000000
     ) -> list[ReputationRow]:
         """Cached answers, newest first; only those still fresh at ``fresh_at`` when given."""
-        where, params = [], []
+        where: list[str] = []
+        params: list[str | float] = []
         if number is not None:
             params.append(number)
             where.append(f"number = ${len(params)}")
@@ -246,7 +249,8 @@ class PgCalls(PgBase):
 
     async def purge_reputation(self, *, source: str | None = None, expired_at: float | None = None) -> int:
         """Delete cached answers: all, one source's, and/or only those expired at ``expired_at``."""
-        where, params = [], []
+        where: list[str] = []
+        params: list[str | float] = []
         if source is not None:
             params.append(source)
             where.append(f"source = ${len(params)}")

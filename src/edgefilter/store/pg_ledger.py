@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from edgefilter.core.errors import StoreError
 from edgefilter.lists.index import Entry
 from edgefilter.store.pg_base import _CALL_TYPES, _OUTCOME_TYPES
@@ -72,7 +74,7 @@ class PgLedger(PgLists):
                         r.pattern, f"starcode:{callee}",
                     )
                     await self._log_changes(c, [("block", g[0]) for g in gone], "del")
-        return Refusal(*tuple(row)[:-1], undone_at=now)
+        return dataclasses.replace(r, undone_at=now)
 
     async def refusals(self, *, caller: str | None = None, active_only: bool = False) -> list[Refusal]:
         sql = f"SELECT {REFUSAL_COLUMNS} FROM refusals"

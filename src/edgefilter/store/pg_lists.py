@@ -74,7 +74,8 @@ class PgLists(PgBase):
         return removed
 
     async def entries(self, list_name: str | None = None, *, include_expired: bool = True, now: float | None = None) -> list[Entry]:
-        cond, args = [], []
+        cond: list[str] = []
+        args: list[str | float] = []
         if list_name:
             args.append(list_name)
             cond.append(f"list = ${len(args)}")

@@ -65,7 +65,7 @@ class SqliteBase:
 
     async def migrate(self) -> int:
         """Bring the schema to SCHEMA_VERSION; each step in its own transaction."""
-        (version,) = await (await self.db.execute("PRAGMA user_version")).fetchone()
+        ((version,),) = await self.db.execute_fetchall("PRAGMA user_version")
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path}: database schema v{version} is newer than this edgefilter (v{SCHEMA_VERSION}); upgrade edgefilter"
@@ -84,7 +84,7 @@ class SqliteBase:
         return SCHEMA_VERSION
 
     async def schema_version(self) -> int:
-        (version,) = await (await self.db.execute("PRAGMA user_version")).fetchone()
+        ((version,),) = await self.db.execute_fetchall("PRAGMA user_version")
         return int(version)
 
     @contextlib.asynccontextmanager

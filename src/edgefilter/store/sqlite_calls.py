@@ -100,7 +100,7 @@ class SqliteCalls(SqliteBase):
 
     async def calls_head(self) -> int:
         """The largest call id (0 when none): where a follower of ``calls_after`` starts."""
-        (head,) = await (await self.db.execute("SELECT COALESCE(MAX(id), 0) FROM calls")).fetchone()
+        ((head,),) = await self.db.execute_fetchall("SELECT COALESCE(MAX(id), 0) FROM calls")
         return int(head)
 
     async def purge_calls(self, before: float) -> int:
@@ -132,7 +132,8 @@ class SqliteCalls(SqliteBase):
         self, *, number: str | None = None, fresh_at: float | None = None, limit: int = 1000000
     ) -> list[ReputationRow]:
         """Cached answers, newest first; only those still fresh at ``fresh_at`` when given."""
-        where, params = [], []
+        where: list[str] = []
+        params: list[str | float] = []
         if number is not None:
             where.append("number = ?")
             params.append(number)
@@ -147,7 +148,8 @@ class SqliteCalls(SqliteBase):
 
     async def purge_reputation(self, *, source: str | None = None, expired_at: float | None = None) -> int:
         """Delete cached answers: all, one source's, and/or only those expired at ``expired_at``."""
-        where, params = [], []
+        where: list[str] = []
+        params: list[str | float] = []
         if source is not None:
             where.append("source = ?")
             params.append(source)

@@ -68,7 +68,7 @@ class SqliteImport(SqliteBase, BatchedImport):
 
     async def stage_rows(self, rows: Sequence[StagedRow]) -> None:
         """Add rows to the staging table (the first of a duplicate pattern wins)."""
-        out = []
+        out: list[tuple[str, str, int | None, int]] = []
         append = out.append
         pids: dict[int, int] = {}  # by id(): a feed's rows share a few meta objects (alive in rows)
         get = pids.get

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import aiosqlite
+
 from edgefilter.core.errors import StoreError
 from edgefilter.lists.index import Entry
 from edgefilter.store.records import (
@@ -14,6 +18,13 @@ from edgefilter.store.records import (
     new_appeal_code,
 )
 from edgefilter.store.sqlite_lists import SqliteLists
+
+
+def _inserted_id(cur: aiosqlite.Cursor) -> int:
+    """The id of the row an INSERT wrote (sqlite3 gives None only when none was written)."""
+    if cur.lastrowid is None:  # pragma: no cover - callers ask only after a row was written
+        raise StoreError("the database gave no id for the row it inserted")
+    return int(cur.lastrowid)
 
 
 class SqliteLedger(SqliteLists):
@@ -40,7 +51,7 @@ class SqliteLedger(SqliteLists):
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (r.caller_e164, r.callee, r.ts, r.kind, r.category, r.source, r.call_uniqueid, pattern),
             )
-        return int(cur.lastrowid)
+        return _inserted_id(cur)
 
     async def undo_last_refusal(self, callee: str, now: float) -> Refusal | None:
         """Undo the callee's newest refusal still in force; a block/report also loses the list
@@ -62,7 +73,7 @@ class SqliteLedger(SqliteLists):
                 )
                 if gone.rowcount:
                     await self.db.execute("INSERT INTO changes (list, pattern, op) VALUES ('block', ?, 'del')", (r.pattern,))
-        return Refusal(*row[:-1], undone_at=now)
+        return dataclasses.replace(r, undone_at=now)
 
     async def refusals(self, *, caller: str | None = None, active_only: bool = False) -> list[Refusal]:
         sql = f"SELECT {REFUSAL_COLUMNS} FROM refusals"
@@ -80,8 +91,8 @@ class SqliteLedger(SqliteLists):
     async def refusals_version(self) -> tuple[int, int, int]:
         """(rows, largest id, rows undone): changes whenever a refusal is recorded or undone on
         any node (the ledger is never purged), so a follower re-reads the ledger only then."""
-        cur = await self.db.execute("SELECT COUNT(*), COALESCE(MAX(id), 0), COUNT(undone_at) FROM refusals")
-        n, head, undone = await cur.fetchone()
+        ((n, head, undone),) = await self.db.execute_fetchall(
+            "SELECT COUNT(*), COALESCE(MAX(id), 0), COUNT(undone_at) FROM refusals")
         return int(n), int(head), int(undone)
 
     async def add_appeal(self, a: Appeal, *, keep_code: bool = False) -> Appeal:
@@ -98,7 +109,7 @@ class SqliteLedger(SqliteLists):
                     f"INSERT INTO appeals ({APPEAL_INSERT}) VALUES ({', '.join('?' * len(row))}) ON CONFLICT DO NOTHING", row
                 )
                 if cur.rowcount:
-                    return Appeal(int(cur.lastrowid), *row)
+                    return Appeal(_inserted_id(cur), *row)
         raise StoreError(f"{self.path}: no free appeal code after 50 tries (too many appeals kept?)")
 
     async def appeals(self, *, status: str | None = None, caller: str | None = None, since: float | None = None,
@@ -136,7 +147,7 @@ class SqliteLedger(SqliteLists):
     async def appeal_summary(self, since: float) -> tuple[int, list[tuple[str, float]]]:
         """(appeals pending, (caller, newest ts) of every caller who appealed since ``since``):
         what the service's guard keeps in memory (cap and cooldown)."""
-        (pending,) = await (await self.db.execute("SELECT COUNT(*) FROM appeals WHERE status = 'pending'")).fetchone()
+        ((pending,),) = await self.db.execute_fetchall("SELECT COUNT(*) FROM appeals WHERE status = 'pending'")
         cur = await self.db.execute("SELECT caller_e164, MAX(ts) FROM appeals WHERE ts >= ? GROUP BY caller_e164", (since,))
         return int(pending), [tuple(r) for r in await cur.fetchall()]
 

@@ -77,7 +77,8 @@ class SqliteLists(SqliteBase):
         self, list_name: str | None = None, source: str | None = None, batch: int = 20000
     ) -> AsyncIterator[list[Entry]]:
         """Entries in list/pattern order, in batches (export streams; it never holds a whole list)."""
-        cond, args = [], []
+        cond: list[str] = []
+        args: list[str | float] = []
         if list_name:
             cond.append("list = ?")
             args.append(list_name)
@@ -94,7 +95,8 @@ class SqliteLists(SqliteBase):
 
     async def entries(self, list_name: str | None = None, *, include_expired: bool = True, now: float | None = None) -> list[Entry]:
         sql = f"SELECT {ENTRY_COLUMNS} FROM entries"
-        cond, args = [], []
+        cond: list[str] = []
+        args: list[str | float] = []
         if list_name:
             cond.append("list = ?")
             args.append(list_name)
@@ -159,7 +161,7 @@ class SqliteLists(SqliteBase):
             cur = await self.db.execute(
                 "SELECT list, pattern FROM entries WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,)
             )
-            rows = await cur.fetchall()
+            rows = list(await cur.fetchall())
             await self.db.execute("DELETE FROM entries WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,))
             await self.db.executemany("INSERT INTO changes (list, pattern, op) VALUES (?, ?, 'del')", rows)
         return len(rows)
