@@ -60,7 +60,7 @@ class PgLists(PgBase):
                 await self._assign_profiles(c)
         return counts
 
-    async def remove_entry(self, pattern, list_name: str | None = None) -> list[str]:
+    async def remove_entry(self, pattern: Pattern, list_name: str | None = None) -> list[str]:
         """Delete the pattern from one list or both; returns the lists it was removed from."""
         lists = [list_name] if list_name else ["block", "allow"]
         async with self.transaction():

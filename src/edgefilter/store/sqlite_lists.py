@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 from edgefilter.lists.index import Entry, Pattern, exact_num
 from edgefilter.store.records import ENTRY_COLUMNS, entry_from_row
@@ -150,7 +150,7 @@ class SqliteLists(SqliteBase):
             out.append((r[0], r[1], r[2], r[3], entry))
         return out
 
-    async def watch_changes(self, wake, resync=None) -> None:
+    async def watch_changes(self, wake: Callable[[], None], resync: Callable[[], None] | None = None) -> None:
         """PostgreSQL pushes change notices to ``wake``; SQLite has none: the poll is the feed."""
         return None
 
