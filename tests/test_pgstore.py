@@ -206,14 +206,6 @@ async def _refused_on(svc: Service, caller: str) -> bool:
     return "REFUSED_BEFORE" in await _rules(svc, caller)
 
 
-async def test_a_retried_batch_is_stored_once(pg_url):
-    async with open_store(_pg_settings(pg_url)) as store:
-        recs = [_record(i) for i in range(3)]
-        assert await store.record_calls(recs) == 3
-        assert await store.record_calls(recs + [_record(3)]) == 1
-        assert len(await store.recent_calls(0)) == 4
-
-
 def _record(i: int) -> CallRecord:
     return CallRecord(1700000000.0 + i, f"u{i}", "+861", "+861", "mobile", "", "1000", "1000", "ctx", "allow", None,
                       0.0, "", "", 0.5, "pbx-a", f"key-{i}")

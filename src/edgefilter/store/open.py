@@ -14,15 +14,16 @@ import stat
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 from edgefilter.core.config import Settings, StoreSettings
 from edgefilter.core.errors import StoreError
 from edgefilter.lists.index import Pattern
+from edgefilter.store.contract import StoreContract
 from edgefilter.store.postgres import PgStore
 from edgefilter.store.sqlite import KEYED_CALL_COLUMNS, OUTCOME_COLUMNS, CallRecord, ContactSeen, Store
 
-AnyStore = Union[Store, PgStore]
+#: Whichever store open_store gives: the contract both implement (contract.StoreContract).
+AnyStore = StoreContract
 
 
 def read_password_file(path: str) -> str:
@@ -92,7 +93,7 @@ class CopyReport:
     reputation_written: int = 0
     appeals: int = 0
     appeals_written: int = 0
-    appeals_recoded: list = None  # (old code, new code) when a code was taken on PostgreSQL
+    appeals_recoded: list[tuple[str, str]] | None = None  # (old code, new code) when a code was taken on PostgreSQL
 
     def lines(self) -> list[str]:
         return [
@@ -156,7 +157,7 @@ async def copy_sqlite_to_postgres(src_path: str, dst: PgStore, *, node: str, bat
                 f"SELECT id, {KEYED_CALL_COLUMNS}, {OUTCOME_COLUMNS} FROM calls WHERE id > ? ORDER BY id LIMIT ?",
                 (cursor, batch),
             )
-            rows = await cur.fetchall()
+            rows = list(await cur.fetchall())
             if not rows:
                 break
             out = []
@@ -182,7 +183,7 @@ async def copy_sqlite_to_postgres(src_path: str, dst: PgStore, *, node: str, bat
                 "SELECT id, ts, uniqueid, caller_e164, outcome, key FROM challenge_outcomes WHERE id > ? ORDER BY id LIMIT ?",
                 (cursor, batch),
             )
-            rows = await cur.fetchall()
+            rows = list(await cur.fetchall())
             if not rows:
                 break
             recs = [_CopiedChallenge(ts, uid, e164, outcome, key or copied_call_key(node, rid, (ts, uid, e164, outcome)))

@@ -67,7 +67,7 @@ class Spool:
                 "CREATE TABLE IF NOT EXISTS spool (seq INTEGER PRIMARY KEY AUTOINCREMENT, record TEXT NOT NULL)"
             )
             await db.commit()
-            (count,) = await (await db.execute("SELECT COUNT(*) FROM spool")).fetchone()
+            ((count,),) = await db.execute_fetchall("SELECT COUNT(*) FROM spool")
         except sqlite3.Error as e:
             await db.close()
             raise StoreError("spool " + describe_sqlite_error(path, e)) from None
