@@ -231,7 +231,7 @@ def _write_locked(db: str) -> bool:
 #: CLI, store and SQLite are the real ones.
 HELD_IMPORT = """
 import asyncio, os, sys
-from edgefilter import store
+from edgefilter.store import sqlite as store
 real = store.Store._assign_profiles
 
 async def held(self):
