@@ -639,7 +639,8 @@ async def test_dribbling_peer_cannot_extend_the_env_deadline(make_settings, capl
         await svc.stop()
 
 
-@pytest.mark.parametrize("garbage", [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", b"\n", b"\x00" * 100 + b"\n", b"A" * 9000])
+@pytest.mark.parametrize("garbage", [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", b"\n",
+                                     b"\x00" * 100 + b"\n", b"A" * 9000])
 async def test_garbage_instead_of_an_env_block_is_closed_with_a_log_line(service, caplog, garbage):
     reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
     writer.write(garbage)
@@ -694,7 +695,7 @@ def test_classic_agi_launcher_catches_a_block_cut_short(tmp_path):
     env = build_env(CallSpec(callerid=b"+8613900139000", args=BLANK_IN_ARG, script="agi:///x"), truncate=False)
     env = b"".join(line + b"\n" for line in env.split(b"\n")[:-1] if not line.startswith(b"agi_network"))
     stdin = env + b"200 result=0\n"
-    code = "import sys; from edgefilter.launcher import main; sys.exit(main())"
+    code = "import sys; from edgefilter.asterisk.launcher import main; sys.exit(main())"
     p = subprocess.run([sys.executable, "-c", code], input=stdin, capture_output=True, timeout=30,
                        env={**os.environ, "EDGEFILTER_CONFIG": str(cfg)})
     assert p.returncode == 0, p.stderr

@@ -12,7 +12,7 @@ LAYER = {
     "history": 1, "behaviour": 1, "memory": 3, "outcomes": 2, "evidence": 4, "starcodes": 4, "ami": 4,
     "agi": 4, "routes": 4, "callsim": 4, "systemd": 4, "eventloop": 4,
     "feeds": 2, "feedworkers": 3, "imports": 4, "replay": 4, "appeals": 4, "appeals_cli": 5,
-    "service": 5, "cli": 5, "launcher": 5, "__main__": 5, "workers": 5,
+    "service": 5, "cli": 5, "launcher": 5, "__main__": 5, "workers": 5, "follower": 4, "calllog": 4,
 }
 
 

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from edgefilter.lists.index import Pattern
+from edgefilter.lists.index import Entry, Pattern
 from edgefilter.rules.screen import Screener
 from edgefilter.store.open import AnyStore
 from edgefilter.store.sqlite import MERGE_MAX_BEHIND, apply_changed
@@ -39,7 +39,7 @@ class ListFollower:
         self.rev = 0
         self.applied = 0
         #: called with (list, pattern text, entry or None) after each change is applied
-        self.on_change: list[Callable[[str, str, object], None]] = []
+        self.on_change: list[Callable[[str, str, Entry | None], None]] = []
         #: called after a full (re)load of the index
         self.on_load: list[Callable[[], None]] = []
         self.loaded = False

@@ -70,7 +70,7 @@ class Service:
         self.server: AgiServer | None = None
         self.store: AnyStore | None = None
         self.spool: Spool | None = None
-        self._store_cm = None
+        self._store_cm: contextlib.AbstractAsyncContextManager[AnyStore] | None = None
         self._stopped = asyncio.Event()
         self.follower: ListFollower | None = None
         self.memory: MemoryFollower | None = None
@@ -313,7 +313,8 @@ class Service:
                 raise
             except Exception as e:
                 if not failing:
-                    log.warning("%s failed (%s); screening continues from memory", name, self.store.describe_error(e))
+                    reason = self.store.describe_error(e) if self.store is not None else str(e)  # (started after the store)
+                    log.warning("%s failed (%s); screening continues from memory", name, reason)
                 failing = True
 
     async def _expire_mirror(self) -> None:
