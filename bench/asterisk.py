@@ -410,7 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     rates = [float(r) for r in a.rates.split(",") if r]
     big_rates = [float(r) for r in a.big_rates.split(",") if r]
     t_start = time.monotonic()
-    say = lambda msg: print(f"[{time.monotonic() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+    def say(msg: str) -> None:
+        print(f"[{time.monotonic() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
     work = Path(tempfile.mkdtemp(prefix="edgefilter-bench-asterisk-"))
     CACHE.mkdir(parents=True, exist_ok=True)
     try:

@@ -208,7 +208,8 @@ def summarise(samples: dict[str, list[dict]]) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| server | rate/s | CPU ms/call min / median | kernel part (median) | p50 / p99 ms (median) | other load (median) | load average (first .. last) | idle CPU ms/s |",
+    lines = ["| server | rate/s | CPU ms/call min / median | kernel part (median) | p50 / p99 ms (median) | other load (median) "
+             "| load average (first .. last) | idle CPU ms/s |",
              "| --- | ---: | --- | ---: | --- | ---: | --- | ---: |"]
     for key, s in result["summary"].items():
         name, rate = key.rsplit("@", 1)

@@ -64,7 +64,7 @@ async def main(n: int) -> None:
             got += 1
 
     task = asyncio.create_task(drain())
-    live_addr = "%s:%d" % live.sockname[:2]
+    live_addr = f"{live.sockname[0]}:{live.sockname[1]:d}"
     with tempfile.TemporaryDirectory() as tmp:
         await run("off", {}, n, tmp)
         await run("live", {"statsd": live_addr, "syslog": live_addr, "prometheus": "127.0.0.1:0"}, n, tmp)

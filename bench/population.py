@@ -120,7 +120,7 @@ async def build_database_async(path: str, n: int, batch: int = 100_000) -> float
         with db:  # one transaction: nothing partial is ever written
             it = rows(n)
             while True:
-                chunk = [r for _, r in zip(range(batch), it)]
+                chunk = [r for _, r in zip(range(batch), it, strict=False)]  # the last batch is short
                 if not chunk:
                     break
                 db.executemany(f"INSERT OR REPLACE INTO entries ({ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", chunk)

@@ -57,7 +57,7 @@ def _reply_after(script, action: str) -> tuple[list[list[str]], bool]:
     """The A messages that follow the client's ``action`` in a script, and whether EOF follows."""
     replies: list[list[str]] = []
     for i, (d, lines) in enumerate(script):
-        if d == "C" and any(l.lower() == f"action: {action.lower()}" for l in lines):
+        if d == "C" and any(ln.lower() == f"action: {action.lower()}" for ln in lines):
             for d2, l2 in script[i + 1:]:
                 if d2 == "A":
                     replies.append(l2)

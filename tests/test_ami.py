@@ -116,7 +116,7 @@ async def test_failed_login_is_reported_and_retried_with_backoff(fake, caplog):
             await wait_for(lambda: lst.auth_failures >= 3)
             assert not lst.connected and lst.last_error == "Authentication failed"
             assert lst.state in ("auth-failed", "connecting")
-            gaps = [b - a for a, b in zip(fake.connect_times, fake.connect_times[1:])]
+            gaps = [b - a for a, b in zip(fake.connect_times, fake.connect_times[1:], strict=False)]
             assert gaps[2] > gaps[0] * 1.5, gaps  # exponential backoff, not a fixed interval
             assert "refused (Authentication failed)" in caplog.text and "manager.conf" in caplog.text
             with pytest.raises(AmiError, match="not connected"):

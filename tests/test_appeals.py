@@ -333,14 +333,14 @@ async def test_forged_caller_ids_are_never_appealable(svc):
 
 
 async def test_refusals_under_the_ledger_only_when_configured(make_settings, recordings):
-    from edgefilter.core.model import Hit
+    from edgefilter.core.model import Action, Call, Hit
     from edgefilter.rules.screen import Decision
 
     for allowed in (False, True):
         s = Service(make_settings(appeal_cfg(recordings, refused_before=allowed)), port=0)
         try:
-            d = s.screener.decide(__import__("edgefilter.core.model", fromlist=["Call"]).Call(callerid=BLOCKED, uniqueid="1.1"),
-                                  extra=[Hit("REFUSED_BEFORE", 10.0, "refusal", "refused", force=__import__("edgefilter.core.model", fromlist=["Action"]).Action.REJECT)])
+            d = s.screener.decide(Call(callerid=BLOCKED, uniqueid="1.1"),
+                                  extra=[Hit("REFUSED_BEFORE", 10.0, "refusal", "refused", force=Action.REJECT)])
             assert d.verdict.action.value == "reject" and isinstance(d, Decision)
             assert bool(s.appeals.offer(d)["EDGEFILTER_APPEAL_ID"]) is allowed
         finally:

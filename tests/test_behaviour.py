@@ -90,7 +90,7 @@ def test_calling_one_extension_repeatedly_is_no_spread():
 
 def test_short_and_unanswered_calls_need_a_minimum_sample():
     rig = Rig()
-    for i in range(3):
+    for _ in range(3):
         d = rig.call("+8613700137000", after=300)
         rig.history.set_outcome(d.call.uniqueid, False, 0.0)
     fourth = rig.call("+8613700137000", after=300)

@@ -146,7 +146,7 @@ async def test_retries_zero_fails_on_the_first_wrong_digit_and_failures_add_up(m
     svc = Service(make_settings(challenge={"retries": 0}), port=0)
     await svc.start()
     try:
-        for n in (1, 2):
+        for _ in (1, 2):
             first = await call(svc)
             if first.variables["EDGEFILTER_ACTION"] != "challenge":
                 break

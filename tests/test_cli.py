@@ -126,7 +126,7 @@ def test_classic_agi_launcher_screens_over_stdin(tmp_path, cfg):
 
     env = build_env(CallSpec(callerid=b"+8617012345678", script="screen"))
     # a classic AGI has no agi_network lines
-    env = b"".join(l + b"\n" for l in env.split(b"\n")[:-1] if not l.startswith(b"agi_network"))
+    env = b"".join(ln + b"\n" for ln in env.split(b"\n")[:-1] if not ln.startswith(b"agi_network"))
     proc = subprocess.Popen(
         [str(ROOT / "agi" / "edgefilter-agi")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env={**os.environ, "EDGEFILTER_CONFIG": cfg},

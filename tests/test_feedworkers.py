@@ -26,7 +26,7 @@ def flat(chunks) -> list[tuple]:
     out = []
     for c in chunks:
         out += [(no, "refused", reason) for no, reason in c.refused]
-        out += [(no, text, num, c.metas[mid]) for no, text, num, mid in zip(c.lines, c.patterns, c.nums, c.meta_ids)]
+        out += [(no, text, num, c.metas[mid]) for no, text, num, mid in zip(c.lines, c.patterns, c.nums, c.meta_ids, strict=True)]
     return sorted(out, key=lambda t: t[0])
 
 
@@ -46,7 +46,7 @@ def messy_lines(n: int, seed: int, csv: bool) -> list[str]:
     """Good numbers in every spelling, patterns, duplicates, comments, blanks and garbage."""
     rnd = random.Random(seed)
     out = []
-    for i in range(n):
+    for _ in range(n):
         r = rnd.random()
         d = f"{rnd.randrange(10**8):08d}"
         if r < 0.35:

@@ -639,7 +639,8 @@ async def test_dribbling_peer_cannot_extend_the_env_deadline(make_settings, capl
         await svc.stop()
 
 
-@pytest.mark.parametrize("garbage", [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", b"\n", b"\x00" * 100 + b"\n", b"A" * 9000])
+@pytest.mark.parametrize("garbage", [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", b"\n",
+                                     b"\x00" * 100 + b"\n", b"A" * 9000])
 async def test_garbage_instead_of_an_env_block_is_closed_with_a_log_line(service, caplog, garbage):
     reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
     writer.write(garbage)

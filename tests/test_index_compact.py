@@ -74,7 +74,9 @@ def test_loaded_index_agrees_with_dict_index_under_random_changes(tmp_path, monk
                 for now in (100.0, 450.0, 600.0):
                     assert summary(loaded.lookup(d, now)) == summary(ref.lookup(d, now)), (d, now)
     assert loaded.size == ref.size and loaded.counts() == ref.counts()
-    key = lambda e: (e.list, e.pattern.text)
+    def key(e):
+        return (e.list, e.pattern.text)
+
     assert sorted(map(key, loaded)) == sorted(map(key, ref))
 
 
@@ -259,7 +261,7 @@ def test_packed_read_gives_the_rows_in_key_order_or_falls_back_to_them(tmp_path,
             want = con.execute("SELECT num, profile FROM entries WHERE list = ? AND num IS NOT NULL AND profile IS NOT NULL "
                                "ORDER BY num", (list_name,)).fetchall()
             keys, pids = store_mod.read_compact(con, list_name, profiles)
-            assert list(zip(keys, pids)) == want and len(want) > 100
+            assert list(zip(keys, pids, strict=True)) == want and len(want) > 100
         return used
 
     assert case("few", 3, lambda r: r.randrange(1, 4)) == [(8, True)] * 2  # a byte for the profile id
@@ -284,7 +286,7 @@ def test_lookup_agrees_with_the_rules_read_literally(monkeypatch, small):
             return p.key == d
         if p.kind == "prefix":
             return d.startswith(p.key)
-        return len(p.key) == len(d) and all(m in ("#", c) for m, c in zip(p.key, d))
+        return len(p.key) == len(d) and all(m in ("#", c) for m, c in zip(p.key, d, strict=True))
 
     profiles = {1: ("fraud", "", "feed", 1.0, None), 2: ("", "n", "crm", 1.0, 150.0), 3: ("x", "", "old", 1.0, 50.0)}
     index, live = ListIndex(), {}
@@ -292,7 +294,7 @@ def test_lookup_agrees_with_the_rules_read_literally(monkeypatch, small):
         mine = sorted(rnd.sample(numbers, 120))
         pids = [rnd.choice([1, 1, 2, 3]) for _ in mine]
         index.load_compact(list_name, array("q", map(digits_num, mine)), array("I", pids), profiles)
-        for d, pid in zip(mine, pids):
+        for d, pid in zip(mine, pids, strict=True):
             live[(list_name, "+" + d)] = Entry(list_name, Pattern("exact", d, "+" + d), *profiles[pid])
     for step in range(400):
         list_name, d = rnd.choice(["block", "allow"]), rnd.choice(numbers)

@@ -113,7 +113,7 @@ def test_mset_command_is_one_argument_whatever_the_values(variables):
     assert argv[:2] == [b"EXEC", b"MSet"] and len(argv) == 3
     pairs = _separate_args(argv[2], 0x2C, 24)
     assert [p.split(b"=", 1)[0].decode() for p in pairs] == list(variables)
-    for p, v in zip(pairs, variables.values()):
+    for p, v in zip(pairs, variables.values(), strict=True):
         assert p.split(b"=", 1)[1].decode() == safe_value(v)
 
 

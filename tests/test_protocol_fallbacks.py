@@ -172,7 +172,8 @@ async def test_an_out_of_step_reply_to_set_variable_is_answered_as_forged(servic
 async def test_a_dead_channel_during_the_fallback_is_no_forgery(service, caplog):
     """511 (the channel hung up) is a reply SET VARIABLE may get: not out of step."""
     await allow(service)
-    got = await _fake_asterisk(service.port, CallSpec(callerid=FRIEND), [b"200 result=-2\n"] + [b"511 Command Not Permitted on a dead channel or intercept routine\n"] * 5)
+    got = await _fake_asterisk(service.port, CallSpec(callerid=FRIEND),
+                               [b"200 result=-2\n"] + [b"511 Command Not Permitted on a dead channel or intercept routine\n"] * 5)
     assert [c.split(b" ")[:3] for c in got[1:]] == [[b"SET", b"VARIABLE", n] for n in
                                                     (b"EDGEFILTER_ACTION", b"EDGEFILTER_SCORE", b"EDGEFILTER_RULES", b"EDGEFILTER_POLICY",
                                                      b"TIMEOUT(absolute)")]

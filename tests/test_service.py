@@ -179,7 +179,7 @@ async def test_200_concurrent_sessions_all_answered_correctly(service):
     await add(service, "block", "+86170*")
     callers = [f"+8617{i:09d}" if i % 2 else f"+8613{i:09d}" for i in range(200)]
     results = await asyncio.gather(*(call(service, c) for c in callers))
-    for c, r in zip(callers, results):
+    for c, r in zip(callers, results, strict=True):
         expected = "reject" if c.startswith("+86170") else "allow"
         assert r.variables["EDGEFILTER_ACTION"] == expected, c
 

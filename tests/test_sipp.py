@@ -89,7 +89,7 @@ def test_challenge_scenarios_match_what_the_dial_plan_sends():
 
 
 def test_injection_files_hold_valid_numbers():
-    for name, csv in CSVS.items():
+    for _name, csv in CSVS.items():
         lines = (SIPP / csv).read_text().splitlines()
         assert lines[0] == "SEQUENTIAL", csv
         for row in lines[1:]:

@@ -96,7 +96,7 @@ async def test_the_follower_merges_a_big_batch_into_the_running_index_like_a_ful
     """Interned profile ids of the running index differ from the database's: the merge maps them."""
     from types import SimpleNamespace
 
-    from edgefilter import service as service_mod
+    from edgefilter import follower as service_mod
 
     monkeypatch.setattr(service_mod, "FULL_RELOAD_AFTER", 30)
     rnd = random.Random(9)

@@ -82,8 +82,8 @@ async def cmd_appeals(args, settings: Settings) -> int:
                     "" if settings.appeal.enabled or any(p.appeal for p in settings.policies)
                     else " (appeals are off: [appeal] enabled = false and no policy sets appeal = true)"))
                 return 0
-            for a in appeals:
-                print("\n".join(await _show(store, a, settings, now)))
+            for listed in appeals:
+                print("\n".join(await _show(store, listed, settings, now)))
             print(f"{len(appeals)} appeal(s)" + ("" if args.all else " pending"))
             return 0
         a = await store.get_appeal(args.code.strip())
@@ -97,8 +97,10 @@ async def cmd_appeals(args, settings: Settings) -> int:
         if len(note) > MAX_NOTE:
             raise EdgefilterError(f"--note is longer than {MAX_NOTE} characters")
         if action == "deny":
-            a = await store.decide_appeal(a.code, "denied", now, note=note or a.note)
-            print(f"appeal {a.code} from {a.caller_e164} denied; the number stays refused ({_entry(a)})")
+            denied = await store.decide_appeal(a.code, "denied", now, note=note or a.note)
+            if denied is None:
+                raise EdgefilterError(f"appeal {a.code} was decided meanwhile (gone)")
+            print(f"appeal {denied.code} from {denied.caller_e164} denied; the number stays refused ({_entry(denied)})")
             return 0
         return await _grant(store, a, args, settings, now, note)
 
@@ -128,14 +130,14 @@ async def _grant(store, a: Appeal, args, settings: Settings, now: float, note: s
         print(f"appeal {a.code} granted: allow {pattern.text} until {_when(entry.expires_at)} (source {SOURCE})")
     else:
         print(f"appeal {a.code} granted: {pattern.text} is on the allowlist already ({escape_text(kept[0].source, 40)}); kept as it is")
-    for e in blocks:
-        src = f"a star code of extension {e.source.split(':', 1)[1]}" if e.source.startswith("starcode:") else f"source {e.source}"
-        cat = f", category {e.category}" if e.category else ""
-        print(f"  overrides block entry {e.pattern.text} ({escape_text(src, 80)}{cat})")
-        if e.pattern != pattern:
+    for blk in blocks:
+        src = f"a star code of extension {blk.source.split(':', 1)[1]}" if blk.source.startswith("starcode:") else f"source {blk.source}"
+        cat = f", category {blk.category}" if blk.category else ""
+        print(f"  overrides block entry {blk.pattern.text} ({escape_text(src, 80)}{cat})")
+        if blk.pattern != pattern:
             print("  (the entry stays for every other number it matches)")
         else:
-            print(f"  (if it is wrong for good: edgefilter remove {e.pattern.text} --list block)")
+            print(f"  (if it is wrong for good: edgefilter remove {blk.pattern.text} --list block)")
     if not blocks and a.entry_pattern:
         print(f"  the block entry appealed ({_entry(a)}) is gone already")
     if not blocks and not a.entry_pattern:

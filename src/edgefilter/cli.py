@@ -12,7 +12,7 @@ import dataclasses
 import re
 import sys
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from edgefilter.appeals_cli import add_parser as add_appeals_parser
@@ -269,13 +269,14 @@ async def cmd_lookup(args, settings: Settings) -> int:
         return 1
     number = normalize(args.number, settings.default_region)
     print(f"number: {escape_text(args.number)} -> {number.e164 or '-'} ({number.kind.value}{': ' + number.reason if number.reason else ''})")
-    if number.kind is not NumberKind.VALID:
+    e164, digits = number.e164, number.digits
+    if number.kind is not NumberKind.VALID or not e164 or not digits:  # a valid number always has both
         print("not looked up: only valid public numbers are ever sent to a reputation source")
         return 0
     async with open_store(settings) as store:
         index = ListIndex()
-        index.extend(await store.candidates(number.digits))
-        why = private_reason(Call(callerid=number.e164), number, time.time(), index, never_block_index(settings))
+        index.extend(await store.candidates(digits))
+        why = private_reason(Call(callerid=e164), number, time.time(), index, never_block_index(settings))
         if why is not None:
             print(f"not looked up: the number is in the {why} (numbers on the allowlist never leave this machine)")
             return 0
@@ -285,7 +286,7 @@ async def cmd_lookup(args, settings: Settings) -> int:
             for src in sources:
                 now = time.time()
                 print(f"{src.name}:{'' if src.enabled else ' (enabled = false: the service does not ask it)'}")
-                row = await store.get_reputation(src.name, number.e164)
+                row = await store.get_reputation(src.name, e164)
                 fresh = row is not None and row.expires_at > now
                 if row is None:
                     print("  cached: nothing")
@@ -293,11 +294,12 @@ async def cmd_lookup(args, settings: Settings) -> int:
                     cached = answer_from_row(row)
                     weight, why = weight_of(src, cached)
                     state = "expires" if fresh else "expired"
-                    print(f"  cached: {escape_text(cached.describe())} -> weight {weight:+g} ({escape_text(why)}); fetched {_fmt_time(row.fetched_at)}, {state} {_fmt_time(row.expires_at)}")
+                    print(f"  cached: {escape_text(cached.describe())} -> weight {weight:+g} ({escape_text(why)}); "
+                          f"fetched {_fmt_time(row.fetched_at)}, {state} {_fmt_time(row.expires_at)}")
                 if args.cached_only:
                     continue
                 store_it = args.refresh or not fresh
-                answer = await client.ask(src, number.e164, remember=store_it)
+                answer = await client.ask(src, e164, remember=store_it)
                 if not store_it:
                     note = "cache kept (still fresh; --refresh replaces it)"
                 else:
@@ -357,7 +359,7 @@ async def cmd_evidence(args, settings: Settings) -> int:
         calls = await store.calls_from(number.e164, since)
         refusals = await store.refusals(caller=number.e164)
         appeals = await store.appeals(caller=number.e164, since=since)
-    tz = settings.tz or datetime.now().astimezone().tzinfo
+    tz = settings.tz or datetime.now().astimezone().tzinfo or UTC  # (astimezone always sets one)
     ev = build(number.e164, calls, refusals, since=since, until=now, tz=tz, scope=settings.behaviour.refusal_scope,
                appeals=appeals)
     text = to_csv(ev) if args.format == "csv" else to_html(ev, generated=now, version=__version__)
@@ -382,6 +384,8 @@ def _parse_since(text: str, now: float) -> float:
 
 
 async def cmd_db(args, settings: Settings) -> int:
+    from edgefilter.store.postgres import PgStore
+
     if args.action == "migrate":
         async with open_store(settings) as store:  # opening migrates
             version = await store.migrate()
@@ -399,6 +403,8 @@ async def cmd_db(args, settings: Settings) -> int:
     target = dataclasses.replace(settings.store, url=args.target)
     node = args.node or settings.store.node
     async with open_store(target) as dst:
+        if not isinstance(dst, PgStore):  # a postgresql:// url (checked above) always opens one
+            raise EdgefilterError(f"--to: {redact_url(args.target)} did not open a PostgreSQL store")
         report = await copy_sqlite_to_postgres(args.source, dst, node=node)
     print(f"copied {args.source} -> {redact_url(args.target)} (calls tagged node {node})")
     for line in report.lines():
@@ -439,7 +445,8 @@ def cmd_config(args, settings: Settings) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgefilter", description="Harassment-call filter for Asterisk (FastAGI).")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="FILE", help="config file (default: $EDGEFILTER_CONFIG, ./edgefilter.toml, /etc/edgefilter/edgefilter.toml, else built-in defaults)")
+    common.add_argument("--config", metavar="FILE", help="config file (default: $EDGEFILTER_CONFIG, ./edgefilter.toml, "
+                                                          "/etc/edgefilter/edgefilter.toml, else built-in defaults)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", parents=[common], help="run the FastAGI screening service")

@@ -147,7 +147,7 @@ async def cmd_import(args, settings: Settings, *, now: float | None = None) -> i
                 shared = [metas.setdefault(m, m) for m in chunk.metas]
                 repeats = seen.repeats(chunk, [m[0] for m in shared])
                 if not repeats and not chunk.refused:  # most chunks of a clean feed
-                    rows = [(t, n, shared[m]) for t, n, m in zip(chunk.patterns, chunk.nums, chunk.meta_ids)]
+                    rows = [(t, n, shared[m]) for t, n, m in zip(chunk.patterns, chunk.nums, chunk.meta_ids, strict=True)]
                 else:
                     rows = _rows_reporting(chunk, shared, repeats, report, duplicate)
                 good += len(rows)
@@ -193,7 +193,7 @@ def _rows_reporting(chunk: Chunk, shared: list[tuple], repeats: dict[int, int], 
     """A chunk's rows to stage, its refusals and repeats reported in line order on the way."""
     refusals, r = chunk.refused, 0
     rows: list[StagedRow] = []
-    for i, (line_no, text, num, mid) in enumerate(zip(chunk.lines, chunk.patterns, chunk.nums, chunk.meta_ids)):
+    for i, (line_no, text, num, mid) in enumerate(zip(chunk.lines, chunk.patterns, chunk.nums, chunk.meta_ids, strict=True)):
         while r < len(refusals) and refusals[r][0] < line_no:
             report(*refusals[r])
             r += 1

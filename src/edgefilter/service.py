@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import gc
-import itertools
 import logging
 import os
 import signal
 import time
-import uuid
 from collections.abc import Callable
 
 from edgefilter.asterisk.agi import AgiServer
@@ -29,12 +25,13 @@ from edgefilter.asterisk.mirror import AmiClient, BlockMirror
 from edgefilter.asterisk.outcomes import OutcomeTracker
 from edgefilter.asterisk.routes import DecisionObserver, challenge_result_route, screen_route
 from edgefilter.asterisk.starcodes import StarCodes
+from edgefilter.calllog import CallLogWriter
 from edgefilter.core.config import Settings, load_settings
 from edgefilter.core.errors import AmiError, ConfigError
 from edgefilter.core.model import NumberKind
 from edgefilter.core.numbers import warm_up
 from edgefilter.eventloop import running_loop_name
-from edgefilter.lists.index import Pattern
+from edgefilter.follower import FULL_RELOAD_AFTER, SETTLE_HEAP_AFTER, ListFollower, settle_heap
 from edgefilter.outputs.decisionlog import DecisionLogger, escape_text, setup_logging
 from edgefilter.outputs.events import Output, build_udp_outputs
 from edgefilter.reputation import ReputationClient, ReputationLookup
@@ -43,336 +40,12 @@ from edgefilter.rules.memory import MemoryFollower
 from edgefilter.rules.screen import Decision, Screener
 from edgefilter.store.open import AnyStore, open_store
 from edgefilter.store.spool import Spool
-from edgefilter.store.sqlite import MERGE_MAX_BEHIND, CallOutcome, CallRecord, ContactSeen, apply_changed
+from edgefilter.store.sqlite import CallOutcome, ContactSeen
 from edgefilter.systemd import Notifier
 
 log = logging.getLogger("edgefilter.service")
 
-FULL_RELOAD_AFTER = 20000  # changes behind: cheaper to merge them (or reload) than to replay them
-SETTLE_HEAP_AFTER = 50000  # list entries from which settle_heap runs a full collection first
-
-
-class ListFollower:
-    """Keeps the in-memory index in step with the database through the change feed.
-
-    ``run`` applies changes whenever the store nudges it (``wake``: PostgreSQL's LISTEN/NOTIFY)
-    and at least every poll interval (the fallback, and SQLite's only feed). When the database
-    is not there at start, the service screens with empty lists and the follower loads them as
-    soon as it answers.
-    """
-
-    def __init__(self, store: AnyStore, screener: Screener) -> None:
-        self.store = store
-        self.screener = screener
-        self.rev = 0
-        self.applied = 0
-        #: called with (list, pattern text, entry or None) after each change is applied
-        self.on_change: list[Callable[[str, str, object], None]] = []
-        #: called after a full (re)load of the index
-        self.on_load: list[Callable[[], None]] = []
-        self.loaded = False
-        self.stale = False
-        self.nudged = asyncio.Event()
-
-    def wake(self) -> None:
-        """Called by the store's change listener: a change was committed somewhere."""
-        self.nudged.set()
-
-    def resync(self) -> None:
-        """Called by the change listener after it lost the database: reload everything next."""
-        self.stale = True
-        self.nudged.set()
-
-    async def load(self) -> int:
-        t0 = time.perf_counter()
-        # SQLite: a worker thread with its own connection (calls keep being answered meanwhile);
-        # both stores load exact numbers as compact arrays and start from a snapshot file
-        rev, index = await self.store.load_index()
-        self.screener.index = index
-        self.rev = rev
-        self.loaded = True
-        del index
-        settle_heap(collect=self.screener.index.size >= SETTLE_HEAP_AFTER)
-        log.info("loaded %d list entries in %.0f ms (rev %d)", self.screener.index.size, (time.perf_counter() - t0) * 1000, rev)
-        for hook in self.on_load:
-            hook()
-        return self.screener.index.size
-
-    async def merge_big_batch(self) -> bool:
-        """A batch too big to replay one by one (an import while the service runs): the entries
-        changed since are read once, as they are now; the numbers new to the compact arrays are
-        merged into new arrays in a worker thread (calls keep being answered from the current
-        ones) and swapped in; the few other changes are applied in place. Much cheaper than a
-        full reload beside millions of entries. False (the caller reloads) when the batch is
-        beyond MERGE_MAX_BEHIND changes."""
-        head = await self.store.head_rev()
-        if head - self.rev > MERGE_MAX_BEHIND:
-            return False
-        t0 = time.perf_counter()
-        rev, rows, profiles = await self.store.changed_entries(self.rev)
-        index = self.screener.index
-        plan = await asyncio.to_thread(index.plan_merge, rows, profiles)
-        if index is not self.screener.index:  # replaced meanwhile (never by design): start over
-            return False
-        rest = index.adopt_merge(plan)
-        for i in range(0, len(rest), 2000):  # a long tail of updates must not hold calls up
-            apply_changed(index, rest[i:i + 2000])
-            await asyncio.sleep(0)
-        self.rev = rev
-        self.applied += len(rows)
-        log.info("merged %d changed list entries in %.0f ms (rev %d, %d entries)", len(rows),
-                 (time.perf_counter() - t0) * 1000, rev, index.size)
-        for hook in self.on_load:  # as after a reload: listeners resynchronise from the index
-            hook()
-        return True
-
-    async def poll(self) -> int:
-        """Apply changes made since the last poll; returns how many were applied."""
-        if not self.loaded or self.stale:
-            if not self.loaded:
-                await self.store.migrate()
-            self.stale = False
-            try:
-                return await self.load()
-            except BaseException:
-                self.stale = self.loaded
-                raise
-        # The head revision first: one cheap query (one hop to SQLite's thread) when nothing
-        # changed, which is almost every poll, several times a second.
-        head = await self.store.head_rev()
-        if head <= self.rev:
-            if head < self.rev:  # the database was replaced or rebuilt under us
-                log.warning("change feed went backwards (%d < %d): reloading all lists", head, self.rev)
-                await self.load()
-            return 0
-        changes = await self.store.changes_since(self.rev, FULL_RELOAD_AFTER + 1)
-        if not changes:
-            return 0
-        if len(changes) > FULL_RELOAD_AFTER:
-            if not await self.merge_big_batch():
-                await self.load()
-            return len(changes)
-        index = self.screener.index
-        for rev, op, list_name, pattern_text, entry in changes:
-            if entry is not None:
-                index.put(entry)
-            else:
-                index.remove(list_name, Pattern.from_text(pattern_text))
-            self.rev = rev
-            for hook in self.on_change:
-                try:
-                    hook(list_name, pattern_text, entry)
-                except Exception:
-                    log.exception("list change listener failed")
-        self.applied += len(changes)
-        return len(changes)
-
-    async def run(self, interval: Callable[[], float]) -> None:
-        """Poll on every nudge and every ``interval()`` seconds; back off while the store fails."""
-        failing, delay = False, 0.0
-        while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.nudged.wait(), max(interval(), delay))
-            self.nudged.clear()
-            try:
-                await self.poll()
-                if failing:
-                    log.info("list follower recovered (%s)", self.store.where)
-                failing, delay = False, 0.0
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                if not failing:
-                    log.warning("list follower failed (%s); screening continues from memory", self.store.describe_error(e))
-                failing = True
-                delay = min(max(delay * 2, 0.5), 2.0)
-
-
-def settle_heap(collect: bool = True) -> None:
-    """Move everything alive now (the freshly loaded lists) out of the cyclic GC's sight.
-
-    With a million list entries in memory, every full collection walks millions of objects and
-    stalls the event loop for tens to hundreds of milliseconds: the benchmark's p99 showed it.
-    The index holds no reference cycles, so frozen objects are still freed by reference counting
-    when a reload replaces them; ``unfreeze`` first so that the old generation is looked at once.
-    ``collect`` first clears cyclic garbage (skipped for small lists, where it would cost more
-    than the little garbage it keeps out of sight).
-    """
-    gc.unfreeze()
-    if collect:
-        gc.collect()
-    gc.freeze()
-
-
-class CallLogWriter:
-    """Bounded queue of call records written in batches; never blocks or fails a call.
-
-    AMI outcomes and known contacts go through the same queue, so an outcome is always written
-    after the insert of its call (and, during an outage, spooled behind it).
-
-    When the store cannot take a batch, it goes to the on-disk spool (bounded by count) and so do
-    the batches after it, in order, until a drain (retried with backoff) has emptied the spool
-    into the store. Each record carries a unique key, so a batch written twice is stored once.
-    """
-
-    def __init__(
-        self, store: AnyStore, spool: Spool, node: str = "", maxsize: int = 10000, batch: int = 500, interval: float = 0.25
-    ) -> None:
-        self.store = store
-        self.spool = spool
-        self.node = node
-        self.queue: asyncio.Queue[object] = asyncio.Queue(maxsize)
-        self.batch = batch
-        # Pause between batches. Every batch is several hops to the SQLite thread, and each hop
-        # hands it the GIL while calls wait: at 50 ms the profile showed the event loop stalled
-        # in those hand-offs about 2.5% of the time, in bursts that reached the p99.
-        self.interval = interval
-        self.dropped = 0
-        self.written = 0
-        self.queued = 0  # taken into the queue; at rest, queued == written + dropped + spooled
-        # Keys unique across nodes and restarts without a system call per record: 80 random
-        # bits per process, then a counter (32 hex digits, like the uuid4 keys of before).
-        prefix = uuid.uuid4().hex[:20]
-        self._keys = (f"{prefix}{n:012x}" for n in itertools.count())
-        self.failing = False
-        self.failures = 0  # failed attempts to write (each backs off further, up to max_delay)
-        self.max_delay = 5.0
-        self._delay = 0.0
-        self._next_try = 0.0
-
-    def __call__(self, d: Decision) -> None:
-        """Queue a decided call. Its CallRecord is built when its batch is taken, off the call
-        path: in a batch the code finds the CPU's caches warm (at ordinary rates every call
-        starts cold), and the queue keeps it in order with the outcomes submitted after it."""
-        self._put((time.time(), d))
-
-    def _record(self, ts: float, d: Decision) -> CallRecord:
-        v = d.verdict
-        return CallRecord(  # node + a unique key: a retried write (spool drain) is stored once
-            ts=ts,
-            uniqueid=d.call.uniqueid[:64],
-            caller=d.call.callerid[:128],
-            caller_e164=d.number.e164,
-            caller_kind=d.number.kind.value,
-            caller_name=d.call.calleridname[:128],
-            called=d.call.called[:64],
-            extension=(d.call.params.get("exten") or d.call.extension)[:64],
-            context=d.call.context[:64],
-            action=v.action.value,
-            would=v.would.value if v.would else None,
-            score=v.score,
-            rules=" ".join(v.rules),
-            policy=v.policy,
-            elapsed_ms=round(d.elapsed_ms, 3),
-            node=self.node,
-            key=next(self._keys),
-        )
-
-    def submit(self, rec: object) -> None:
-        """Queue a CallRecord, CallOutcome or ContactSeen; dropped (and counted) when full.
-        An outcome is stamped with this node: on a shared store it updates this node's call only."""
-        if isinstance(rec, CallOutcome) and not rec.node:
-            rec = dataclasses.replace(rec, node=self.node)
-        self._put(rec)
-
-    def _put(self, item: object) -> None:
-        try:
-            self.queue.put_nowait(item)
-        except asyncio.QueueFull:
-            self.dropped += 1
-            if self.dropped in (1, 100) or self.dropped % 10000 == 0:
-                log.warning("call log queue full: %d records dropped (store too slow or failing)", self.dropped)
-        else:
-            self.queued += 1
-
-    def _take(self, first: object | None = None) -> list[object]:
-        pending = [first] if first is not None else []
-        while len(pending) < self.batch and not self.queue.empty():
-            pending.append(self.queue.get_nowait())
-        return [self._record(*item) if type(item) is tuple else item for item in pending]
-
-    async def run(self) -> None:
-        while True:
-            if self.spool.count:  # a backlog: wake up to retry the drain even with no new calls
-                wait = max(0.05, self._next_try - time.monotonic())
-                try:
-                    pending = self._take(await asyncio.wait_for(self.queue.get(), wait))
-                except TimeoutError:
-                    pending = []
-            else:
-                pending = self._take(await self.queue.get())
-            await self.write(pending)
-            await asyncio.sleep(self.interval)
-
-    async def write(self, pending: list[object]) -> None:
-        """Store a batch, or spool it behind the backlog; then try to drain the backlog."""
-        if pending and not self.spool.count and not self.failing:
-            try:
-                self.written += await self.store.write_batch(pending)
-                return
-            except Exception as e:
-                self._failed(e)
-        if pending:
-            await self._to_spool(pending)
-        await self.drain()
-
-    async def drain(self) -> None:
-        """Move spooled records to the store, oldest first, until empty or the store fails."""
-        if time.monotonic() < self._next_try:
-            return
-        if not self.spool.count:
-            self.failing = False  # nothing waits (the spool itself failed): try the store again
-            return
-        moved = 0
-        while self.spool.count:
-            rows = await self.spool.peek(self.batch)
-            if not rows:
-                break
-            try:
-                self.written += await self.store.write_batch([r for _, r in rows])
-            except Exception as e:
-                self._failed(e)
-                return
-            await self.spool.remove_through(rows[-1][0])  # only after the store committed them
-            moved += len(rows)
-        if self.failing or moved:
-            log.info("call log writes recovered: %s takes records again; %d buffered items (calls, outcomes, contacts) written", self.store.where, moved)
-        self.failing, self._delay, self._next_try = False, 0.0, 0.0
-
-    async def _to_spool(self, records: list[object]) -> None:
-        try:
-            dropped = await self.spool.add(records)
-        except Exception as e:
-            dropped = len(records)
-            log.error("call log spool %s failed (%s): %d call-log items lost", self.spool.path, e, dropped)
-        if dropped:
-            self.dropped += dropped
-            log.warning("call log spool %s full (%d items): %d call-log items dropped", self.spool.path, self.spool.max_records, dropped)
-
-    def _failed(self, e: BaseException) -> None:
-        self.failures += 1
-        self._delay = min(max(self._delay * 2, 0.5), self.max_delay)
-        self._next_try = time.monotonic() + self._delay
-        if not self.failing:  # once per outage, not per retry
-            log.warning(
-                "call log write failed (%s); buffering call records, outcomes and contacts in %s, "
-                "retrying with backoff; screening continues",
-                self.store.describe_error(e), self.spool.path,
-            )
-        self.failing = True
-
-    async def flush(self, timeout: float = 5.0) -> None:
-        """At stop: what is still queued goes to the store, else to the spool (next start drains it)."""
-        rest = self._take()
-        if not rest:
-            return
-        if not self.spool.count and not self.failing:
-            try:
-                self.written += await asyncio.wait_for(self.store.write_batch(rest), timeout)
-                return
-            except Exception as e:
-                self._failed(e)
-        await self._to_spool(rest)
+__all__ = ["FULL_RELOAD_AFTER", "SETTLE_HEAP_AFTER", "CallLogWriter", "ListFollower", "Service", "serve", "settle_heap"]
 
 
 class Service:
@@ -397,7 +70,7 @@ class Service:
         self.server: AgiServer | None = None
         self.store: AnyStore | None = None
         self.spool: Spool | None = None
-        self._store_cm = None
+        self._store_cm: contextlib.AbstractAsyncContextManager[AnyStore] | None = None
         self._stopped = asyncio.Event()
         self.follower: ListFollower | None = None
         self.memory: MemoryFollower | None = None
@@ -640,7 +313,8 @@ class Service:
                 raise
             except Exception as e:
                 if not failing:
-                    log.warning("%s failed (%s); screening continues from memory", name, self.store.describe_error(e))
+                    reason = self.store.describe_error(e) if self.store is not None else str(e)  # (started after the store)
+                    log.warning("%s failed (%s); screening continues from memory", name, reason)
                 failing = True
 
     async def _expire_mirror(self) -> None:

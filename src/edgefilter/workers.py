@@ -92,8 +92,9 @@ class WorkerPool:
         try:
             done, _ = await asyncio.wait([stopper, *watchers], return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                if task is not stopper and task.exception() is not None:
-                    raise task.exception()
+                failed = task.exception() if task is not stopper else None
+                if failed is not None:
+                    raise failed
         finally:
             self.stopping = True
             log.info("stopping %d workers", self.count)

@@ -118,7 +118,8 @@ def _provisional(early_media: bool) -> str:
 
 def _auth_round(from_line: str, headers: str) -> str:
     """INVITE, 401 with a challenge, ACK, INVITE again with credentials (a softphone's way)."""
-    return _invite(from_line, headers, 1) + '  <recv response="100" optional="true"/>\n  <recv response="401" auth="true"/>\n' + _ack(1) + _invite(from_line, headers, 2, auth=True)
+    return (_invite(from_line, headers, 1) + '  <recv response="100" optional="true"/>\n  <recv response="401" auth="true"/>\n'
+            + _ack(1) + _invite(from_line, headers, 2, auth=True))
 
 
 def refused(path: Path, code: int, *, from_line: str = 'From: "[field1]" <sip:[field0]@[local_ip]:[local_port]>',
@@ -184,7 +185,8 @@ def play_audio(pcap: str, then_ms: int = 0) -> str:
 def register(path: Path, user: str, expires: int) -> Path:
     """A softphone's REGISTER (digest auth through ``-au``/``-ap``) whose Contact is the port
     given by ``-key phone_port N``: the sipp that plays the phone itself (``phone``)."""
-    req = lambda cseq, auth: f"""  <send retrans="500">
+    def req(cseq: int, auth: bool) -> str:
+        return f"""  <send retrans="500">
     <![CDATA[
 
       REGISTER sip:[remote_ip]:[remote_port] SIP/2.0
@@ -201,6 +203,7 @@ def register(path: Path, user: str, expires: int) -> Path:
     ]]>
   </send>
 """
+
     path.write_text(HEAD + f'<scenario name="register {user}">\n' + req(1, False)
                     + '  <recv response="401" auth="true"/>\n' + req(2, True) + '  <recv response="200"/>\n</scenario>\n')
     return path

@@ -106,7 +106,7 @@ def _run_section2(etc: Path, *, existing_transport: bool) -> list[str]:
         line = re.search(r"```ini\n\s*(endpoint_identifier_order = [^\n]+)\n\s*```", text).group(1)
         conf = (etc / "pjsip.conf").read_text()
         (etc / "pjsip.conf").write_text(conf.replace("type = global\n", f"type = global\n{line}\n", 1))
-    feature = next(l for l in (etc / "features-edgefilter.conf").read_text().splitlines() if l.startswith("edgefilter-refuse"))
+    feature = next(ln for ln in (etc / "features-edgefilter.conf").read_text().splitlines() if ln.startswith("edgefilter-refuse"))
     features = (etc / "features.conf").read_text()
     (etc / "features.conf").write_text(features.replace("[applicationmap]\n", f"[applicationmap]\n{feature}\n", 1))
     return ran
@@ -131,7 +131,7 @@ def test_section2_followed_literally_boots_with_the_boxs_config_and_ours(lab, tm
     shutil.copy(install.samples / "features.conf", etc / "features.conf")
     (etc / "extensions.conf").write_text("[general]\n[default]\n")
     ran = _run_section2(etc, existing_transport=existing_transport)
-    assert any(l.startswith("cp ") for l in ran) and any("manager-edgefilter.conf" in l for l in ran)
+    assert any(ln.startswith("cp ") for ln in ran) and any("manager-edgefilter.conf" in ln for ln in ran)
     if not existing_transport:
         # our transport binds 127.0.0.1:5060; another test box may hold 5060 here: move it
         t = etc / "pjsip-edgefilter-transport.conf"
@@ -161,7 +161,7 @@ def test_section2_followed_literally_boots_with_the_boxs_config_and_ours(lab, tm
         # pjsip refuses, an include that does not load
         bad = re.compile(r"(ERROR|WARNING)\[.*(global|[Tt]ransport|edgefilter|pjsip\.conf|manager\.conf|features\.conf"
                          r"|extensions\.conf|voicemail\.conf|Could not create|Error loading)")
-        warnings = [l for l in pbx.log_since(0).splitlines() if bad.search(l)]
+        warnings = [ln for ln in pbx.log_since(0).splitlines() if bad.search(ln)]
         assert not warnings, warnings
     finally:
         pbx.stop()
@@ -170,7 +170,7 @@ def test_section2_followed_literally_boots_with_the_boxs_config_and_ours(lab, tm
 # ------------------------------------------------------------------------------ section 3
 def test_section3_commands_run_as_written(lab, tmp_path):
     lines = shell_lines(section(3))
-    setup = [l for l in lines if l.startswith(("install ", "printf "))]
+    setup = [ln for ln in lines if ln.startswith(("install ", "printf "))]
     assert len(setup) == 2
     for line in setup:  # the secret file and edgefilter.toml, in a scratch checkout directory
         r = subprocess.run(line, shell=True, cwd=tmp_path, capture_output=True, text=True, executable="/bin/bash")

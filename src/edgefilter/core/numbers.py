@@ -115,7 +115,7 @@ def _normalize(raw: str, region: str, area_code: str) -> Number:
     e164 = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
     num_region = phonenumbers.region_code_for_number(parsed)
     # is_valid_number(parsed) is exactly this with the region looked up again: do it once.
-    if phonenumbers.is_valid_number_for_region(parsed, num_region):
+    if num_region is not None and phonenumbers.is_valid_number_for_region(parsed, num_region):  # None: False there too
         return Number(raw=text, kind=NumberKind.VALID, e164=e164, region=num_region)
     if area_code and not compact.startswith("+") and not compact.startswith("0"):
         local = phonenumbers.parse(f"+{_country_code(region)}{area_code}{digits}", None)
@@ -177,7 +177,7 @@ def fast_parse(compact: str, region: str) -> phonenumbers.PhoneNumber | None:
             return None
     else:
         meta = phonenumbers.PhoneMetadata.metadata_for_region(region.upper(), None) if region else None
-        if meta is None:
+        if meta is None or meta.country_code is None:  # (a region's metadata always has one)
             return None
         idd = _idd_pattern(region, meta)
         if idd is not None and idd.match(digits):

@@ -6,127 +6,47 @@ matches: exact numbers (``+8613800138000``, or a short number ``95588``), prefix
 length allow beats block. The index is compact sorted arrays for bulk-loaded exact numbers (a
 binary search, ~24 probes for 10 million) plus dicts for everything else (at most ~20 probes for
 prefixes), so the per-call lookup costs microseconds and never touches the database.
+
+Pattern, Entry, Match and parse_pattern live in patterns.py (re-exported here).
 """
 
 from __future__ import annotations
 
-import re
 import time
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from edgefilter.core.errors import PatternError
-from edgefilter.core.model import NumberKind
-from edgefilter.core.numbers import country_digits, national_prefix, normalize, strip_visual
+from edgefilter.lists.patterns import (
+    _E_CAT,
+    _E_CREATED,
+    _E_EXPIRES,
+    _E_LIST,
+    _E_NOTE,
+    _E_PATTERN,
+    _E_SOURCE,
+    _M_ENTRY,
+    _M_SHADOWED,
+    _P_KEY,
+    _P_KIND,
+    _P_TEXT,
+    KINDS,
+    LISTS,
+    MAX_NOTE,
+    Entry,
+    Match,
+    Pattern,
+    _new,
+    make_entry,
+    make_pattern,
+    parse_pattern,
+)
 
-LISTS = ("block", "allow")
-KINDS = ("exact", "prefix", "mask")
-MAX_NOTE = 500
-
-
-@dataclass(frozen=True, slots=True)
-class Pattern:
-    """A parsed list pattern in canonical form.
-
-    ``key`` is what the index stores: E.164 digits without '+' for numbers and prefixes, the mask
-    digits (with '#') for masks; ``text`` is the canonical spelling shown to admins and stored.
-    """
-
-    kind: str
-    key: str
-    text: str
-
-    @classmethod
-    def from_text(cls, text: str) -> Pattern:
-        """Rebuild a Pattern from its canonical text (as stored); no region needed."""
-        if text.endswith("*"):
-            return cls("prefix", text[1:-1], text)
-        if "#" in text:
-            return cls("mask", text.lstrip("+"), text)
-        return cls("exact", text.lstrip("+"), text)
-
-    @property
-    def fixed_digits(self) -> int:
-        """How specific the pattern is: the number of digits it pins down."""
-        if self.kind == "exact":
-            return 100 + len(self.key)  # an exact number beats any pattern
-        if self.kind == "mask":
-            return len(self.key) - self.key.count("#")
-        return len(self.key)
-
-
-def parse_pattern(text: str, region: str) -> Pattern:
-    """Read what an admin typed (or an import line) into a canonical Pattern; raise PatternError.
-
-    National forms use ``region``: ``0301234*`` in DE is ``+49301234*``; ``00`` means international.
-    """
-    if not isinstance(text, str):
-        raise PatternError(f"not a number or pattern: {text!r}")
-    raw = text.strip()
-    if not raw:
-        raise PatternError("empty number or pattern")
-    if len(raw) > 64:
-        raise PatternError(f"too long to be a number or pattern ({len(raw)} characters)")
-    compact = strip_visual(raw)
-    if compact.endswith("*"):
-        body = compact[:-1]
-        if not re.fullmatch(r"\+?[0-9]+", body):
-            raise PatternError(f"{raw!r}: a prefix rule is digits followed by one '*', e.g. +86170*")
-        digits = _international_digits(body, region)
-        if len(digits) < 2:
-            raise PatternError(f"{raw!r}: prefix too short; it would match whole countries by accident")
-        return Pattern("prefix", digits, f"+{digits}*")
-    if "#" in compact:
-        if not re.fullmatch(r"\+?[0-9#]+", compact) or compact.lstrip("+").startswith("#"):
-            raise PatternError(f"{raw!r}: a digit mask is digits and '#' (one digit each), starting with a digit, e.g. +4121560####")
-        digits = _international_digits(compact, region)
-        if len(digits) > 20:
-            raise PatternError(f"{raw!r}: mask longer than any phone number")
-        return Pattern("mask", digits, f"+{digits}")
-    num = normalize(raw, region)
-    if num.kind in (NumberKind.WITHHELD, NumberKind.GARBAGE) or num.e164 is None:
-        raise PatternError(f"{raw!r} is not a phone number, prefix rule (+86170*) or digit mask (+4121560####)")
-    if num.kind is NumberKind.SHORT:
-        return Pattern("exact", num.e164, num.e164)
-    return Pattern("exact", num.e164.lstrip("+"), num.e164)
-
-
-def _international_digits(body: str, region: str) -> str:
-    """Digits of a prefix or mask in international form (country code first, no '+')."""
-    if body.startswith("+"):
-        return body[1:]
-    if body.startswith("00"):
-        return body[2:]
-    trunk = national_prefix(region)
-    rest = body[len(trunk):] if trunk and body.startswith(trunk) else body
-    return country_digits(region) + rest
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One list entry as the index holds it."""
-
-    list: str
-    pattern: Pattern
-    category: str = ""
-    note: str = ""
-    source: str = "cli"
-    created_at: float = 0.0
-    expires_at: float | None = None
-
-    def active(self, now: float) -> bool:
-        return self.expires_at is None or self.expires_at > now
-
-
-@dataclass(frozen=True, slots=True)
-class Match:
-    """The winning entry for a number, and the best entry of the other list it beat, if any."""
-
-    entry: Entry
-    shadowed: Entry | None = None
-
+__all__ = [
+    "DELETED", "FENCE", "KINDS", "LISTS", "MAX_NOTE", "NUM_MAX_DIGITS", "ChangedRow", "Entry", "ListIndex", "Match", "MergePlan",
+    "Pattern", "Profile", "digits_num", "entry_profile", "exact_num", "make_entry", "make_pattern", "parse_pattern",
+]
 
 #: Exact numbers with at most this many digits are kept as int64 keys (``int("1" + digits)``: the
 #: leading 1 keeps leading zeros and length; 1 + 18 digits stays below 2**63).
@@ -200,7 +120,7 @@ class _Compact:
         self.profiles = profiles
         self.live = len(profiles) - profiles.count(DELETED) if live is None else live
         self.fences = keys[:: self.FENCE].tolist()
-        self.where = dict(zip(keys, range(len(keys)))) if len(keys) <= self.SMALL else None
+        self.where = dict(zip(keys, range(len(keys)), strict=True)) if len(keys) <= self.SMALL else None
 
     def find(self, num: int) -> int:
         if self.where is not None:
@@ -353,7 +273,7 @@ class ListIndex:
         return _exact_entry(list_name, digits, self._profiles[pid])
 
     # -- mutation -------------------------------------------------------------------------
-    def _bucket(self, p: Pattern) -> tuple[dict, object]:
+    def _bucket(self, p: Pattern) -> tuple[dict, str | tuple[str, int]]:
         if p.kind == "exact":
             return self._exact, p.key
         if p.kind == "prefix":
@@ -471,9 +391,9 @@ class ListIndex:
         def keys() -> Iterator[str]:
             seen = set(loose)
             yield from loose
-            for n, (list_name, c) in enumerate(compact):
+            for n, (_, c) in enumerate(compact):
                 earlier = [other for _, other in compact[:n]]
-                for num, pid in zip(c.keys, c.profiles):
+                for num, pid in zip(c.keys, c.profiles, strict=True):  # equal length (load_compact)
                     if pid == DELETED:
                         continue
                     key = str(num)[1:]
@@ -485,7 +405,7 @@ class ListIndex:
 
     def __iter__(self) -> Iterator[Entry]:
         for list_name, c in self._compact.items():
-            for num, pid in zip(c.keys, c.profiles):
+            for num, pid in zip(c.keys, c.profiles, strict=True):
                 if pid != DELETED:
                     yield self._compact_entry(list_name, num, pid)
         for table in (self._exact, self._prefix, self._mask):
@@ -604,53 +524,15 @@ class ListIndex:
         return out
 
 
-# The Entry of a compact hit is built on every lookup that finds one: through the slot descriptors
-# it costs half of the frozen dataclass __init__ (which sets each field through
-# object.__setattr__). Same fields, same equality and hash: tests/test_index_compact.py compares.
-_new = object.__new__
-_P_KIND, _P_KEY, _P_TEXT = (Pattern.__dict__[n].__set__ for n in ("kind", "key", "text"))
-_E_SETTERS = tuple(Entry.__dict__[n].__set__ for n in ("category", "note", "source", "created_at", "expires_at"))
-_E_LIST, _E_PATTERN = Entry.__dict__["list"].__set__, Entry.__dict__["pattern"].__set__
-
-
-_M_ENTRY, _M_SHADOWED = Match.__dict__["entry"].__set__, Match.__dict__["shadowed"].__set__
-_E_CAT, _E_NOTE, _E_SOURCE, _E_CREATED, _E_EXPIRES = _E_SETTERS
-
-
 def _exact_entry(list_name: str, digits: str, profile: Profile) -> Entry:
     """The Entry of a compact number (ListIndex.lookup builds the same inline, for speed)."""
     return make_entry(list_name, make_pattern("exact", digits, "+" + digits), *profile)
 
 
-def make_pattern(kind: str, key: str, text: str) -> Pattern:
-    """``Pattern(kind, key, text)`` without the frozen-dataclass __init__ (a full load reads
-    100,000 prefix rules); equal and hashing the same as the dataclass-built one."""
-    p = _new(Pattern)
-    _P_KIND(p, kind)
-    _P_KEY(p, key)
-    _P_TEXT(p, text)
-    return p
-
-
-def make_entry(list_name: str, pattern: Pattern, category: str, note: str, source: str, created_at: float,
-               expires_at: float | None) -> Entry:
-    """``Entry(...)`` with every field given, without the frozen-dataclass __init__ (bulk imports)."""
-    e = _new(Entry)
-    _E_LIST(e, list_name)
-    _E_PATTERN(e, pattern)
-    s_cat, s_note, s_source, s_created, s_expires = _E_SETTERS
-    s_cat(e, category)
-    s_note(e, note)
-    s_source(e, source)
-    s_created(e, created_at)
-    s_expires(e, expires_at)
-    return e
-
-
 def _mask_matches(mask: str, digits: str) -> bool:
     if len(mask) != len(digits):
         return False
-    for m, d in zip(mask, digits):
+    for m, d in zip(mask, digits, strict=True):
         if m != "#" and m != d:
             return False
     return True

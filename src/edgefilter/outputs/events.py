@@ -50,10 +50,18 @@ RECONNECT_AFTER = 5.0  # seconds before retrying an address that failed to resol
 class DecisionLike(Protocol):
     """What outputs read from a decision (``screen.Decision`` has these attributes)."""
 
-    call: Call
-    number: Number
-    verdict: Verdict
-    elapsed_ms: float
+    # read-only properties: frozen dataclasses (screen.Decision) have them
+    @property
+    def call(self) -> Call: ...
+
+    @property
+    def number(self) -> Number: ...
+
+    @property
+    def verdict(self) -> Verdict: ...
+
+    @property
+    def elapsed_ms(self) -> float: ...
 
 
 class Output(Protocol):
@@ -220,7 +228,7 @@ class UdpSender:
         assert self._stream is not None
         for _ in range(1000):
             try:
-                self._stream.exception  # raises the first unconsumed error, if any
+                _ = self._stream.exception  # raises the first unconsumed error, if any
             except ConnectionRefusedError:
                 self.refused += 1
                 self._unhealthy("nothing listening (ICMP port unreachable); events are being lost")
@@ -406,7 +414,8 @@ def syslog_message(
         f"{_header_token(str(procid), 128)} decision "
     )
     who = d.number.e164 or _ascii_text(d.call.callerid, 40) or "(no caller ID)"
-    msg = f"{v.action.value} {who} -> {_ascii_text(d.call.called, 40)} score={v.score:g} rules={','.join(v.rules[:MAX_RULES]) or '-'} elapsed_ms={d.elapsed_ms:.3f}"
+    msg = (f"{v.action.value} {who} -> {_ascii_text(d.call.called, 40)} score={v.score:g} "
+           f"rules={','.join(v.rules[:MAX_RULES]) or '-'} elapsed_ms={d.elapsed_ms:.3f}")
     out = (header + sd + " " + msg).encode("utf-8", "backslashreplace")
     if len(out) > SYSLOG_MAX_MESSAGE:  # only with absurd rule lists: keep the SD whole, cut the MSG
         out = (header + sd).encode("utf-8", "backslashreplace")[:SYSLOG_MAX_MESSAGE]

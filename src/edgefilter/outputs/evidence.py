@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import html
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, tzinfo
 
@@ -51,7 +52,7 @@ def _in_force(r: Refusal, callee: str, ts: float, scope: str) -> bool:
 
 
 def build(number: str, calls: list[dict], refusals: list[Refusal], *, since: float, until: float,
-          tz: tzinfo, scope: str = "callee", appeals: list = ()) -> Evidence:
+          tz: tzinfo, scope: str = "callee", appeals: Sequence = ()) -> Evidence:
     """The timeline (calls, refusals, undos in time order) and its totals."""
     ev = Evidence(number, since, until, tz)
     rows: list[dict] = []

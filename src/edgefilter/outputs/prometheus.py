@@ -127,7 +127,7 @@ class PrometheusOutput:
         # IPv4 or IPv6 as the address says (the first getaddrinfo answer, as prometheus_client does)
         family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         Server.address_family = family
-        return make_server(sockaddr[0], port, make_wsgi_app(self.registry), Server, handler_class=_QuietHandler)
+        return make_server(str(sockaddr[0]), port, make_wsgi_app(self.registry), Server, handler_class=_QuietHandler)
 
     def __call__(self, d: DecisionLike) -> None:
         v = d.verdict

@@ -79,7 +79,7 @@ def render_text(s: Stats, tz: tzinfo | None = None) -> str:
         out.append("top blocked callers:")
         texts = [escape_text(c.caller, 40) for c in s.top_blocked_callers]
         cw = max(len(t) for t in texts)
-        for c, t in zip(s.top_blocked_callers, texts):
+        for c, t in zip(s.top_blocked_callers, texts, strict=True):
             out.append(f"  {t:<{cw}} {c.calls:>{w}}  last {_when(c.last_ts, tz)} {c.last_action}")
     if s.appeals is not None and s.appeals.appealed:
         out.extend(appeals_text(s.appeals))

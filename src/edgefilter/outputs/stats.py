@@ -34,16 +34,36 @@ PERCENTILES = (50, 90, 99)
 class CallRow(Protocol):
     """The call-log columns stats reads (``store.CallRecord`` has them)."""
 
-    ts: float
-    caller: str
-    caller_e164: str | None
-    called: str
-    action: str
-    would: str | None
-    score: float
-    rules: str
-    policy: str
-    elapsed_ms: float
+    # read-only properties: frozen dataclasses (store.CallRecord) have them
+    @property
+    def ts(self) -> float: ...
+
+    @property
+    def caller(self) -> str: ...
+
+    @property
+    def caller_e164(self) -> str | None: ...
+
+    @property
+    def called(self) -> str: ...
+
+    @property
+    def action(self) -> str: ...
+
+    @property
+    def would(self) -> str | None: ...
+
+    @property
+    def score(self) -> float: ...
+
+    @property
+    def rules(self) -> str: ...
+
+    @property
+    def policy(self) -> str: ...
+
+    @property
+    def elapsed_ms(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -212,7 +232,7 @@ class StatsBuilder:
             top_rules=sorted(self.rules.items(), key=lambda kv: (-kv[1], kv[0]))[: self.top],
             latency_ms=latency,
             bucket_seconds=self.seconds,
-            buckets=[Bucket(b, {a: c[a] for a in order}) for b, c in zip(self.starts, self.bucket_counts)],
+            buckets=[Bucket(b, {a: c[a] for a in order}) for b, c in zip(self.starts, self.bucket_counts, strict=True)],
             refused_rules=dict(self.refused_rules),
         )
 
@@ -236,10 +256,18 @@ def compute(
 class AppealRow(Protocol):
     """The appeal columns precision reads (``store.Appeal`` has them)."""
 
-    ts: float
-    rules: str  # "RULE(+weight) ..."
-    entry_source: str
-    status: str  # pending | granted | denied
+    # read-only properties: frozen dataclasses (store.Appeal) have them
+    @property
+    def ts(self) -> float: ...
+
+    @property
+    def rules(self) -> str: ...  # "RULE(+weight) ..."
+
+    @property
+    def entry_source(self) -> str: ...
+
+    @property
+    def status(self) -> str: ...  # pending | granted | denied
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ from edgefilter.core.config import ReputationSettings, ReputationSource
 from edgefilter.reputation.answers import ERROR, MAX_BODY, UNAVAILABLE, Answer, build_request, parse_retry_after, read_answer, redact, ttl_of
 from edgefilter.reputation.breaker import Breaker
 from edgefilter.reputation.cache import MemoryCache
-from edgefilter.store.sqlite import ReputationRow, Store
+from edgefilter.store.open import AnyStore
+from edgefilter.store.sqlite import ReputationRow
 
 log = logging.getLogger("edgefilter.reputation")
 
@@ -55,7 +56,7 @@ class ReputationClient:
     def __init__(
         self,
         settings: ReputationSettings,
-        store: Store | None,
+        store: AnyStore | None,
         *,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
@@ -168,7 +169,11 @@ class ReputationClient:
         st.in_flight += 1
         task = asyncio.create_task(self._resolve(st, number), name=f"reputation-{src.name}")
         self._tasks[key] = task
-        task.add_done_callback(lambda t, key=key: self._tasks.pop(key, None) if self._tasks.get(key) is t else None)
+        def forget(t: asyncio.Task[Answer], key: tuple[str, str] = key) -> None:
+            if self._tasks.get(key) is t:
+                self._tasks.pop(key, None)
+
+        task.add_done_callback(forget)
         return task
 
     async def _resolve(self, st: SourceState, number: str) -> Answer:

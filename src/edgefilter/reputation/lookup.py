@@ -96,6 +96,7 @@ class ReputationLookup:
             self.skipped[why] = self.skipped.get(why, 0) + 1
             return []
         e164 = number.e164
+        assert e164, "private_reason lets only numbers with an E.164 form through"
         hits: list[Hit | None] = []
         waiting: dict[str, tuple[ReputationSource, asyncio.Task[Answer]]] = {}
         for src in sources:

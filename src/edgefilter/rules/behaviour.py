@@ -104,7 +104,7 @@ class BehaviourRules:
         # RANGE_CAMPAIGN: distinct numbers of this block, this one included.
         block = block_of(number, b.campaign_block_digits)
         if block is not None:
-            numbers = {caller}
+            numbers: set[str | None] = {caller}
             for c in islice(h.from_block(block, now - b.campaign_window) if h.has_block_calls(block) else (), SCAN_LIMIT):
                 numbers.add(c.caller)
                 if len(numbers) >= b.campaign_numbers:

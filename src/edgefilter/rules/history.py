@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
+
+K = TypeVar("K")
 
 #: Per-number and per-block queues are bounded too, so one flooding number costs O(this).
 PER_KEY_LIMIT = 2000
@@ -151,13 +154,8 @@ class CallHistory:
         self._refused_any[caller] = self._refused_any.get(caller, 0) + 1
 
     def unrefuse(self, caller: str, callee: str) -> None:
-        key = (caller, callee)
-        for index, k in ((self._refused, key), (self._refused_any, caller)):
-            n = index.get(k, 0) - 1
-            if n > 0:
-                index[k] = n
-            else:
-                index.pop(k, None)
+        _one_less(self._refused, (caller, callee))
+        _one_less(self._refused_any, caller)
 
     def refused(self, caller: str, callee: str | None) -> bool:
         """Refused by this callee, or by anyone when ``callee`` is None."""
@@ -174,3 +172,12 @@ class CallHistory:
         self._refused.clear()
         self._refused_any.clear()
         self.load_refusals(pairs)
+
+
+def _one_less(index: dict[K, int], k: K) -> None:
+    """One active refusal fewer under ``k``; the key goes when none is left."""
+    n = index.get(k, 0) - 1
+    if n > 0:
+        index[k] = n
+    else:
+        index.pop(k, None)

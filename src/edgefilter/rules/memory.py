@@ -86,7 +86,7 @@ class MemoryFollower:
             if uid and h.by_uniqueid(uid) is not None:
                 continue  # decided here while the database was away (a late first load): known
             h.add(recent_call(ts, uid, e164, kind, exten or called, answered, talk, action, b.campaign_block_digits), now)
-        for exten, ts, uid, e164, called in await self.store.last_callers():
+        for exten, ts, uid, e164, _called in await self.store.last_callers():
             h.last_by_target.setdefault(exten, RecentCall(ts, uid, e164, exten))
         version = await self.store.refusals_version()
         active = await self.store.refusals(active_only=True)

@@ -75,8 +75,9 @@ class PolicyBook:
             raise ConfigError(f"[policies.{name}] match_did: {e}") from None
         return pat.key + ("*" if star else "")
 
-    def _matches(self, p: Policy, call: Call, when: datetime) -> bool:
+    def _matches(self, p: Policy, call: Call, when: datetime | None) -> bool:
         if p.schedule:
+            assert when is not None, "a scheduled policy is matched at the time of a call"
             negate = p.schedule.startswith("!")
             active = self.settings.schedules[p.schedule.lstrip("!")].active(when)
             if active == negate:

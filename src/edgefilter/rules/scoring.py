@@ -47,17 +47,15 @@ def decide(hits: list[Hit], eff: Effective, groups: dict[str, float | None]) -> 
 
 
 def _forced(hits: list[Hit]) -> tuple[Action, str] | None:
-    system = [h for h in hits if h.force is not None and h.group in OVERRIDING_GROUPS]
+    system = [(h.force, h.rule) for h in hits if h.force is not None and h.group in OVERRIDING_GROUPS]
     if system:
-        h = max(system, key=lambda h: h.force.severity)
-        return h.force, h.rule
+        return max(system, key=lambda fr: fr[0].severity)  # the first of the most severe, as before
     allows = [h for h in hits if h.force is Action.ALLOW]
     if allows:
         return Action.ALLOW, allows[0].rule
-    others = [h for h in hits if h.force is not None]
+    others = [(h.force, h.rule) for h in hits if h.force is not None]
     if others:
-        h = max(others, key=lambda h: h.force.severity)
-        return h.force, h.rule
+        return max(others, key=lambda fr: fr[0].severity)
     return None
 
 
