@@ -694,7 +694,7 @@ def test_classic_agi_launcher_catches_a_block_cut_short(tmp_path):
     env = build_env(CallSpec(callerid=b"+8613900139000", args=BLANK_IN_ARG, script="agi:///x"), truncate=False)
     env = b"".join(line + b"\n" for line in env.split(b"\n")[:-1] if not line.startswith(b"agi_network"))
     stdin = env + b"200 result=0\n"
-    code = "import sys; from edgefilter.launcher import main; sys.exit(main())"
+    code = "import sys; from edgefilter.asterisk.launcher import main; sys.exit(main())"
     p = subprocess.run([sys.executable, "-c", code], input=stdin, capture_output=True, timeout=30,
                        env={**os.environ, "EDGEFILTER_CONFIG": str(cfg)})
     assert p.returncode == 0, p.stderr
