@@ -339,8 +339,8 @@ async def test_refusals_under_the_ledger_only_when_configured(make_settings, rec
     for allowed in (False, True):
         s = Service(make_settings(appeal_cfg(recordings, refused_before=allowed)), port=0)
         try:
-            d = s.screener.decide(__import__("edgefilter.model", fromlist=["Call"]).Call(callerid=BLOCKED, uniqueid="1.1"),
-                                  extra=[Hit("REFUSED_BEFORE", 10.0, "refusal", "refused", force=__import__("edgefilter.model", fromlist=["Action"]).Action.REJECT)])
+            d = s.screener.decide(__import__("edgefilter.core.model", fromlist=["Call"]).Call(callerid=BLOCKED, uniqueid="1.1"),
+                                  extra=[Hit("REFUSED_BEFORE", 10.0, "refusal", "refused", force=__import__("edgefilter.core.model", fromlist=["Action"]).Action.REJECT)])
             assert d.verdict.action.value == "reject" and isinstance(d, Decision)
             assert bool(s.appeals.offer(d)["EDGEFILTER_APPEAL_ID"]) is allowed
         finally:
