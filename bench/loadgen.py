@@ -1,6 +1,6 @@
 """The load generator: many FastAGI calls, each exactly as Asterisk places it, timed as Asterisk sees it.
 
-The env blocks come from ``edgefilter.callsim.build_env`` (byte for byte what res_agi writes),
+The env blocks come from ``edgefilter.asterisk.callsim.build_env`` (byte for byte what res_agi writes),
 built before the clock starts. Each call then is a lean asyncio Protocol doing what Asterisk does
 on a screening call: connect, write the env block in one write, answer every command line with
 ``200 result=0`` (what MSet returns), and wait for the server to close. Service time runs from

@@ -1,4 +1,4 @@
-"""Proves that edgefilter.callsim talks FastAGI byte for byte like the captured Asterisk 22.
+"""Proves that edgefilter.asterisk.callsim talks FastAGI byte for byte like the captured Asterisk 22.
 
 Why this matters: the whole suite (and the benchmark) trusts callsim as its
 Asterisk.  If the double drifts from the real thing, every server test built on

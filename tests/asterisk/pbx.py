@@ -2,7 +2,7 @@
 
 Everything the project promises about Asterisk (dial plan, FastAGI, AMI, AstDB, SIP responses,
 DTMF, the softphone guide) is judged here by the real PBX, with sipp as the caller; the double
-(``edgefilter.callsim``) stays for fast tests. This module knows how to:
+(``edgefilter.asterisk.callsim``) stays for fast tests. This module knows how to:
 
 - find an Asterisk: ``EDGEFILTER_ASTERISK`` (a binary; its modules and data directories beside it
   or named by ``EDGEFILTER_ASTERISK_MODULES`` / ``EDGEFILTER_ASTERISK_DATA``), else the prebuilt

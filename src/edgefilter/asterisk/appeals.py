@@ -24,6 +24,8 @@ Bounded on purpose, since everything here is triggered by hostile callers:
 Admins decide with `edgefilter appeals` (appeals_cli.py). A grant adds a time-boxed allow entry
 (source ``appeal``); grants and denials per rule and list source are the rule precision that
 `edgefilter stats` shows (stats.appeal_precision).
+
+The webhook notice of new appeals lives in appeal_notice.py (re-exported here).
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
 import os
 import re
@@ -39,9 +40,13 @@ import stat
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
+from edgefilter.asterisk.appeal_notice import AppealNotifier as AppealNotifier
+from edgefilter.asterisk.appeal_notice import payload as payload
+from edgefilter.asterisk.appeal_notice import payload_json as payload_json
 from edgefilter.asterisk.challenge import ID_ALPHABET, challenge_secret, new_id
 from edgefilter.core.config import Settings
 from edgefilter.core.model import Action, Call, NumberKind
@@ -167,7 +172,7 @@ class AppealBook:
     def load_state(self, no_appeal: list[tuple[str, str]], pending: int, last: list[tuple[str, float]]) -> None:
         """What the store says (AppealDesk.refresh): the marks in ``unsure`` are cleared there, by
         what was read, never here (a change applied during the read stays unsure)."""
-        self.no_appeal = {tuple(p) for p in no_appeal}
+        self.no_appeal = {(list_name, pattern) for list_name, pattern in no_appeal}
         self.pending = pending
         cutoff = self.clock() - self._settings().appeal.cooldown  # memory stays bounded by the window
         merged = {e164: ts for e164, ts in self.last_appeal.items() if ts >= cutoff}
@@ -400,6 +405,18 @@ def sweep_recordings(settings: Settings, now: float) -> int:
 
 
 # ------------------------------------------------------------------------------ the route
+class AppealStore(Protocol):
+    """What the appeal route needs of a store (SQLite's Store and PostgreSQL's PgStore both)."""
+
+    async def add_appeal(self, a: Appeal) -> Appeal: ...
+
+    async def no_appeal_patterns(self) -> list[tuple[str, str]]: ...
+
+    async def appeal_summary(self, since: float) -> tuple[int, list[tuple[str, float]]]: ...
+
+    async def purge_appeals(self, before: float) -> list[Appeal]: ...
+
+
 class AppealDesk:
     """The ``appeal`` FastAGI route: the digit, the recording, the hang-up; stores appeals.
 
@@ -410,7 +427,7 @@ class AppealDesk:
 
     STORE_TIMEOUT = 3.0
 
-    def __init__(self, book: AppealBook, store: Callable[[], object], settings: Callable[[], Settings], *,
+    def __init__(self, book: AppealBook, store: Callable[[], AppealStore], settings: Callable[[], Settings], *,
                  node: str = "", notify: Callable[[Appeal], None] | None = None,
                  count: Callable[[str], None] | None = None) -> None:
         self.book = book
@@ -548,70 +565,3 @@ def appeal_route(desk: AppealDesk):
             close_writer(session.writer)
 
     return handle
-
-
-# ------------------------------------------------------------------------------ notice
-@dataclass
-class AppealNotifier:
-    """``[appeal] webhook``: a JSON POST per new appeal, from a bounded queue, in the background.
-
-    Never on the call path: ``__call__`` only queues (full -> dropped and counted); ``run`` posts
-    with aiohttp under ``webhook_timeout`` and logs failures (once per outage)."""
-
-    settings: Callable[[], Settings]
-    queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(1000))
-    sent: int = 0
-    failed: int = 0
-    dropped: int = 0
-
-    def __call__(self, a: Appeal) -> None:
-        if not self.settings().appeal.webhook:
-            return
-        try:
-            self.queue.put_nowait(payload(a))
-        except asyncio.QueueFull:
-            self.dropped += 1
-
-    async def run(self) -> None:
-        body = await self.queue.get()  # aiohttp is loaded only once there is something to send
-        import aiohttp
-
-        failing = False
-        task = asyncio.current_task()
-        async with aiohttp.ClientSession() as http:
-            while True:
-                if task is not None and task.cancelling():
-                    raise asyncio.CancelledError  # swallowed by a library's wait_for (3.11): stop now
-                a = self.settings().appeal
-                try:
-                    async with http.post(a.webhook, json=body, timeout=aiohttp.ClientTimeout(total=a.webhook_timeout)) as r:
-                        if r.status >= 300:
-                            raise RuntimeError(f"HTTP {r.status}")
-                    self.sent += 1
-                    if failing:
-                        log.info("appeal webhook answers again")
-                    failing = False
-                except asyncio.CancelledError:
-                    raise
-                except Exception as e:
-                    self.failed += 1
-                    if not failing:
-                        log.warning("appeal webhook %s failed (%s): notices are being lost", a.webhook.split("?")[0], e or type(e).__name__)
-                    failing = True
-                body = await self.queue.get()
-
-
-def payload(a: Appeal) -> dict:
-    """What the webhook receives about one appeal (our own values; no caller text but the number)."""
-    return {
-        "event": "appeal", "code": a.code, "caller": a.caller_e164, "ts": a.ts, "called": a.called,
-        "rules": a.rules, "score": a.score, "policy": a.policy,
-        "entry": {"list": a.entry_list, "pattern": a.entry_pattern, "source": a.entry_source, "category": a.entry_category}
-        if a.entry_pattern else None,
-        "recording": a.recording, "recording_bytes": a.recording_bytes, "node": a.node,
-        "how_to_decide": f"edgefilter appeals grant {a.code}   |   edgefilter appeals deny {a.code}",
-    }
-
-
-def payload_json(a: Appeal) -> str:
-    return json.dumps(payload(a), sort_keys=True)

@@ -26,6 +26,7 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from edgefilter.core.config import Settings
 from edgefilter.core.errors import PatternError
@@ -33,7 +34,6 @@ from edgefilter.core.model import Call, Hit, Number, NumberKind
 from edgefilter.core.numbers import normalize
 from edgefilter.lists.index import Entry, ListIndex, parse_pattern
 from edgefilter.rules.screen import Decision
-from edgefilter.store.sqlite import Store
 
 log = logging.getLogger("edgefilter.challenge")
 
@@ -330,6 +330,14 @@ class OutcomeRecord:
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
+class ChallengeStore(Protocol):
+    """What ChallengeRecorder writes through (SQLite's Store and PostgreSQL's PgStore both)."""
+
+    async def put_entry(self, entry: Entry) -> str: ...
+
+    async def record_challenges(self, records: Iterable) -> int: ...
+
+
 @dataclass
 class ChallengeRecorder:
     """Applies outcomes: in memory at once (index, failure counts), durably in the background.
@@ -342,7 +350,7 @@ class ChallengeRecorder:
     settings: Callable[[], Settings]
     index: Callable[[], ListIndex]
     failures: ChallengeFailures
-    store: Store | None = None
+    store: ChallengeStore | None = None
     clock: Callable[[], float] = time.time
     queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(10000))
     allowed: int = 0

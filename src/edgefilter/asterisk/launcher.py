@@ -43,6 +43,12 @@ class _StdoutWriter:
     def close(self) -> None:
         return None
 
+    def can_write_eof(self) -> bool:  # agi.AgiWriter; close_writer never asks without a transport
+        return False
+
+    def write_eof(self) -> None:
+        return None
+
     async def wait_closed(self) -> None:
         return None
 

@@ -143,7 +143,7 @@ class BlockMirror:
             self._refresh(key)
         return len(self.mirrored)
 
-    def on_change(self, list_name: str, pattern_text: str, entry: Entry | None) -> None:
+    def on_change(self, list_name: str, pattern_text: str, entry: object) -> None:
         """A list change already applied to the index (from the change feed)."""
         pattern = Pattern.from_text(pattern_text)
         if pattern.kind != "exact":

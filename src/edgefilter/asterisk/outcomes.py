@@ -130,7 +130,7 @@ class OutcomeTracker:
     def _finish(self, t: _Tracked, ev: Mapping[str, str], now: float) -> None:
         cause = _int(ev.get("Cause"))
         answered = t.answered_at is not None
-        talk = round(now - t.answered_at, 3) if answered else 0.0
+        talk = round(now - t.answered_at, 3) if t.answered_at is not None else 0.0
         self.emit(CallOutcome(
             uniqueid=t.uniqueid,
             linkedid=t.linkedid,

@@ -17,6 +17,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from edgefilter.asterisk.agi import AgiSession, close_writer, safe_value
 from edgefilter.core.config import Settings
@@ -24,12 +25,21 @@ from edgefilter.core.model import NumberKind
 from edgefilter.core.numbers import normalize
 from edgefilter.lists.index import Entry, Pattern
 from edgefilter.rules.behaviour import BehaviourRules
-from edgefilter.store.sqlite import ContactSeen, Refusal, Store
+from edgefilter.store.sqlite import ContactSeen, Refusal
 
 log = logging.getLogger("edgefilter.starcodes")
 
 _CALLEE = re.compile(r"^[A-Za-z0-9_+*#.-]{1,64}$")
 STORE_TIMEOUT = 2.0
+
+
+
+class RefusalStore(Protocol):
+    """What the star codes write through (SQLite's Store and PostgreSQL's PgStore both)."""
+
+    async def add_refusal(self, r: Refusal, entry: Entry | None = None) -> int: ...
+
+    async def undo_last_refusal(self, callee: str, now: float) -> Refusal | None: ...
 
 
 class StarCodes:
@@ -38,7 +48,7 @@ class StarCodes:
 
     def __init__(
         self,
-        store: Callable[[], Store],
+        store: Callable[[], RefusalStore],
         behaviour: BehaviourRules,
         settings: Callable[[], Settings],
         submit: Callable[[object], None],
