@@ -123,7 +123,7 @@ class Service:
             self.follower.on_change.append(self.mirror.on_change)
         self.follower.on_change.append(self.appeals.on_list_change)
         self.follower.on_load.append(self.appeals.on_list_load)
-        self.appeal_desk = AppealDesk(self.appeals, lambda: self.store, lambda: self.settings, node=s.store.node,
+        self.appeal_desk = AppealDesk(self.appeals, self._open_store, lambda: self.settings, node=s.store.node,
                                       notify=self.appeal_notifier, count=self._count_appeal)
         self.memory = MemoryFollower(self.store, self.behaviour, lambda: self.settings, s.store.node,
                                      clock=self.screener.clock, shared_node=self.worker is not None)
@@ -148,7 +148,7 @@ class Service:
         )
         if s.reputation.active:
             await self._start_reputation(s)
-        starcodes = StarCodes(lambda: self.store, self.behaviour, lambda: self.settings, self.calllog.submit, clock=time.time)
+        starcodes = StarCodes(self._open_store, self.behaviour, lambda: self.settings, self.calllog.submit, clock=time.time)
         host, port = s.agi.listen
         self.server = AgiServer(
             {
@@ -254,6 +254,11 @@ class Service:
         await self.memory.load()
         self.challenge_failures.load(await self.store.challenge_failures_since(time.time() - s.challenge.fail_window))
         self._memory_loaded = True
+
+    def _open_store(self) -> AnyStore:
+        """The store opened by start(): star codes and appeals read it at each use, after start."""
+        assert self.store is not None, "the store is opened in start()"
+        return self.store
 
     async def _follow_memory(self) -> None:
         """Background: other nodes' calls, refusals and contacts (shared store), or the first
