@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from edgefilter.lists.index import LISTS, ChangedRow, Entry, ListIndex, Pattern
 from edgefilter.store.records import (
@@ -371,11 +371,3 @@ class BatchedImport:
                 batch = []
         await self.stage_import(batch)
         return await self.apply_import(replace_source=replace_source, lists=lists, dry_run=dry_run)
-
-
-if TYPE_CHECKING:  # mypy: both stores satisfy the contract (tests check it at run time too)
-    from edgefilter.store.postgres import PgStore
-    from edgefilter.store.sqlite import Store
-
-    def _conforms(sqlite: Store, postgres: PgStore) -> tuple[StoreContract, StoreContract]:
-        return sqlite, postgres
