@@ -155,3 +155,53 @@ def test_the_whole_block_match_takes_asterisks_shape_and_nothing_else():
     assert not canonical(build_env(CallSpec(extra={"agi_rdnis": None})))  # a key missing
     block = build_env(CallSpec(args=("a", "b")))
     assert not canonical(block.replace(b"agi_arg_2:", b"agi_arg_3:"))  # out of sequence
+
+
+# --------------------------------------------------------------------------- observers after the close
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_asterisk_sees_the_close_before_the_observers_run(make_settings, monkeypatch, loop):
+    """The log line, the call record and the behaviour memory come after the socket's close: a
+    slow observer must not keep Asterisk (and the caller) waiting for the EOF. On uvloop the FIN
+    of ``write_eof`` leaves only on the loop's next turn, so observers run inline (as they were)
+    hold it back. A client in its own thread (the loop is blocked while the observer runs) notes
+    when it sees the EOF; the observer notes when it ended."""
+    import socket
+    import threading
+
+    from edgefilter.asterisk.callsim import build_env
+
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    monkeypatch.delenv(eventloop.ENV, raising=False)
+    marks: dict[str, float] = {}
+
+    def slow_observer(decision) -> None:
+        time.sleep(0.5)  # blocks the event loop: nothing else of the service runs meanwhile
+        marks["observer_end"] = time.monotonic()
+
+    def asterisk(port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(build_env(CallSpec(callerid=b"+8613800138000", script="screen")))
+            f = s.makefile("rb")
+            command = f.readline()
+            assert command.startswith(b"EXEC MSet "), command
+            s.sendall(b"200 result=0\n")
+            assert f.read() == b""  # EOF
+            marks["eof"] = time.monotonic()
+
+    async def main() -> None:
+        svc = Service(make_settings(), port=0)
+        await svc.start()
+        try:
+            svc.observers.append(slow_observer)
+            t = threading.Thread(target=asterisk, args=(svc.port,))
+            t.start()
+            while t.is_alive() or "observer_end" not in marks:
+                await asyncio.sleep(0.01)
+            t.join()
+        finally:
+            await svc.stop()
+
+    eventloop.run(main(), loop)
+    assert {"eof", "observer_end"} <= marks.keys(), marks
+    assert marks["eof"] < marks["observer_end"], f"EOF {marks['eof'] - marks['observer_end']:+.3f} s after the observer ended"

@@ -9,6 +9,7 @@ For a ``challenge`` verdict the same MSet carries the digit to press and the cha
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -63,11 +64,7 @@ def screen_route(screener: Screener, observers: list[DecisionObserver], challeng
             await _send_blind(session, channel_variables(decision, screener.settings))
         finally:
             close_writer(session.writer)
-            for observe in observers:
-                try:
-                    observe(decision)
-                except Exception:
-                    log.exception("decision observer failed")
+            asyncio.get_running_loop().call_soon(_observe, observers, decision)  # after the socket's close
 
     return handle
 
@@ -118,3 +115,15 @@ def _log_outcome(call: Call, outcome: Outcome) -> None:
         "challenge result=%s caller=\"%s\" attempts=%d reason=\"%s\" uniqueid=%s",
         outcome.result, caller, attempts, outcome.reason, escape_text(call.uniqueid, 40),
     )
+
+
+def _observe(observers: list[DecisionObserver], decision: Decision) -> None:
+    """After the close, on the next turn of the event loop: closing a transport only schedules
+    the socket's close, so observers run inline would keep Asterisk waiting for the EOF (and the
+    caller for the SIP response) while the log line and the call record are made (issue 16:
+    about 0.2 ms at p50 at 20 calls/s). call_soon keeps decisions in order."""
+    for observe in observers:
+        try:
+            observe(decision)
+        except Exception:
+            log.exception("decision observer failed")

@@ -43,7 +43,7 @@ from edgefilter.core.settings import (
 )
 from edgefilter.core.validate import REJECT_CAUSES, SYSLOG_FACILITIES, _suggest
 
-DEFAULTS_PATH = Path(__file__).resolve().parent.parent / "defaults.toml"  # at the package root, where admins look
+DEFAULTS_PATH = Path(__file__).parent.parent / "defaults.toml"  # at the package root, where admins look
 #: Looked up in this order when no --config is given (the first that exists is used).
 DEFAULT_CONFIG_PATHS = (Path("edgefilter.toml"), Path("/etc/edgefilter/edgefilter.toml"))
 CONFIG_ENV = "EDGEFILTER_CONFIG"

@@ -32,9 +32,9 @@ PERCENTILES = (50, 90, 99)
 
 
 class CallRow(Protocol):
-    """The call-log columns stats reads (``store.CallRecord`` has them)."""
+    """The call-log columns stats reads (``records.CallRecord`` has them)."""
 
-    # read-only properties: frozen dataclasses (store.CallRecord) have them
+    # read-only properties: frozen dataclasses (records.CallRecord) have them
     @property
     def ts(self) -> float: ...
 

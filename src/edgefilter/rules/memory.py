@@ -8,7 +8,7 @@ on one node rings through on the other; so must the workers of one pool (``[agi]
 SQLite too. ``MemoryFollower.poll`` runs in the background (never on
 the call path) and brings in:
 
-- other nodes' calls, by following ``calls_after(cursor)`` (ids commit in order, see pgstore),
+- other nodes' calls, by following ``calls_after(cursor)`` (ids commit in order, see store/pg_calls.py),
   skipping this node's own rows, which _remember already put in memory (the workers of one pool
   share a node name: there a row is skipped only when its call is already in memory);
 - the refusal ledger, re-read whenever ``refusals_version`` changes (a refusal recorded or undone

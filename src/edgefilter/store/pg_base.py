@@ -70,11 +70,11 @@ class PgBase:
         self._password = password
         self._connect_timeout = connect_timeout
         self._tx: contextvars.ContextVar[asyncpg.Connection | None] = contextvars.ContextVar("pg_tx", default=None)
-        self.node = ""  # this node's name, for rows that name none (stores.open_store sets it)
+        self.node = ""  # this node's name, for rows that name none (open.open_store sets it)
         self.notices = 0  # change notices received (tests and `explain` of latency)
         self.listening = False
         self._import_conn: asyncpg.Connection | None = None  # held from begin_import to apply_import
-        #: node-local start-up cache of the compact index (stores.open_store sets it); "" = none
+        #: node-local start-up cache of the compact index (open.open_store sets it); "" = none
         self.snapshot_path = ""
         self.last_load = ""  # "snapshot" or "full": how the last load_index got the numbers
 

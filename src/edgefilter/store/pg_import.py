@@ -22,7 +22,7 @@ from edgefilter.store.snapshot import read_snapshot_arrays, read_snapshot_header
 class PgImport(PgBase, BatchedImport):
     """begin_import / stage_rows / apply_import and load_index (postgres.PgStore)."""
 
-    # -- bulk import (same contract as store.Store) ---------------------------------------
+    # -- bulk import (same contract as sqlite.Store) ---------------------------------------
     async def begin_import(self) -> None:
         """Hold one connection for the import and create its empty staging table (TEMP: only
         this connection sees it, a killed import leaves nothing, staging takes no lock)."""
@@ -58,7 +58,7 @@ class PgImport(PgBase, BatchedImport):
         self, *, replace_source: str | None = None, lists: Sequence[str] = LISTS, dry_run: bool = False
     ) -> ImportResult:
         """Apply the staged entries in ONE transaction of set-based statements, with change-feed
-        rows (whose NOTIFY wakes every node). Same counts and meaning as store.Store.apply_import:
+        rows (whose NOTIFY wakes every node). Same counts and meaning as sqlite.Store.apply_import:
         unchanged rows are not written, ``replace_source`` deletes that source's entries on
         ``lists`` that were not staged, ``dry_run`` computes the counts and rolls back."""
         c = self._import_conn
@@ -142,7 +142,7 @@ class PgImport(PgBase, BatchedImport):
     async def load_index(self) -> tuple[int, ListIndex]:
         """Every list entry in a new ListIndex with the change-feed revision it reflects, read in
         one REPEATABLE READ transaction. Exact numbers come as (num, profile) pairs by binary COPY
-        straight into arrays; with ``snapshot_path`` set (stores.open_store: beside the spool),
+        straight into arrays; with ``snapshot_path`` set (open.open_store: beside the spool),
         they come from that node-local file when it matches this database's change feed, and the
         changes made since - by any node - are applied on top. A full load rewrites the file."""
         self.last_load = "full"

@@ -164,7 +164,7 @@ class PgLedger(PgLists):
             rows = await c.fetch(f"DELETE FROM appeals WHERE ts < $1 RETURNING {APPEAL_COLUMNS}", before)
         return [Appeal(*r) for r in rows]
 
-    # -- `db copy` (stores.copy_sqlite_to_postgres): not part of the store API -----------
+    # -- `db copy` (open.copy_sqlite_to_postgres): not part of the store API -----------
     async def _copy_calls(self, rows: list[tuple]) -> int:
         """Insert call rows with their outcome columns (KEYED_CALL_COLUMNS, OUTCOME_COLUMNS order);
         rows whose key is already there are skipped. Returns how many were new."""

@@ -1,7 +1,7 @@
 """The shared store: PostgreSQL through asyncpg, for several PBXs in front of one database.
 
-Same methods and meaning as store.Store (the SQLite file of a single box), so the service and the
-CLI do not care which one ``stores.open_store`` gave them. What differs, and why:
+Same methods and meaning as sqlite.Store (the SQLite file of a single box), so the service and the
+CLI do not care which one ``open.open_store`` gave them. What differs, and why:
 
 - Change feed: a statement trigger on ``changes`` fires ``NOTIFY edgefilter_changes``;
   ``watch_changes`` keeps one LISTEN connection per node and nudges the list follower, so a change

@@ -136,8 +136,8 @@ __all__ = [
 class Store(SqliteLedger, SqliteImport, SqliteCalls):
     """One aiosqlite connection to the database; use ``async with Store.open(path)``.
 
-    The PostgreSQL store (pgstore.PgStore) has the same methods with the same meaning; code above
-    this layer gets either from ``stores.open_store(settings)`` and must not care which.
+    The PostgreSQL store (postgres.PgStore) has the same methods with the same meaning; code above
+    this layer gets either from ``open.open_store(settings)`` and must not care which.
     """
 
     @classmethod

@@ -41,7 +41,7 @@ class SqliteBase:
         self.db = db
         self.path = path
         self.where = path
-        self.node = ""  # this node's name, for rows that name none (stores.open_store sets it)
+        self.node = ""  # this node's name, for rows that name none (open.open_store sets it)
         # One connection serves every task of the service: transactions take turns (the lock) and
         # a transaction opened inside another one, in the same task, becomes a savepoint.
         self._tx_lock = asyncio.Lock()
