@@ -397,7 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--calls", type=int, default=500, help="calls per path per round")
     ap.add_argument("--big-rates", default="100", help="rates run on the sizes after the first")
-    ap.add_argument("--ramp", default="100,200,300,400,500,600,700,800,900,1000,1200",
+    # from 200: the cells above already ran every path at 100 calls/s (and a fresh clone, which
+    # also builds both lists, stays under 15 minutes)
+    ap.add_argument("--ramp", default="200,300,400,500,600,700,800,900,1000,1200",
                     help="ramp steps in calls/s ('' = no ramp)")
     ap.add_argument("--ramp-seconds", type=float, default=5.0)
     ap.add_argument("--quick", action="store_true", help="a few calls per path, 1,000 entries, no ramp: the harness works")
@@ -456,7 +458,10 @@ def main(argv: list[str] | None = None) -> int:
                 result["ramp"] = {}
                 steps = [float(x) for x in a.ramp.split(",") if x]
                 for path in PATHS:
-                    best, capped = 0.0, True
+                    # the cells' rates below the first step count as sustained when every round was
+                    below = [rate for rate in cell_rates if rate < steps[0] and runs.get(f"{path}@{rate:g}") and all(
+                        r["failed"] == 0 and r["sipp_exit"] == 0 and r["p99_ms"] <= P99_LIMIT_MS for r in runs[f"{path}@{rate:g}"])]
+                    best, capped = max(below, default=0.0), True
                     for rate in steps:
                         r = bench.run(size, path, rate, max(100, int(rate * a.ramp_seconds)))
                         good = r["failed"] == 0 and r["sipp_exit"] == 0 and r["p99_ms"] <= P99_LIMIT_MS
