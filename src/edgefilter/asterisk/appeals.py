@@ -47,7 +47,7 @@ from typing import Protocol
 from edgefilter.asterisk.appeal_notice import AppealNotifier as AppealNotifier
 from edgefilter.asterisk.appeal_notice import payload as payload
 from edgefilter.asterisk.appeal_notice import payload_json as payload_json
-from edgefilter.asterisk.challenge import ID_ALPHABET, challenge_secret, new_id
+from edgefilter.asterisk.challenge import ID_ALPHABET, _dec, _enc, challenge_secret, new_id  # the same sealed-id letters
 from edgefilter.core.config import Settings
 from edgefilter.core.model import Action, Call, NumberKind
 from edgefilter.core.numbers import normalize
@@ -92,24 +92,6 @@ def max_recording_bytes(max_seconds: int) -> int:
 
 def recording_seconds(size: int | None) -> float | None:
     return None if size is None else max(0.0, (size - WAV_HEADER) / WAV_BYTES_PER_SECOND)
-
-
-def _enc(n: int, width: int) -> str:
-    out = []
-    for _ in range(width):
-        n, r = divmod(n, _B)
-        out.append(ID_ALPHABET[r])
-    return "".join(reversed(out))
-
-
-def _dec(text: str) -> int | None:
-    n = 0
-    for ch in text:
-        i = ID_ALPHABET.find(ch)
-        if i < 0:
-            return None
-        n = n * _B + i
-    return n
 
 
 @dataclass
