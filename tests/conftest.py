@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 from edgefilter.core.config import settings_from_dict
+from edgefilter.lists.index import Entry, parse_pattern
 from edgefilter.service import Service
+from edgefilter.store.open import open_store
+from edgefilter.store.records import CallRecord
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "asterisk"
 if not FIXTURES.exists():  # CI lays shared/ beside the clone; a worktree may sit elsewhere
@@ -122,6 +125,30 @@ def backend_settings(make_settings, store_backend):
         return make_settings(extra, **sections)
 
     return make
+
+
+@pytest.fixture
+async def store(backend_settings):
+    """The store under test, once per backend (store_backend: sqlite, postgresql)."""
+    async with open_store(backend_settings()) as s:
+        yield s
+
+
+def entry(list_name: str, text: str, **kw) -> Entry:
+    """A list entry as the store tests write it (region CN, a fixed creation time)."""
+    kw.setdefault("created_at", 1700000000.0)
+    return Entry(list_name, parse_pattern(text, "CN"), **kw)
+
+
+def record(i: int, ts: float = 1700000000.0, **kw) -> CallRecord:
+    """Call record number ``i`` of the store tests (distinct caller, uniqueid and key)."""
+    base = dict(
+        ts=ts + i, uniqueid=f"1700000000.{i}", caller=f"+86138001380{i:02d}", caller_e164=f"+86138001380{i:02d}",
+        caller_kind="mobile", caller_name="Zhang", called="1000", extension="1000", context="from-trunk",
+        action="allow", would=None, score=0.5, rules="CLI_SHORT", policy="", elapsed_ms=0.4, node="pbx-a", key=f"k{i}",
+    )
+    base.update(kw)
+    return CallRecord(**base)
 
 
 @pytest.fixture

@@ -6,16 +6,7 @@ from __future__ import annotations
 import sqlite3
 import time
 
-import pytest
-
-from edgefilter.store.open import open_store
 from edgefilter.store.sqlite import MIGRATIONS, SCHEMA_VERSION, CallOutcome, CallRecord, ContactSeen, Refusal, Store
-
-
-@pytest.fixture
-async def store(backend_settings):
-    async with open_store(backend_settings()) as s:
-        yield s
 
 
 def _record(ts: float, uid: str, caller="+8613800138000", exten="1000") -> CallRecord:

@@ -17,34 +17,14 @@ import typing
 import pytest
 
 from edgefilter.core.errors import StoreError
-from edgefilter.lists.index import Entry, parse_pattern
+from edgefilter.lists.index import parse_pattern
 from edgefilter.store.contract import StoreContract
 from edgefilter.store.open import open_store
 from edgefilter.store.postgres import PgStore
-from edgefilter.store.records import Appeal, CallOutcome, CallRecord, ContactSeen, Refusal, entry_from_row
+from edgefilter.store.records import Appeal, CallOutcome, ContactSeen, Refusal, entry_from_row
 from edgefilter.store.sqlite import Store
 
-
-def entry(list_name: str, text: str, **kw) -> Entry:
-    kw.setdefault("created_at", 1700000000.0)
-    return Entry(list_name, parse_pattern(text, "CN"), **kw)
-
-
-def record(i: int, ts: float = 1700000000.0, **kw) -> CallRecord:
-    base = dict(
-        ts=ts + i, uniqueid=f"1700000000.{i}", caller=f"+86138001380{i:02d}", caller_e164=f"+86138001380{i:02d}",
-        caller_kind="mobile", caller_name="Zhang", called="1000", extension="1000", context="from-trunk",
-        action="allow", would=None, score=0.5, rules="CLI_SHORT", policy="", elapsed_ms=0.4, node="pbx-a", key=f"k{i}",
-    )
-    base.update(kw)
-    return CallRecord(**base)
-
-
-@pytest.fixture
-async def store(backend_settings):
-    """The store under test, once per backend (conftest.store_backend: sqlite, postgresql)."""
-    async with open_store(backend_settings()) as s:
-        yield s
+from .conftest import entry, record
 
 
 # ------------------------------------------------------------------ the contract's shape

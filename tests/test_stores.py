@@ -8,30 +8,11 @@ from __future__ import annotations
 import pytest
 
 from edgefilter.core.errors import StoreError
-from edgefilter.lists.index import Entry, parse_pattern
 from edgefilter.store.open import open_store
-from edgefilter.store.sqlite import CallOutcome, CallRecord, ContactSeen, Refusal
+from edgefilter.store.sqlite import CallOutcome, ContactSeen, Refusal
 
+from .conftest import entry, record
 
-def entry(list_name: str, text: str, **kw) -> Entry:
-    kw.setdefault("created_at", 1700000000.0)
-    return Entry(list_name, parse_pattern(text, "CN"), **kw)
-
-
-def record(i: int, ts: float = 1700000000.0, **kw) -> CallRecord:
-    base = dict(
-        ts=ts + i, uniqueid=f"1700000000.{i}", caller=f"+86138001380{i:02d}", caller_e164=f"+86138001380{i:02d}",
-        caller_kind="mobile", caller_name="Zhang", called="1000", extension="1000", context="from-trunk",
-        action="allow", would=None, score=0.5, rules="CLI_SHORT", policy="", elapsed_ms=0.4, node="pbx-a", key=f"k{i}",
-    )
-    base.update(kw)
-    return CallRecord(**base)
-
-
-@pytest.fixture
-async def store(backend_settings):
-    async with open_store(backend_settings()) as s:
-        yield s
 
 # ------------------------------------------------------------------ call log spool, every kind
 class _Failing:
